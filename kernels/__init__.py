@@ -1,0 +1,1 @@
+"""longkd.kernels: the sparse-KL distillation loss (torch reference, CuPy CUDA kernel, autograd glue)."""

@@ -1,0 +1,1 @@
+"""longkd.tools: inspection, evaluation, analyses, benchmarks, tiny models and the toy world."""

@@ -1,0 +1,1 @@
+"""longkd.trainer: stream a cache and distil students under RoPE scaling schedules."""
