@@ -112,8 +112,13 @@ def build_tiny_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel
     return model.float().eval()
 
 
-def save_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, tokenizer_size: int | None = None,
-                    **config_kwargs) -> Path:
+def save_tiny_model(
+    out_dir: str | Path,
+    arch: str = "llama",
+    seed: int = 0,
+    tokenizer_size: int | None = None,
+    **config_kwargs,
+) -> Path:
     """Build a tiny model and its tokenizer and save both as a Hugging Face model directory.
 
     Args:
