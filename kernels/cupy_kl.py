@@ -1,0 +1,388 @@
+"""The CUDA sparse-KL kernel (kernels/sparse_kl.cu) driven through CuPy, with autograd glue.
+
+Why it exists: the student's logits [N, V] are the biggest tensor of a distillation step and
+the loss is memory bound; the kernel reads them once for the forward and once more to write
+the gradient, never building an fp32 copy. CuPy compiles the packaged .cu source with NVRTC
+at first use (cached on disk by CuPy), so the package needs no build step.
+
+Layers, Liger style: kernel -> launch functions (`launch_forward`, `launch_backward`) ->
+``SparseKLCupyFunction`` (autograd) -> ``sparse_kl_cupy`` (the reference's signature, used
+by ``longkd.kernels.sparse_kl.sparse_kl(impl="cupy")``). ``loss_and_grad_chunk`` is the
+per-chunk loss of the fused-linear path.
+
+Launches go on torch's current stream and work on torch tensors by ``data_ptr`` (no copies,
+no host sync). Nothing here has run on a GPU yet; see docs/kernels.md.
+
+    python -c "from longkd.kernels import cupy_kl as k; print(k.is_available(), k.unavailable_reason())"
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longkd.errors import LongkdError
+
+SOURCE_PATH = Path(__file__).with_name("sparse_kl.cu")
+MODES = {"bucket": 0, "renorm": 1, "sampled": 2}
+REDUCTIONS = ("mean", "sum", "none")
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# Dynamic shared memory holds K fp32 values per block; 48 KiB is the limit without opting in.
+MAX_K = 48 * 1024 // 4
+
+_state: dict = {}
+
+
+def _cupy():
+    import cupy  # noqa: PLC0415 - optional dependency, imported only when used
+
+    return cupy
+
+
+@functools.cache
+def _module(device_index: int):
+    """The compiled RawModule for one device (NVRTC, arch picked by CuPy from the device)."""
+    cupy = _cupy()
+    with cupy.cuda.Device(device_index):
+        return cupy.RawModule(code=SOURCE_PATH.read_text(), options=("-std=c++17",))
+
+
+def _function(device_index: int, kind: str, dtype: torch.dtype):
+    return _module(device_index).get_function(f"sparse_kl_{kind}_{_SUFFIX[dtype]}")
+
+
+def is_available() -> bool:
+    """True when CuPy imports, a CUDA device is present and the kernel compiles (cached).
+
+    Returns:
+        Whether ``sparse_kl_cupy`` can run; ``unavailable_reason()`` says why not.
+    """
+    if "available" not in _state:
+        try:
+            _cupy()
+            if not torch.cuda.is_available():
+                raise RuntimeError("torch sees no CUDA device")
+            _function(torch.cuda.current_device(), "fwd", torch.float32)
+            _state["available"], _state["reason"] = True, ""
+        except Exception as exc:  # any failure means "use the reference", with the reason kept
+            _state["available"], _state["reason"] = False, f"{type(exc).__name__}: {exc}"
+    return _state["available"]
+
+
+def unavailable_reason() -> str:
+    """Why ``is_available()`` is False ("" when it is True)."""
+    is_available()
+    return _state["reason"]
+
+
+def warmup(dtypes=(torch.float32, torch.bfloat16, torch.float16), device=None) -> None:
+    """Compile and load the kernels ahead of time, keeping first-call cost out of training.
+
+    Args:
+        dtypes: logits dtypes to prepare.
+        device: CUDA device (default: the current one).
+
+    Raises:
+        LongkdError: if the kernel cannot run here.
+    """
+    if not is_available():
+        raise LongkdError(f"CuPy sparse-KL kernel unavailable ({unavailable_reason()}); use impl='reference'")
+    index = torch.device(device).index if device is not None else torch.cuda.current_device()
+    for dtype in dtypes:
+        if dtype not in _SUFFIX:
+            raise LongkdError(f"warmup: unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        for kind in ("fwd", "bwd"):
+            _function(index, kind, dtype)
+
+
+def _threads(V: int) -> int:
+    # One block per row. Wide rows get more threads so each still has ~16-40 16-byte loads;
+    # narrow rows fewer so blocks do not idle. Must be a multiple of 32 and <= 1024.
+    if V < 8192:
+        return 128
+    if V < 65536:
+        return 256
+    return 512
+
+
+def _ptr(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def check_inputs(logits, ids, target_logprobs, mask, mode, temperature, reduction="mean"):
+    """Validate the kernel's contract; raise LongkdError naming the offending argument."""
+    if mode not in MODES:
+        raise LongkdError(f"sparse_kl: unknown mode {mode!r}; use one of {sorted(MODES)}")
+    if reduction not in REDUCTIONS:
+        raise LongkdError(f"sparse_kl: unknown reduction {reduction!r}; use one of {list(REDUCTIONS)}")
+    if not float(temperature) > 0:
+        raise LongkdError(f"sparse_kl: temperature must be > 0, got {temperature}")
+    if logits.dim() != 2:
+        raise LongkdError(f"sparse_kl: logits must be [N, V], got shape {tuple(logits.shape)}")
+    if logits.dtype not in _SUFFIX:
+        raise LongkdError(
+            f"sparse_kl: logits dtype {logits.dtype} unsupported; use float32, bfloat16 or float16"
+        )
+    N, V = logits.shape
+    if ids.dim() != 2 or ids.shape[0] != N:
+        raise LongkdError(f"sparse_kl: ids must be [N={N}, K], got shape {tuple(ids.shape)}")
+    if ids.dtype != torch.int64:
+        raise LongkdError(f"sparse_kl: ids must be int64, got {ids.dtype}; convert with ids.long()")
+    if target_logprobs.shape != ids.shape or target_logprobs.dtype != torch.float32:
+        raise LongkdError(
+            f"sparse_kl: target_logprobs must be float32 of shape {tuple(ids.shape)}, "
+            f"got {target_logprobs.dtype} {tuple(target_logprobs.shape)}"
+        )
+    if ids.shape[1] > MAX_K:
+        raise LongkdError(
+            f"sparse_kl: K={ids.shape[1]} exceeds the kernel's limit {MAX_K}; use impl='reference'"
+        )
+    if mask is not None and (mask.shape != (N,) or mask.dtype != torch.bool):
+        raise LongkdError(f"sparse_kl: mask must be bool [N={N}], got {mask.dtype} {tuple(mask.shape)}")
+    tensors = {"logits": logits, "ids": ids, "target_logprobs": target_logprobs, "mask": mask}
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device != logits.device or t.device.type != "cuda":
+            raise LongkdError(f"sparse_kl: {name} must be on the logits' CUDA device, found {t.device}")
+        if not t.is_contiguous():
+            raise LongkdError(f"sparse_kl: {name} must be contiguous; call .contiguous() first")
+
+
+def launch_forward(
+    logits,
+    ids,
+    target_logprobs,
+    mask,
+    *,
+    mode,
+    temperature,
+    grad=None,
+    grad_scale=None,
+    loss_rows=None,
+    stats=None,
+):
+    """Run the forward kernel on torch's current stream.
+
+    Args:
+        logits: [N, V] fp32/bf16/fp16, contiguous, CUDA.
+        ids: int64 [N, K], < 0 = padding.
+        target_logprobs: float32 [N, K].
+        mask: bool [N] or None.
+        mode: "bucket" | "renorm" | "sampled".
+        temperature: T > 0.
+        grad: optional [N, V] buffer in the logits' dtype (may be ``logits`` itself): receives
+            (q - p~) / T * grad_scale in the same pass.
+        grad_scale: float32 on device, 1 element (scalar) or [N]; required with ``grad``.
+        loss_rows, stats: optional output buffers (float32 [N] and [N, 3]); allocated if None.
+
+    Returns:
+        (loss_rows float32 [N], stats float32 [N, 3]: lse, dense multiplier, target scale).
+    """
+    N, V = logits.shape
+    K = ids.shape[1]
+    if loss_rows is None:
+        loss_rows = torch.empty(N, dtype=torch.float32, device=logits.device)
+    if stats is None:
+        stats = torch.empty(N, 3, dtype=torch.float32, device=logits.device)
+    if N == 0:
+        return loss_rows, stats
+    scale_stride = 0
+    if grad is not None:
+        scale_stride = _scale_stride(grad_scale, N)
+    fn = _function(logits.device.index, "fwd", logits.dtype)
+    args = (
+        _ptr(logits),
+        _ptr(ids),
+        _ptr(target_logprobs),
+        _ptr(_as_u8(mask)),
+        np.int32(V),
+        np.int32(K),
+        np.float32(1.0 / temperature),
+        np.int32(MODES[mode]),
+        _ptr(loss_rows),
+        _ptr(stats),
+        _ptr(grad),
+        _ptr(grad_scale),
+        np.int64(scale_stride),
+    )
+    _launch(fn, logits, N, V, K, args)
+    return loss_rows, stats
+
+
+def launch_backward(logits, ids, target_logprobs, mask, stats, grad, grad_scale, *, temperature):
+    """Write the gradient from the forward's ``stats`` into ``grad`` (may alias ``logits``).
+
+    Args:
+        logits, ids, target_logprobs, mask: as for ``launch_forward``.
+        stats: float32 [N, 3] from ``launch_forward``.
+        grad: [N, V] buffer in the logits' dtype.
+        grad_scale: float32 on device, 1 element or [N] (grad_output, times 1/count for a mean).
+        temperature: T used in the forward.
+    """
+    N, V = logits.shape
+    if N == 0:
+        return
+    K = ids.shape[1]
+    fn = _function(logits.device.index, "bwd", logits.dtype)
+    args = (
+        _ptr(logits),
+        _ptr(ids),
+        _ptr(target_logprobs),
+        _ptr(_as_u8(mask)),
+        np.int32(V),
+        np.int32(K),
+        np.float32(1.0 / temperature),
+        _ptr(stats),
+        _ptr(grad),
+        _ptr(grad_scale),
+        np.int64(_scale_stride(grad_scale, N)),
+    )
+    _launch(fn, logits, N, V, K, args)
+
+
+def _as_u8(mask):
+    # torch bool is one byte of 0/1: reinterpret, no copy.
+    return None if mask is None else mask.view(torch.uint8)
+
+
+def _scale_stride(grad_scale, N: int) -> int:
+    if grad_scale is None or grad_scale.dtype != torch.float32 or not grad_scale.is_contiguous():
+        raise LongkdError("sparse_kl: grad_scale must be a contiguous float32 tensor on the device")
+    if grad_scale.numel() == 1:
+        return 0
+    if grad_scale.numel() == N:
+        return 1
+    raise LongkdError(f"sparse_kl: grad_scale must have 1 or N={N} elements, got {grad_scale.numel()}")
+
+
+def _launch(fn, logits, N, V, K, args):
+    if V >= 2**31:
+        raise LongkdError(f"sparse_kl: V={V} does not fit the kernel's 32-bit column index")
+    cupy = _cupy()
+    stream = torch.cuda.current_stream(logits.device).cuda_stream
+    with cupy.cuda.Device(logits.device.index), cupy.cuda.ExternalStream(stream):
+        fn((N,), (_threads(V),), args, shared_mem=4 * K)
+
+
+def _reduce(loss_rows, count, reduction):
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / count.clamp_min(1.0) if reduction == "mean" else total
+
+
+def _row_count(mask, N, device):
+    # Kept on device: no .item(), no host sync.
+    if mask is None:
+        return torch.full((), float(N), dtype=torch.float32, device=device)
+    return mask.sum(dtype=torch.float32)
+
+
+def grad_scale_for(grad_output, count, reduction) -> torch.Tensor:
+    """Device-side gradient scale: grad_output (scalar or [N]) times 1/count for a mean."""
+    g = grad_output.detach().to(torch.float32)
+    if reduction == "mean":
+        g = g / count.clamp_min(1.0)
+    return g.reshape(-1).contiguous()
+
+
+class SparseKLCupyFunction(torch.autograd.Function):
+    """Two-pass autograd: forward reads logits once (loss + per-row stats), backward reads
+    them again and writes the gradient scaled by grad_output from device memory."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, target_logprobs, mask, mode, temperature, reduction, inplace_grad):
+        loss_rows, stats = launch_forward(
+            logits, ids, target_logprobs, mask, mode=mode, temperature=temperature
+        )
+        count = _row_count(mask, logits.shape[0], logits.device)
+        ctx.save_for_backward(logits, ids, target_logprobs, mask, stats, count)
+        ctx.mode, ctx.temperature, ctx.reduction, ctx.inplace_grad = (
+            mode,
+            temperature,
+            reduction,
+            inplace_grad,
+        )
+        return _reduce(loss_rows, count, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, ids, target_logprobs, mask, stats, count = ctx.saved_tensors
+        scale = grad_scale_for(grad_output, count, ctx.reduction)
+        grad = logits if ctx.inplace_grad else torch.empty_like(logits)
+        launch_backward(logits, ids, target_logprobs, mask, stats, grad, scale, temperature=ctx.temperature)
+        return grad, None, None, None, None, None, None, None
+
+
+def sparse_kl_cupy(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    *,
+    mode: str = "bucket",
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = 2048,
+    inplace_grad: bool = False,
+) -> torch.Tensor:
+    """Sparse KL between cached teacher entries and the student's logits, on the CUDA kernel.
+
+    Args:
+        logits: [N, V] fp32/bf16/fp16 on CUDA, contiguous (the student's logits, before 1/T).
+        ids: int64 [N, K] teacher token ids; < 0 = padding; distinct within a row.
+        target_logprobs: float32 [N, K] teacher log-probs over the full vocabulary (-inf pad);
+            for sampled caches log(counts / draws).
+        mode: "bucket" | "renorm" | "sampled" (math in DESIGN.md, "The loss").
+        temperature: T > 0; the student is softmax(z / T).
+        mask: bool [N] or None; False rows give zero loss and zero gradient.
+        reduction: "mean" (over unmasked rows, 0 when none) | "sum" | "none" ([N]).
+        chunk_size: accepted for signature parity with the reference; unused (the kernel
+            never builds [N, V] temporaries).
+        inplace_grad: write the gradient over ``logits`` in backward, saving an [N, V]
+            buffer. Only safe when nothing else needs these logits for its backward.
+
+    Returns:
+        float32 scalar, or [N] for reduction="none".
+
+    Raises:
+        LongkdError: on bad shapes, dtypes, devices, non-contiguous inputs, or K > MAX_K.
+    """
+    del chunk_size
+    check_inputs(logits, ids, target_logprobs, mask, mode, temperature, reduction)
+    if not is_available():
+        raise LongkdError(f"CuPy sparse-KL kernel unavailable ({unavailable_reason()}); use impl='reference'")
+    return SparseKLCupyFunction.apply(
+        logits, ids, target_logprobs, mask, mode, float(temperature), reduction, inplace_grad
+    )
+
+
+def loss_and_grad_chunk(z, ids, target_logprobs, mask, *, mode, temperature, grad_scale=None):
+    """Per-chunk loss for the fused-linear path: loss rows and, if asked, the gradient in place.
+
+    Args:
+        z: [n, V] logits chunk (owned by the caller; overwritten by the gradient).
+        ids, target_logprobs, mask: the chunk's rows, as for ``sparse_kl_cupy``.
+        mode, temperature: as for ``sparse_kl_cupy``.
+        grad_scale: float32 device tensor, 1 element or [n]; None = loss only.
+
+    Returns:
+        (loss_rows float32 [n], dz [n, V] aliasing ``z``, or None without ``grad_scale``).
+    """
+    check_inputs(z, ids, target_logprobs, mask, mode, temperature)
+    grad = z if grad_scale is not None else None
+    loss_rows, _ = launch_forward(
+        z,
+        ids,
+        target_logprobs,
+        mask,
+        mode=mode,
+        temperature=float(temperature),
+        grad=grad,
+        grad_scale=grad_scale,
+    )
+    return loss_rows, grad
