@@ -1,0 +1,551 @@
+"""The teacher run: one decoder forward per batch of windows, then the LM head in position chunks.
+
+The cache stores, for every position of a packed window, a sparse view of the teacher's
+next-token distribution at temperature T: the top-k log-probs (normalised over the full
+vocabulary, so the tail mass stays recoverable) or the counts of N draws from it, plus the
+log-prob of the true next token. Full ``[B, W, V]`` logits for long windows and large
+vocabularies do not fit in memory (W=32768, V=152064 is 20 GB in fp32 per window), so the
+decoder body runs once and the LM head, the model's own logit post-processing, the log-softmax
+and the selection run over ``chunk_size`` positions at a time, on the device; only the
+selected values cross to the host, once per chunk.
+
+    teacher = Teacher.load("path/or/hub-id", dtype="bfloat16", device="cuda")
+    rows = teacher.run(input_ids, position_ids, [0, 1], SelectionConfig("topk", k=64))
+
+:func:`lm_head_logits` is shared with the trainer so that teacher and student logits go
+through the same head code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from longkd.errors import LongkdError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_DRAWS = 65535  # counts are stored as uint16
+# Config keys that change with the software or the loading call, not with the model.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype", "use_cache"}
+_HASH_CHUNK = 1 << 24  # elements converted to fp32 at a time while hashing weights
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """What is kept of each row's distribution.
+
+    Args:
+        mode: ``topk`` (the k most likely ids and their log-probs) or ``sampled`` (``draws``
+            draws with replacement from p, stored as unique ids and counts).
+        k: entries per row in ``topk`` mode (ignored when sampled).
+        draws: draws per row in ``sampled`` mode, 1..65535.
+
+    Raises:
+        LongkdError: an unknown mode, k < 1, or draws missing or out of range.
+    """
+
+    mode: str = "topk"
+    k: int = 64
+    draws: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in ("topk", "sampled"):
+            raise LongkdError(f"selection mode {self.mode!r} is unknown; use 'topk' or 'sampled'")
+        if self.mode == "topk" and (not isinstance(self.k, int) or self.k < 1):
+            raise LongkdError(f"--top-k must be a positive integer, got {self.k!r}")
+        if self.mode == "sampled" and (not isinstance(self.draws, int) or not 1 <= self.draws <= MAX_DRAWS):
+            raise LongkdError(f"--sample-draws must be an integer in [1, {MAX_DRAWS}], got {self.draws!r}")
+
+    def check_vocab(self, vocab: int) -> None:
+        """Raise LongkdError if top-k asks for more entries than the teacher has logits."""
+        if self.mode == "topk" and self.k > vocab:
+            raise LongkdError(f"--top-k {self.k} exceeds the teacher vocabulary {vocab}")
+
+
+@dataclass
+class TeacherRows:
+    """The selected distribution of every row of one window (numpy, on the host).
+
+    topk: ``ids`` int32[W, K], ``logprobs`` float32[W, K] (descending per row).
+    sampled: ``ids`` int32[M], ``counts`` uint16[M], ``row_splits`` int32[W+1]; row t owns
+    ``[row_splits[t], row_splits[t+1])``, its ids ascending and its counts summing to draws.
+    Both: ``target_logprob`` float32[W], log p(input_ids[t+1]) at row t, NaN at row W-1.
+    """
+
+    window_id: int
+    mode: str
+    ids: np.ndarray
+    target_logprob: np.ndarray
+    logprobs: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    row_splits: np.ndarray | None = None
+
+
+# ----------------------------------------------------------------------------- head
+
+
+def lm_head_logits(model, hidden: torch.Tensor, *, float32: bool = False) -> torch.Tensor:
+    """The model's LM head followed by its own logit post-processing.
+
+    Reproduces what ``model.forward`` does after the decoder body, per architecture family:
+    Cohere ``logits * logit_scale``; Granite ``logits / logits_scaling`` (HyperCLOVA X
+    multiplies instead, MiniCPM3 divides the hidden states, the same for a bias-free head);
+    Gemma 2/3 and others ``tanh(logits / cap) * cap`` with ``final_logit_softcapping``.
+
+    Args:
+        model: a transformers causal LM.
+        hidden: [..., d] final hidden states (after the decoder's last norm).
+        float32: cast the head's output to fp32 before post-processing (the teacher does, so
+            softcapping and scaling are computed in fp32; the model itself uses its dtype).
+
+    Returns:
+        [..., V] logits.
+    """
+    logits = model.get_output_embeddings()(hidden)
+    if float32:
+        logits = logits.float()
+    config = model.config.get_text_config()
+    scale = getattr(model, "logit_scale", None)  # Cohere keeps a plain number on the model
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
+        logits = logits * scale
+    scaling = getattr(config, "logits_scaling", None)
+    if isinstance(scaling, (int, float)) and scaling != 1:
+        logits = logits * scaling if config.model_type == "hyperclovax" else logits / scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode()
+
+
+def _stable_config(obj: Any) -> Any:
+    """A config dict without keys that change with the software or the loading call."""
+    if isinstance(obj, dict):
+        return {
+            k: _stable_config(v)
+            for k, v in obj.items()
+            if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS
+        }
+    if isinstance(obj, (list, tuple)):
+        return [_stable_config(v) for v in obj]
+    return obj
+
+
+def config_sha256(config) -> str:
+    """sha256 of the config's ``to_dict()`` as canonical JSON, volatile keys removed."""
+    return hashlib.sha256(_canonical(_stable_config(config.to_dict()))).hexdigest()
+
+
+def weights_sha256(model) -> str:
+    """sha256 over the state dict: for each name in sorted order, the name, the shape and the
+    tensor's values as little-endian fp32 bytes. One streaming pass over the weights; at most
+    ``2**24`` elements are converted at a time, so no second copy of a large tensor is made.
+    """
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(_canonical([name, list(tensor.shape)]))
+        flat = tensor.reshape(-1)
+        for start in range(0, flat.numel(), _HASH_CHUNK):
+            part = flat[start : start + _HASH_CHUNK].to(device="cpu", dtype=torch.float32)
+            digest.update(part.numpy().astype("<f4", copy=False).tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the canonical JSON of the vocabulary, the special tokens map and the added
+    tokens (content and special flag per id). Equal fingerprints mean equal token ids."""
+    added = {
+        str(i): {"content": str(tok), "special": bool(getattr(tok, "special", False))}
+        for i, tok in tokenizer.added_tokens_decoder.items()
+    }
+    payload = {
+        "vocab": dict(sorted(tokenizer.get_vocab().items())),
+        "special_tokens": tokenizer.special_tokens_map,
+        "added_tokens": added,
+    }
+    return hashlib.sha256(_canonical(payload)).hexdigest()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _looks_local(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else is meant as a filesystem path."""
+    return (
+        name.startswith(("/", ".", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or Path(name).expanduser().exists()
+    )
+
+
+def _is_causal_lm(config, trust_remote_code: bool) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return True
+    auto_map = getattr(config, "auto_map", None) or {}
+    return trust_remote_code and "AutoModelForCausalLM" in auto_map
+
+
+def _max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _embedding_size(model) -> int:
+    head = model.get_output_embeddings()
+    if isinstance(getattr(head, "out_features", None), int):
+        return int(head.out_features)
+    if getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+class Teacher:
+    """A loaded causal LM and its tokenizer, in eval mode without gradients.
+
+    Attributes:
+        model: the transformers causal LM.
+        tokenizer: its tokenizer.
+        embedding_size: V, the logits dimension (may exceed ``len(tokenizer)``).
+        max_positions: ``max_position_embeddings`` of the (text) config.
+    """
+
+    def __init__(self, model, tokenizer, *, name_or_path: str, dtype: str, revision: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name_or_path = name_or_path
+        self.dtype = dtype
+        self.revision = revision
+        self.device = next(model.parameters()).device
+        self.text_config = model.config.get_text_config()
+        self.embedding_size = _embedding_size(model)
+        self.max_positions = _max_positions(self.text_config)
+        self._identity: dict | None = None
+        self._host: dict = {}  # reusable (pinned, on CUDA) host buffers, keyed by shape
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+    ) -> Teacher:
+        """Load a teacher from a local directory or a hub id.
+
+        Args:
+            name_or_path: a Hugging Face model directory or hub id.
+            dtype: forward dtype, ``float32``, ``bfloat16`` or ``float16``.
+            device: torch device string.
+            trust_remote_code: allow the checkpoint's own modelling code.
+            revision: hub revision (branch, tag or commit).
+
+        Returns:
+            The teacher.
+
+        Raises:
+            LongkdError: the path does not exist, there is no config or tokenizer, the model is
+                not a causal LM, the dtype is unknown, or loading fails.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        name = str(name_or_path)
+        if dtype not in DTYPES:
+            raise LongkdError(f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+        if _looks_local(name):
+            path = Path(name).expanduser()
+            if not path.exists():
+                raise LongkdError(
+                    f"teacher path {name} does not exist; pass a local model directory or a hub id"
+                )
+            if not (path / "config.json").is_file():
+                raise LongkdError(
+                    f"teacher directory {name} has no config.json; pass a Hugging Face model directory"
+                )
+            name = str(path)
+        hub = {"revision": revision, "trust_remote_code": trust_remote_code}
+        try:
+            config = AutoConfig.from_pretrained(name, **hub)
+        except Exception as exc:  # transformers raises OSError, ValueError, ... for unloadable configs
+            raise LongkdError(f"cannot load the teacher config from {name}: {_one_line(exc)}") from exc
+        if not _is_causal_lm(config, trust_remote_code):
+            raise LongkdError(
+                f"teacher {name} is a {config.model_type!r} model, which has no causal-LM class; "
+                "pass a decoder-only language model"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, **hub)
+        except Exception as exc:
+            raise LongkdError(
+                f"cannot load the teacher tokenizer from {name} ({_one_line(exc)}); "
+                "the model directory needs its tokenizer files"
+            ) from exc
+        if tokenizer is None or isinstance(tokenizer, bool):
+            raise LongkdError(
+                f"teacher {name} has no tokenizer; the model directory needs its tokenizer files"
+            )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=DTYPES[dtype], **hub)
+            model = model.to(device)
+        except Exception as exc:
+            raise LongkdError(f"cannot load the teacher model from {name}: {_one_line(exc)}") from exc
+        model.eval()
+        model.requires_grad_(False)
+        teacher = cls(model, tokenizer, name_or_path=str(name_or_path), dtype=dtype, revision=revision)
+        teacher.check_head()
+        return teacher
+
+    # ------------------------------------------------------------------ metadata
+
+    def identity(self) -> dict:
+        """The manifest ``teacher`` block. The weights hash is one pass over the weights; it is
+        computed on the first call and remembered."""
+        if self._identity is None:
+            rope = getattr(self.text_config, "rope_parameters", None)
+            self._identity = {
+                "name_or_path": self.name_or_path,
+                "model_type": self.model.config.model_type,
+                "config_sha256": config_sha256(self.model.config),
+                "weights_sha256": weights_sha256(self.model),
+                "revision": self.revision,
+                "max_position_embeddings": self.max_positions,
+                "dtype": self.dtype,
+                "rope_parameters": json.loads(_canonical(rope)) if rope is not None else None,
+            }
+        return dict(self._identity)
+
+    def tokenizer_info(self) -> dict:
+        """The manifest ``tokenizer`` block: fingerprint, size and the bos/eos/pad ids."""
+        tok = self.tokenizer
+        return {
+            "fingerprint": tokenizer_fingerprint(tok),
+            "size": len(tok),
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        }
+
+    def _decoder_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """[B, W] ids at explicit positions -> [B, W, d] final hidden states (no KV cache)."""
+        out = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    @torch.inference_mode()
+    def check_head(self, length: int = 8) -> None:
+        """Check on a short probe that decoder body + :func:`lm_head_logits` reproduce the model's
+        own forward, so an architecture whose logit post-processing longkd does not know is
+        refused instead of silently cached wrong.
+
+        Raises:
+            LongkdError: the two logits differ beyond rounding.
+        """
+        gen = torch.Generator().manual_seed(0)
+        vocab = min(self.embedding_size, len(self.tokenizer))
+        ids = torch.randint(0, vocab, (1, length), generator=gen).to(self.device)
+        pos = torch.arange(length, device=self.device).unsqueeze(0)
+        full = self.model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+        mine = lm_head_logits(self.model, self._decoder_hidden(ids, pos)).float()
+        scale = max(1.0, full.abs().max().item())
+        tol = (1e-4 if self.dtype == "float32" else 2e-2) * scale
+        diff = (full - mine).abs().max().item() if full.shape == mine.shape else math.inf
+        if not diff <= tol:
+            raise LongkdError(
+                f"teacher {self.name_or_path} ({self.model.config.model_type}) post-processes its logits "
+                f"in a way longkd does not reproduce (max difference {diff:.3g}); this architecture is "
+                "not supported"
+            )
+
+    # ------------------------------------------------------------------ the run
+
+    @torch.inference_mode()
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        window_ids: list[int],
+        selection: SelectionConfig,
+        temperature: float = 1.0,
+        seed: int = 0,
+        chunk_size: int = 1024,
+    ) -> list[TeacherRows]:
+        """Run the teacher on a batch of windows and select each row's distribution.
+
+        Args:
+            input_ids: Long[B, W] packed tokens.
+            position_ids: Long[B, W] their positions (continuous, or reset per segment).
+            window_ids: B global window ids (they seed the sampler).
+            selection: top-k or sampled.
+            temperature: T > 0; the stored distribution is ``log_softmax(logits / T)`` in fp32.
+            seed: the sampling seed; window b draws from a generator seeded from
+                (seed, window_ids[b]), so its draws do not depend on the batch it is in.
+                They do depend on ``chunk_size`` (each chunk is one multinomial call).
+            chunk_size: positions per LM-head chunk; peak memory is about
+                ``3 * B * chunk_size * V * 4`` bytes.
+
+        Returns:
+            One :class:`TeacherRows` per window, in batch order.
+
+        Raises:
+            LongkdError: shapes that disagree, k > V, T <= 0, chunk_size < 1.
+        """
+        input_ids, position_ids = torch.as_tensor(input_ids), torch.as_tensor(position_ids)
+        if input_ids.dim() != 2 or input_ids.shape != position_ids.shape:
+            raise LongkdError(
+                f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} "
+                "must both be [batch, window]"
+            )
+        batch, window = input_ids.shape
+        if len(window_ids) != batch:
+            raise LongkdError(f"got {len(window_ids)} window ids for a batch of {batch} windows")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise LongkdError(f"--temperature must be a positive number, got {temperature!r}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise LongkdError(f"--chunk-size must be a positive integer, got {chunk_size!r}")
+        selection.check_vocab(self.embedding_size)
+
+        ids = input_ids.to(self.device, torch.long)
+        pos = position_ids.to(self.device, torch.long)
+        hidden = self._decoder_hidden(ids, pos)  # [B, W, d], the one decoder call
+        # next[:, t] = input_ids[:, t+1]; the last column is a placeholder, its target set to NaN.
+        nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).unsqueeze(-1)  # [B, W, 1]
+        target = torch.empty(batch, window, dtype=torch.float32, device=self.device)
+        if selection.mode == "topk":
+            rows = self._run_topk(hidden, nxt, target, selection.k, temperature, chunk_size)
+        else:
+            rows = self._run_sampled(hidden, nxt, target, window_ids, selection.draws, temperature,
+                                     seed, chunk_size)  # fmt: skip
+        target[:, -1] = math.nan
+        target_host = target.cpu().numpy()
+        for b, row in enumerate(rows):
+            row.window_id = int(window_ids[b])
+            row.target_logprob = target_host[b].copy()
+        return rows
+
+    def _chunk_logprobs(self, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+        """[B, c, d] hidden -> [B, c, V] fp32 log-probs at temperature T."""
+        logits = lm_head_logits(self.model, hidden, float32=True)
+        if temperature != 1.0:
+            logits.div_(temperature)
+        return torch.log_softmax(logits, dim=-1)
+
+    def _host_buffer(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable host buffer, pinned on CUDA so device-to-host copies can be asynchronous."""
+        key = (shape, dtype)
+        if key not in self._host:
+            self._host[key] = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return self._host[key]
+
+    def _run_topk(self, hidden, nxt, target, k, temperature, chunk_size) -> list[TeacherRows]:
+        batch, window, _ = hidden.shape
+        # Position-major layout so that each chunk's slice is contiguous. The log-probs' fp32 bits
+        # and the ids share one int32 buffer, so a chunk is one copy (an integer copy is exact,
+        # whereas ids reinterpreted as floats would be denormals that flush-to-zero could eat).
+        host = self._host_buffer((window, batch, 2, k), torch.int32)
+        cuda = self.device.type == "cuda"
+        for start in range(0, window, chunk_size):
+            end = min(start + chunk_size, window)
+            logp = self._chunk_logprobs(hidden[:, start:end], temperature)  # [B, c, V]
+            target[:, start:end] = logp.gather(-1, nxt[:, start:end]).squeeze(-1)
+            values, top = torch.topk(logp, k, dim=-1, sorted=True)  # [B, c, k], descending
+            del logp
+            packed = torch.stack([values.view(torch.int32), top.to(torch.int32)], dim=2)  # [B, c, 2, k]
+            host[start:end].copy_(packed.transpose(0, 1), non_blocking=cuda)
+        if cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        out = host.numpy()
+        return [
+            TeacherRows(
+                window_id=-1,
+                mode="topk",
+                ids=np.ascontiguousarray(out[:, b, 1]),
+                logprobs=np.ascontiguousarray(out[:, b, 0]).view(np.float32),
+                target_logprob=np.empty(0, np.float32),
+            )
+            for b in range(batch)
+        ]
+
+    def _run_sampled(self, hidden, nxt, target, window_ids, draws, temperature, seed, chunk_size):
+        batch, window, _ = hidden.shape
+        vocab = self.embedding_size
+        gens = [torch.Generator(device=self.device).manual_seed(_window_seed(seed, w)) for w in window_ids]
+        keys_parts, count_parts = [], []
+        for start in range(0, window, chunk_size):
+            end = min(start + chunk_size, window)
+            c = end - start
+            logp = self._chunk_logprobs(hidden[:, start:end], temperature)
+            target[:, start:end] = logp.gather(-1, nxt[:, start:end]).squeeze(-1)
+            probs = logp.exp_()  # in place: the log-probs are no longer needed
+            # Each window draws from its own generator, rows in order, so batching cannot change it.
+            draw = torch.stack(
+                [
+                    torch.multinomial(probs[b], draws, replacement=True, generator=gens[b])
+                    for b in range(batch)
+                ]
+            )  # [B, c, draws]
+            del probs
+            draw, _ = torch.sort(draw, dim=-1)
+            # One global key per (window, row, id): sorted within a row and rows in order, so the
+            # flattened keys are ascending and unique_consecutive yields the per-row counts.
+            row = torch.arange(batch, device=self.device).view(batch, 1, 1) * window
+            row = row + start + torch.arange(c, device=self.device).view(1, c, 1)  # [B, c, 1]: b*W + t
+            keys = (row * vocab + draw).reshape(-1)
+            uniq, counts = torch.unique_consecutive(keys, return_counts=True)
+            both = torch.stack([uniq, counts]).cpu()  # one copy; its size is only known here
+            keys_parts.append(both[0].numpy())
+            count_parts.append(both[1].numpy())
+        keys = np.concatenate(keys_parts)
+        counts = np.concatenate(count_parts)
+        flat_row, ids = np.divmod(keys, vocab)  # flat_row = b * W + t
+        win, row = np.divmod(flat_row, window)
+        order = np.argsort(win, kind="stable")  # chunks interleave windows; rows stay ascending
+        win, row, ids, counts = win[order], row[order], ids[order], counts[order]
+        bounds = np.searchsorted(win, np.arange(batch + 1))
+        result = []
+        for b in range(batch):
+            lo, hi = bounds[b], bounds[b + 1]
+            splits = np.zeros(window + 1, dtype=np.int32)
+            np.cumsum(np.bincount(row[lo:hi], minlength=window), out=splits[1:])
+            result.append(
+                TeacherRows(
+                    window_id=-1,
+                    mode="sampled",
+                    ids=ids[lo:hi].astype(np.int32),
+                    counts=counts[lo:hi].astype(np.uint16),
+                    row_splits=splits,
+                    target_logprob=np.empty(0, np.float32),
+                )
+            )
+        return result
+
+
+def _window_seed(seed: int, window_id: int) -> int:
+    """A 63-bit generator seed from (seed, window_id), independent of batching and rank."""
+    digest = hashlib.sha256(f"longkd-sample:{int(seed)}:{int(window_id)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
