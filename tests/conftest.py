@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path_factory):
     made: dict = {}
 
     def make(arch: str = "llama", seed: int = 0, **config):
-        key = (arch, seed, tuple(sorted(config.items())))
+        key = (arch, seed, repr(sorted(config.items())))
         if key not in made:
             path = tmp_path_factory.mktemp(f"tiny-{arch}")
             made[key] = save_tiny_model(path, arch=arch, seed=seed, **config)

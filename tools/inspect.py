@@ -1,0 +1,533 @@
+"""``longkd cache inspect``: what the cached teacher distributions look like, and what they cost.
+
+Before training many students from one cache, a user wants to know whether the stored view of
+the teacher is faithful enough (how much probability the top-k ids cover, how peaked the
+rows are), whether that changes along the window or with the distance from a packed sample's
+start, and how many bytes each token costs. This module answers from a deterministic sample
+of windows, and shows single positions (context, true next token, the teacher's candidates).
+
+    longkd cache inspect CACHE                       # tables on the terminal
+    longkd cache inspect CACHE --json                # the same, machine-readable
+    longkd cache inspect CACHE --plot stats.png --html report.html
+    longkd cache inspect CACHE --window 3 --at 100   # one position
+
+Definitions (per row t < length - 1; row t is the teacher's distribution for input_ids[t+1]):
+
+- top-k caches: the stored probabilities p_1..p_k plus the tail r = 1 - sum(p) as one extra
+  category (the k+1 bucket distribution the ``bucket`` loss uses). ``entropy`` is the entropy
+  of that distribution in nats (a lower bound of the teacher's full entropy, since merging
+  categories can only lower it); ``covered`` is 1 - r.
+- sampled caches: the empirical distribution counts / draws; ``covered`` is 1 by definition.
+- ``top1`` is the largest stored probability; ``target_nll`` is -log p_T(true next token) at
+  the cache's temperature; ``target_stored`` is 1 when the true next token is among the ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from longkd.tools import report
+
+from longkd.errors import LongkdError
+
+# Offset of a row's input token from the start of its segment (a packed sample, or the part of
+# a split sample that begins the window): bucket i is [edges[i], edges[i+1]), the last is open.
+SEGMENT_EDGES = (0, 8, 32, 128, 512)
+HIST_BINS = 20
+STATS = ("entropy", "top1", "covered", "target_nll", "target_stored")
+ENTROPY_NOTE = {
+    "topk": "entropy (nats) of the k+1 bucket distribution: the stored top-k probabilities plus the tail "
+    "mass as one category; a lower bound of the teacher's full entropy",
+    "sampled": "entropy (nats) of the empirical distribution counts / draws",
+}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _xlogx(x: np.ndarray) -> np.ndarray:
+    """x log x with 0 log 0 = 0, elementwise."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(x > 0, x * np.log(np.where(x > 0, x, 1.0)), 0.0)
+
+
+def row_statistics(window, mode: str) -> dict[str, np.ndarray]:
+    """Per-row statistics of one cached window, over the rows a trainer trains on.
+
+    Args:
+        window: a :class:`longkd.cache.reader.CachedWindow` (ids/logprobs [W, K]).
+        mode: the cache's selection mode, ``topk`` or ``sampled``.
+
+    Returns:
+        Arrays of length R (the rows t < length - 1 whose target is finite): ``row`` (t),
+        ``segment_offset`` (t minus the start of t's segment), and float64 ``entropy``,
+        ``top1``, ``covered``, ``target_nll``, ``target_stored`` (see the module docstring).
+    """
+    from longkd.cache.packing import position_ids_for
+
+    w = window.input_ids.shape[0]
+    rows = np.arange(w)
+    target = window.target_logprob.astype(np.float64)
+    valid = (rows < window.length - 1) & np.isfinite(target)
+    lp = window.logprobs[valid].astype(np.float64)  # [R, K]
+    ids = window.ids[valid]
+    p = np.exp(lp)  # exp(-inf) = 0 at sampled padding
+    if mode == "topk":
+        mass = p.sum(axis=1)
+        tail = np.clip(1.0 - mass, 0.0, None)
+        entropy = -_xlogx(p).sum(axis=1) - _xlogx(tail)
+        covered = np.minimum(mass, 1.0)
+    else:
+        entropy = -_xlogx(p).sum(axis=1)
+        covered = np.ones(len(p))
+    nxt = np.append(window.input_ids[1:], -2)[valid]  # -2 matches no id (padding is -1)
+    return {
+        "row": rows[valid],
+        "segment_offset": position_ids_for(w, window.segment_starts, "reset")[valid],
+        "entropy": entropy,
+        "top1": p.max(axis=1) if p.shape[1] else np.zeros(len(p)),
+        "covered": covered,
+        "target_nll": -target[valid],
+        "target_stored": (ids == nxt[:, None]).any(axis=1).astype(np.float64),
+    }
+
+
+def sample_indices(num_windows: int, sample_windows: int, seed: int) -> list[int]:
+    """The windows inspected: all when ``sample_windows >= num_windows``, otherwise a sorted
+    uniform sample without replacement from ``numpy.random.default_rng(seed)``."""
+    if sample_windows < 1:
+        raise LongkdError(f"--windows must be at least 1, got {sample_windows}")
+    if sample_windows >= num_windows:
+        return list(range(num_windows))
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(num_windows, size=sample_windows, replace=False))
+
+
+def window_edges(window: int, buckets: int) -> np.ndarray:
+    """Equal-width bucket edges over rows ``0..W-1``: int[B+1] from 0 to W (B <= W)."""
+    if buckets < 1:
+        raise LongkdError(f"--buckets must be at least 1, got {buckets}")
+    return np.unique(np.linspace(0, window, min(buckets, window) + 1).round().astype(np.int64))
+
+
+def _mean(x: np.ndarray) -> float | None:
+    return float(x.mean()) if x.size else None
+
+
+def _grouped(stats: dict[str, np.ndarray], group: np.ndarray, edges, last_open: bool) -> list[dict]:
+    """Mean of every statistic per bucket; ``group`` holds each row's bucket index."""
+    out = []
+    for b in range(len(edges) - (0 if last_open else 1)):
+        lo = int(edges[b])
+        hi = None if last_open and b == len(edges) - 1 else int(edges[b + 1])
+        sel = group == b
+        label = f"{lo}+" if hi is None else f"{lo}-{hi - 1}"
+        entry = {"bucket": label, "start": lo, "end": hi, "rows": int(sel.sum())}
+        entry.update({name: _mean(stats[name][sel]) for name in STATS})
+        out.append(entry)
+    return out
+
+
+class _RawSizer:
+    """Uncompressed Arrow size of single rows: ``nbytes`` of a one-row slice of its record batch
+    (the decoded buffers' sizes), read through the cache's own filesystem."""
+
+    def __init__(self, reader):
+        import pyarrow as pa
+
+        self._pa = pa
+        self.reader = reader
+        self._files: dict[int, tuple] = {}
+
+    def row_bytes(self, index: int) -> int:
+        shard, row = self.reader.shard_of(index)
+        if shard not in self._files:
+            f = self._pa.ipc.open_file(self.reader.location.open_input(self.reader.shards[shard]["path"]))
+            starts = np.cumsum([0] + [f.get_batch(i).num_rows for i in range(f.num_record_batches)])
+            self._files = {shard: (f, starts)}  # windows are sorted, so one open shard suffices
+        f, starts = self._files[shard]
+        b = int(np.searchsorted(starts, row, side="right") - 1)
+        return int(f.get_batch(b).slice(row - int(starts[b]), 1).nbytes)
+
+
+def _summary(reader, sampled: list[int], raw_sampled: int, tokens_sampled: int) -> dict:
+    m = reader.manifest
+    on_disk = sum(max(reader.location.size(s["path"]), 0) for s in reader.shards)
+    tokens = int(m["totals"]["tokens"])
+    n = len(sampled)
+    exact = n == reader.num_windows
+    raw = raw_sampled if exact else (raw_sampled / n * reader.num_windows if n else 0)
+    return {
+        "uri": reader.location.uri,
+        "teacher": m["teacher"].get("name_or_path"),
+        "model_type": m["teacher"].get("model_type"),
+        "tokenizer_size": m["vocab"].get("tokenizer_size"),
+        "embedding_size": m["vocab"].get("embedding_size"),
+        "window": reader.window,
+        "windows": reader.num_windows,
+        "tokens": tokens,
+        "selection": dict(reader.selection),
+        "temperature": reader.temperature,
+        "logprobs_encoding": m["encoding"].get("logprobs"),
+        "position_mode": reader.position_mode,
+        "packing": {k: v for k, v in m["packing"].items() if k != "stats"},
+        "packing_stats": dict(m["packing"].get("stats", {})),
+        "shards": len(reader.shards),
+        "bytes_on_disk": int(on_disk),
+        "raw_bytes": int(round(raw)),
+        "raw_bytes_exact": exact,
+        "bytes_per_token_disk": on_disk / tokens if tokens else None,
+        "bytes_per_token_raw": raw_sampled / tokens_sampled if tokens_sampled else None,
+        "compression_ratio": raw / on_disk if on_disk else None,
+    }
+
+
+def inspect_cache(uri, *, sample_windows: int = 64, seed: int = 0, buckets: int = 8) -> dict:
+    """Summary and distribution statistics of a cache.
+
+    Args:
+        uri: the cache directory or URI.
+        sample_windows: how many windows to read (all when the cache has fewer).
+        seed: seed of the window sample (see :func:`sample_indices`).
+        buckets: equal-width buckets of the row index along the window.
+
+    Returns:
+        A JSON-serialisable dict: ``summary`` (teacher, vocabulary, window, selection, packing,
+        ``bytes_on_disk`` (shard files), ``raw_bytes`` (uncompressed Arrow buffers; measured on
+        the sample and scaled to all windows unless ``raw_bytes_exact``), bytes per token on
+        disk and raw, ``compression_ratio`` = raw / disk), ``sample`` (the window indices),
+        ``definitions``, ``overall`` (mean of each statistic), ``by_position`` (per window
+        bucket), ``by_segment_offset`` (per :data:`SEGMENT_EDGES` bucket) and ``histograms``
+        (``top1`` and ``entropy``: ``edges`` [HIST_BINS+1], ``counts`` [HIST_BINS]).
+
+    Raises:
+        LongkdError: not a finished cache, or bad arguments.
+    """
+    from longkd.cache.reader import CacheReader
+
+    reader = CacheReader(uri)
+    edges = window_edges(reader.window, buckets)
+    indices = sample_indices(reader.num_windows, sample_windows, seed)
+    mode = reader.selection["mode"]
+    sizer = _RawSizer(reader)
+    parts: dict[str, list[np.ndarray]] = {}
+    raw_sampled = tokens_sampled = 0
+    for index in indices:
+        window = reader.read_window(index)
+        raw_sampled += sizer.row_bytes(index)
+        tokens_sampled += window.length
+        for name, values in row_statistics(window, mode).items():
+            parts.setdefault(name, []).append(values)
+    reader.close()
+    empty = {name: np.zeros(0) for name in ("row", "segment_offset", *STATS)}
+    stats = {name: np.concatenate(v) if v else empty[name] for name, v in parts.items()} or empty
+    by_pos = np.searchsorted(edges, stats["row"], side="right") - 1
+    by_seg = np.searchsorted(np.asarray(SEGMENT_EDGES), stats["segment_offset"], side="right") - 1
+    top_entropy = float(stats["entropy"].max()) if stats["entropy"].size else 0.0
+    histograms = {}
+    for name, lo, hi in (("top1", 0.0, 1.0), ("entropy", 0.0, max(top_entropy, 1e-6))):
+        counts, hist_edges = np.histogram(stats[name], bins=HIST_BINS, range=(lo, hi))
+        histograms[name] = {"edges": hist_edges.tolist(), "counts": counts.tolist()}
+    overall = {"rows": int(stats["row"].size)}
+    overall.update({name: _mean(stats[name]) for name in STATS})
+    return {
+        "summary": _summary(reader, indices, raw_sampled, tokens_sampled),
+        "sample": {"windows": indices, "seed": seed, "rows": int(stats["row"].size)},
+        "definitions": {
+            "rows": "row t (t < length - 1) is the teacher's distribution for input_ids[t+1]",
+            "entropy": ENTROPY_NOTE[mode],
+            "top1": "largest stored probability",
+            "covered": "stored probability mass, 1 - tail" if mode == "topk" else "1 (sampled cache)",
+            "target_nll": "-log p_T(true next token), nats, at the cache temperature",
+            "target_stored": "fraction of rows whose true next token is among the stored ids",
+            "by_position": "buckets of the row index t along the window",
+            "by_segment_offset": "buckets of t minus the start of t's packed segment",
+        },
+        "overall": overall,
+        "by_position": _grouped(stats, by_pos, edges, last_open=False),
+        "by_segment_offset": _grouped(stats, by_seg, SEGMENT_EDGES, last_open=True),
+        "histograms": histograms,
+    }
+
+
+# ----------------------------------------------------------------------------- one position
+
+
+def _tokenizer_for(manifest: dict):
+    """The teacher's tokenizer if it loads offline and matches the cache; else ``(None, why)``."""
+    from longkd.cache.teacher import tokenizer_fingerprint
+
+    path = manifest["teacher"].get("name_or_path")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # any failure just means "show ids"
+        return None, f"not loadable from {path} ({type(exc).__name__}); showing ids"
+    if tokenizer_fingerprint(tok) != manifest["tokenizer"].get("fingerprint"):
+        return None, f"tokenizer at {path} differs from the cache's (fingerprint); showing ids"
+    return tok, f"loaded from {path}"
+
+
+def _token(tok, token_id: int) -> str | None:
+    if tok is None:
+        return None
+    if not 0 <= token_id < len(tok):
+        return f"<id {token_id}>"  # a padded embedding slot beyond the tokenizer
+    return tok.decode([token_id])
+
+
+def show_position(uri, window: int, at: int, top: int = 10, context: int = 16) -> dict:
+    """One row of one window: the context, the true next token and the teacher's candidates.
+
+    Args:
+        uri: the cache directory or URI.
+        window: global window index.
+        at: row index t in ``[0, W)``; row t is the distribution for input_ids[t+1].
+        top: how many stored candidates to show (most likely first).
+        context: how many tokens of context, ending at input_ids[t].
+
+    Returns:
+        JSON-serialisable dict: ``window``, ``at``, ``length``, ``position_id``,
+        ``segment_offset``, ``context`` (``start``, ``ids``, ``tokens``, ``text``), ``next``
+        (``id``, ``token``, ``logprob``, ``prob``, ``rank`` among the stored ids or None; None
+        when t >= length - 1), ``candidates`` (``rank``, ``id``, ``token``, ``prob``,
+        ``logprob``, ``count`` for sampled caches), ``tail_mass`` (top-k) and ``tokenizer``
+        (how tokens were decoded). Tokens are None when no matching tokenizer loads.
+
+    Raises:
+        LongkdError: not a cache, or ``window`` / ``at`` out of range.
+    """
+    from longkd.cache.reader import CacheReader
+
+    with CacheReader(uri) as reader:
+        if not 0 <= window < reader.num_windows:
+            raise LongkdError(
+                f"--window {window} is out of range; the cache has windows 0..{reader.num_windows - 1}"
+            )
+        if not 0 <= at < reader.window:
+            raise LongkdError(f"--at {at} is out of range; rows are 0..{reader.window - 1}")
+        w = reader.read_window(window)
+        mode, manifest = reader.selection["mode"], reader.manifest
+    tok, tok_status = _tokenizer_for(manifest)
+    start = max(0, at - context + 1)
+    ctx = [int(i) for i in w.input_ids[start : at + 1]]
+    keep = w.ids[at] >= 0
+    ids, lps = w.ids[at][keep], w.logprobs[at][keep].astype(np.float64)
+    order = np.argsort(-lps, kind="stable")
+    candidates = []
+    for rank, j in enumerate(order[:top], start=1):
+        entry = {"rank": rank, "id": int(ids[j]), "token": _token(tok, int(ids[j])),
+                 "prob": float(math.exp(lps[j])), "logprob": float(lps[j])}  # fmt: skip
+        if w.counts is not None:
+            entry["count"] = int(w.counts[at][keep][j])
+        candidates.append(entry)
+    nxt = None
+    if at < w.length - 1:
+        nid = int(w.input_ids[at + 1])
+        hit = np.flatnonzero(ids[order] == nid)
+        lp = float(w.target_logprob[at])
+        nxt = {"id": nid, "token": _token(tok, nid), "logprob": lp, "prob": math.exp(lp),
+               "rank": int(hit[0]) + 1 if hit.size else None}  # fmt: skip
+    return {
+        "window": window,
+        "at": at,
+        "length": int(w.length),
+        "position_id": int(w.position_ids[at]),
+        "segment_offset": int(at - w.segment_starts[w.segment_starts <= at].max()),
+        "selection": mode,
+        "context": {"start": start, "ids": ctx, "tokens": [_token(tok, i) for i in ctx] if tok else None,
+                    "text": tok.decode(ctx) if tok else None},  # fmt: skip
+        "next": nxt,
+        "candidates": candidates,
+        "tail_mass": float(max(0.0, 1.0 - np.exp(lps).sum())) if mode == "topk" else None,
+        "tokenizer": tok_status,
+    }
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_inspect(result: dict) -> str:
+    """The terminal view of :func:`inspect_cache`."""
+    s = result["summary"]
+    sel = s["selection"]
+    selection = f"top-k {sel['k']}" if sel["mode"] == "topk" else f"sampled, {sel['draws']} draws"
+    stats = s["packing_stats"]
+    packing = (
+        f"{stats.get('samples', '?')} samples, efficiency {report.format_value(stats.get('efficiency'))}, "
+        f"{stats.get('split_samples', '?')} split, {stats.get('dropped_tokens', '?')} tokens dropped"
+    )
+    raw_note = "" if s["raw_bytes_exact"] else " (estimated from the sample)"
+    disk_bpt = report.format_value(s["bytes_per_token_disk"])
+    raw_bpt = report.format_value(s["bytes_per_token_raw"])
+    pairs = [
+        ("cache", s["uri"]), ("teacher", f"{s['teacher']} ({s['model_type']})"),
+        ("tokenizer size", f"{s['tokenizer_size']} (embedding {s['embedding_size']})"),
+        ("window", s["window"]), ("windows", s["windows"]), ("tokens", s["tokens"]),
+        ("selection", f"{selection} ({s['logprobs_encoding']} log-probs)"), ("temperature", s["temperature"]),
+        ("position mode", s["position_mode"]),
+        ("packing", packing),
+        ("bytes on disk", f"{s['bytes_on_disk']:,} ({disk_bpt} B/token)"),
+        ("raw bytes", f"{s['raw_bytes']:,}{raw_note} ({raw_bpt} B/token)"),
+        ("compression ratio", s["compression_ratio"]),
+    ]  # fmt: skip
+    o = result["overall"]
+    headers = ["bucket", "rows", "entropy (nats)", "top-1 p", "covered", "target NLL", "target stored"]
+
+    def table(groups):
+        return report.text_table(headers, [[g["bucket"], g["rows"], *(g[k] for k in STATS)] for g in groups])
+
+    return "\n".join([
+        report.key_value_table(pairs), "",
+        f"statistics over {len(result['sample']['windows'])} windows, {o['rows']:,} rows "
+        f"(row t predicts token t+1; rows t >= length-1 masked)",
+        f"  {result['definitions']['entropy']}", "",
+        table([{"bucket": "all", **o}]), "",
+        "by position in the window (row index t)", table(result["by_position"]), "",
+        "by offset from the start of the packed segment", table(result["by_segment_offset"]),
+    ])  # fmt: skip
+
+
+def format_position(result: dict) -> str:
+    """The terminal view of :func:`show_position`."""
+    ctx = result["context"]
+    shown = ctx["text"] if ctx["text"] is not None else " ".join(map(str, ctx["ids"]))
+    lines = [
+        f"window {result['window']}, row {result['at']} (position id {result['position_id']}, "
+        f"offset {result['segment_offset']} in its segment; length {result['length']})",
+        f"tokens: {result['tokenizer']}",
+        f"context [{ctx['start']}..{result['at']}]: {shown}",
+    ]
+    nxt = result["next"]
+    if nxt is None:
+        lines.append("true next token: none (row beyond the window's real tokens; not trained on)")
+    else:
+        rank = f"rank {nxt['rank']}" if nxt["rank"] else "not among the stored ids"
+        name = nxt["token"] if nxt["token"] is not None else nxt["id"]
+        lines.append(f"true next token: {name!r} (id {nxt['id']}), p = {nxt['prob']:.4g}, {rank}")
+    if result["tail_mass"] is not None:
+        lines.append(f"tail mass outside the stored ids: {result['tail_mass']:.4g}")
+    sampled = result["selection"] == "sampled"
+    headers = ["rank", "id", "token", "prob", "logprob"] + (["count"] if sampled else [])
+    rows = [[c["rank"], c["id"], c["token"] if c["token"] is not None else "-", c["prob"], c["logprob"],
+             *([c["count"]] if "count" in c else [])] for c in result["candidates"]]  # fmt: skip
+    return "\n".join([*lines, "", report.text_table(headers, rows)])
+
+
+def plot_inspect(result: dict, path) -> Path:
+    """PNG: covered mass and entropy against position, histograms of top-1 and entropy."""
+    s = result["summary"]
+    fig, axes = report.subplots(2, 2, width=5.2, height=3.6)
+    groups = [g for g in result["by_position"] if g["rows"]]
+    mid = [(g["start"] + g["end"] - 1) / 2 for g in groups]
+    sel = s["selection"]
+    kind = f"top-{sel['k']}" if sel["mode"] == "topk" else f"sampled ({sel['draws']} draws; 1 by definition)"
+    for ax, key, label, title in (
+        (axes[0, 0], "covered", "covered probability mass (fraction)", f"Covered mass by position, {kind}"),
+        (axes[0, 1], "entropy", "mean entropy (nats)", "Entropy of the cached rows by position"),
+    ):
+        ax.plot(mid, [g[key] for g in groups], marker="o")
+        ax.set_xlabel("position in window (tokens, bucket centre)")
+        ax.set_ylabel(label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(0, s["window"])
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylim(min([0.0] + [g["covered"] for g in groups]) - 0.02, 1.02)
+    for ax, key, xlabel, title in (
+        (axes[1, 0], "top1", "top-1 probability", "Histogram of the top-1 probability"),
+        (axes[1, 1], "entropy", "entropy (nats)", "Histogram of the row entropy"),
+    ):
+        h = result["histograms"][key]
+        edges = np.asarray(h["edges"])
+        ax.bar(edges[:-1], h["counts"], width=np.diff(edges), align="edge", edgecolor="white")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("rows (count)")
+        ax.set_title(title, fontsize=10)
+    sample = result["sample"]
+    fig.suptitle(f"{Path(str(s['teacher'])).name}: {sample['rows']:,} rows from {len(sample['windows'])} "
+                 f"windows (W={s['window']})", fontsize=11)  # fmt: skip
+    return report.save_figure(fig, path)
+
+
+def html_inspect(result: dict, path, png=None) -> Path:
+    """A self-contained HTML report: summary, statistics tables and the plot embedded (base64).
+
+    Args:
+        result: from :func:`inspect_cache`.
+        path: the HTML file to write.
+        png: an existing PNG of :func:`plot_inspect`; drawn to a temporary file when None.
+    """
+    import tempfile
+
+    s = result["summary"]
+    if png is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = plot_inspect(result, Path(tmp) / "inspect.png").read_bytes()
+    else:
+        data = Path(png).read_bytes()
+    summary = [(k, v) for k, v in s.items() if k not in ("packing", "packing_stats")]
+    headers = ["bucket", "rows", "entropy (nats)", "top-1 p", "covered", "target NLL", "target stored"]
+
+    def table(groups):
+        return report.html_table(headers, [[g["bucket"], g["rows"], *(g[k] for k in STATS)] for g in groups])
+
+    defs = result["definitions"]
+    packing = list(s["packing"].items()) + list(s["packing_stats"].items())
+    sections = [
+        report.html_section("Summary", report.html_key_values(summary)),
+        report.html_section("Packing", report.html_key_values(packing)),
+        report.html_section("Overall", report.html_note(f"{defs['rows']}. {defs['entropy']}."),
+                            table([{"bucket": "all", **result["overall"]}])),
+        report.html_section("By position in the window", report.html_note(defs["by_position"]),
+                            table(result["by_position"])),
+        report.html_section("By offset from the packed segment start",
+                            report.html_note(defs["by_segment_offset"]), table(result["by_segment_offset"])),
+        report.html_section("Plots", report.html_image(data, "coverage, entropy and histograms")),
+    ]  # fmt: skip
+    return report.write_html(path, f"longkd cache inspect: {s['uri']}", sections)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def register_inspect(cache_subparsers: argparse._SubParsersAction) -> None:
+    """Add ``inspect`` to the ``longkd cache`` subcommands."""
+    p = cache_subparsers.add_parser(
+        "inspect",
+        help="statistics of the cached distributions, or one position",
+        description="Entropy, top-1 probability and covered mass of the cached rows (overall, by position, "
+        "by offset in the packed sample), sizes and compression; or one position with --window and --at.",
+    )
+    p.add_argument("cache", metavar="DIR", help="cache directory or URI")
+    p.add_argument("--windows", type=int, default=64, metavar="N", help="windows to sample (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window sample (default: 0)")
+    p.add_argument("--buckets", type=int, default=8, help="position buckets along the window (default: 8)")
+    p.add_argument("--window", type=int, metavar="I", help="show one position of window I (with --at)")
+    p.add_argument("--at", type=int, metavar="POS", help="the row to show (it predicts token POS+1)")
+    p.add_argument("--top", type=int, default=10, help="candidates shown with --at (default: 10)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="write a PNG of the statistics")
+    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    if (args.window is None) != (args.at is None):
+        raise LongkdError("--window and --at go together; pass both to show one position")
+    if args.window is not None:
+        if args.plot or args.html:
+            raise LongkdError("--plot and --html describe the whole cache; drop --window/--at to write them")
+        result = show_position(args.cache, args.window, args.at, top=args.top)
+        print(json.dumps(result, indent=2) if args.json else format_position(result))
+        return 0
+    result = inspect_cache(args.cache, sample_windows=args.windows, seed=args.seed, buckets=args.buckets)
+    png = plot_inspect(result, args.plot) if args.plot else None
+    if args.html:
+        html_inspect(result, args.html, png=png)
+    print(json.dumps(result, indent=2) if args.json else format_inspect(result))
+    return 0
