@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from longkd.kernels.reference import has_duplicate_ids, sparse_kl_reference, validate_inputs
 
 from longkd.errors import LongkdError
+from longkd.kernels.reference import has_duplicate_ids, sparse_kl_reference, validate_inputs
 
 IMPLS = ("auto", "reference", "cupy")
 CUPY_MISSING = "--loss-impl cupy needs a CUDA device and the `cupy` package (pip install longkd[gpu])"

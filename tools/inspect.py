@@ -30,9 +30,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from longkd.tools import report
 
 from longkd.errors import LongkdError
+from longkd.tools import report
 
 # Offset of a row's input token from the start of its segment (a packed sample, or the part of
 # a split sample that begins the window): bucket i is [edges[i], edges[i+1]), the last is open.

@@ -167,6 +167,7 @@ def _max_cached_id(reader) -> int:
     """The largest teacher id stored in a cache, reading only its ``ids`` column."""
     import pyarrow as pa
     import pyarrow.compute as pc
+
     from longkd.cache import format as fmt
 
     best = -1

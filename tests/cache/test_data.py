@@ -12,11 +12,11 @@ import json
 import datasets
 import numpy as np
 import pytest
+
 from longkd.cache.data import load_samples
 from longkd.cache.packing import Packer, PackingConfig
-from longkd.tools.tiny import build_word_tokenizer, ids_to_text
-
 from longkd.errors import LongkdError
+from longkd.tools.tiny import build_word_tokenizer, ids_to_text
 
 VOCAB = 64
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from longkd.cache.packing import Packer, PackingConfig, PackingStats, position_ids_for
 
+from longkd.cache.packing import Packer, PackingConfig, PackingStats, position_ids_for
 from longkd.errors import LongkdError
 
 EOS, PAD = 2, 0

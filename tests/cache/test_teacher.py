@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from longkd.cache.teacher import (
     SelectionConfig,
     Teacher,
@@ -20,7 +21,6 @@ from longkd.cache.teacher import (
     tokenizer_fingerprint,
     weights_sha256,
 )
-
 from longkd.errors import LongkdError
 
 VOCAB = 96
@@ -238,8 +238,9 @@ def test_selection_validation(teachers):
 
 
 def test_load_errors(tmp_path, tiny_model_dir):
-    from longkd.tools.tiny import build_tiny_model, tiny_config
     from transformers import AutoConfig
+
+    from longkd.tools.tiny import build_tiny_model, tiny_config
 
     missing = tmp_path / "nope"
     with pytest.raises(LongkdError, match=f"teacher path {missing} does not exist; pass a local model"):

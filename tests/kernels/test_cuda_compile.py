@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from longkd.kernels.cupy_kl import _SUFFIX, SOURCE_PATH
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")

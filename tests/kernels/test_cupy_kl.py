@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from longkd.kernels import cupy_kl
 from test_fused_linear import dense_oracle, make_targets
 
 from longkd.errors import LongkdError
+from longkd.kernels import cupy_kl
 
 MODES = ("bucket", "renorm", "sampled")
 

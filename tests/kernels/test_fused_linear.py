@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from longkd.kernels.fused_linear import fused_linear_sparse_kl
 
 from longkd.errors import LongkdError
+from longkd.kernels.fused_linear import fused_linear_sparse_kl
 
 MODES = ("bucket", "renorm", "sampled")
 

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from longkd.kernels.reference import sparse_kl_reference
-from longkd.kernels.sparse_kl import cross_entropy_chunked, resolve_impl, sparse_kl, targets_from_cache
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from longkd.errors import LongkdError
+from longkd.kernels.reference import sparse_kl_reference
+from longkd.kernels.sparse_kl import cross_entropy_chunked, resolve_impl, sparse_kl, targets_from_cache
 
 MODES = ("bucket", "renorm", "sampled")
 

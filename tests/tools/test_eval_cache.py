@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from longkd.tools.eval_cache import format_kl, kl_by_position, plot_kl
 from transformers import AutoModelForCausalLM
 
 from longkd.cli import main
 from longkd.errors import LongkdError
+from longkd.tools.eval_cache import format_kl, kl_by_position, plot_kl
 
 VOCAB = 64
 W = 32

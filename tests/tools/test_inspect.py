@@ -13,10 +13,10 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pytest
-from longkd.tools.inspect import SEGMENT_EDGES, inspect_cache, register_inspect, show_position
 
 from longkd.cli import main
 from longkd.errors import LongkdError
+from longkd.tools.inspect import SEGMENT_EDGES, inspect_cache, register_inspect, show_position
 
 VOCAB = 64
 W = 32

@@ -12,6 +12,10 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from longkd.errors import LongkdError
 from longkd.tools.tiny import build_tiny_model, tiny_config
 from longkd.trainer.rope import (
     ROPE_TYPES,
@@ -24,10 +28,6 @@ from longkd.trainer.rope import (
     initial_rope,
     rotary_modules,
 )
-from transformers import AutoModelForCausalLM
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-from longkd.errors import LongkdError
 
 S = 32  # the tiny students' original context
 LONG = 80  # a length beyond it

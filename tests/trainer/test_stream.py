@@ -12,12 +12,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from longkd.cache.reader import CacheReader
-from longkd.tools.tiny import build_word_tokenizer, ids_to_text, tiny_config
-from longkd.trainer.stream import IGNORE_INDEX, WindowBatch, WindowStream, check_student_compatible
 
+from longkd.cache.reader import CacheReader
 from longkd.cli import main
 from longkd.errors import LongkdError
+from longkd.tools.tiny import build_word_tokenizer, ids_to_text, tiny_config
+from longkd.trainer.stream import IGNORE_INDEX, WindowBatch, WindowStream, check_student_compatible
 
 VOCAB = 96
 W = 32

@@ -1,0 +1,711 @@
+"""Long-context retrieval evals: passkey, RULER-style needles, the toy probe, cached-KL.
+
+A student distilled on packed short data is only worth something if it can find a fact
+far back in its context, so ``longkd eval`` measures exactly that, over a grid of context
+lengths x needle depths:
+
+    longkd eval MODEL --task passkey --lengths 1024,2048,4096 --depths 0,25,50,75,100 --out DIR
+    longkd eval MODEL --task needle --needle-variant multivalue --value-type uuid --out DIR
+    longkd eval MODEL --task toy            # token-level probe for toy-world models
+    longkd eval MODEL --task cache-kl --cache DIR
+
+- ``passkey``: the Mohtashami & Jaggi (2023) prompt: a pass key hidden in repeated filler,
+  greedy decoding of a few tokens, scored 100 when the key appears in the answer.
+- ``needle``: RULER's NIAH tasks (Hsieh et al. 2024) with the repeated-sentence haystack:
+  ``single``, ``multikey`` (distractor needles with other keys) and ``multivalue`` (several
+  values for one key); keys and values as numbers, words or uuids; RULER's string-match
+  score (fraction of the expected values found in the answer, x100).
+
+Each prompt is fitted to its length with the model's own tokenizer (filler is added one
+sentence at a time). Lengths beyond the model's position limit (``max_position_embeddings``,
+or ``original_max_position_embeddings x factor`` for scaled RoPE when larger) are warned
+about, run anyway, and marked ``extrapolation`` in every output. Outputs: ``results.json``,
+``results.md`` (a table) and ``heatmap.png`` (length x depth).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from longkd.errors import LongkdError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("passkey", "needle", "toy", "cache-kl")
+NEEDLE_VARIANTS = ("single", "multikey", "multivalue")
+NEEDLE_TYPES = ("number", "word", "uuid")
+
+# The haystack of both tasks: Mohtashami & Jaggi's garbage block, which RULER reuses as its
+# "noise" haystack. Added one sentence at a time so a prompt fits its length to ~5 tokens.
+FILLER_SENTENCES = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
+PASSKEY_INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+RULER_INTRO = (
+    "Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {kind} afterwards."
+)
+RULER_NEEDLE = "One of the special magic {kind} for {key} is: {value}."
+RULER_QUESTION = (
+    "What are all the special magic {kind} for {key} mentioned in the provided text? "
+    "The special magic {kind} for {key} mentioned in the provided text are"
+)
+# Word keys are adjective-noun pairs and word values nouns (RULER draws them from wonderwords;
+# a fixed list keeps prompts reproducible offline). None of these words occurs in the filler.
+_ADJECTIVES = (
+    "ancient", "brave", "calm", "dusty", "eager", "fancy", "gentle", "hollow", "icy", "jolly",
+    "kind", "lively", "mighty", "narrow", "odd", "proud", "quiet", "rapid", "silent", "tidy",
+    "upset", "vast", "wooden", "young", "zealous", "bitter", "clever", "damp", "fierce", "grumpy",
+)  # fmt: skip
+_NOUNS = (
+    "anchor", "basket", "candle", "dolphin", "engine", "falcon", "garden", "harbor", "island",
+    "jacket", "kettle", "ladder", "magnet", "needle", "orchard", "pencil", "quarry", "rocket",
+    "saddle", "tractor", "umbrella", "violin", "walrus", "xylophone", "yogurt", "zipper",
+    "bookend", "cabinet", "lantern", "meadow", "napkin", "oyster", "pillow", "riddle", "spinach",
+    "teapot", "tunnel", "velvet", "whistle", "blanket",
+)  # fmt: skip
+_KIND = {"number": "numbers", "word": "words", "uuid": "uuids"}
+# Rope types whose factor stretches the original context (dynamic NTK rescales at run time).
+_SCALED_ROPE_TYPES = ("linear", "yarn", "llama3", "longrope")
+
+
+@dataclass
+class NeedleConfig:
+    """Settings of the RULER-style needle task.
+
+    Attributes:
+        variant: ``single``, ``multikey`` (``num_keys`` needles with different keys, one
+            queried) or ``multivalue`` (``num_values`` needles with the queried key).
+        key_type: what keys look like: ``word`` (adjective-noun), ``number`` or ``uuid``.
+        value_type: what values look like: ``number`` (7 digits), ``word`` or ``uuid``.
+        num_keys: needles in a multikey prompt, the queried one included.
+        num_values: values of the queried key in a multivalue prompt.
+    """
+
+    variant: str = "single"
+    key_type: str = "word"
+    value_type: str = "number"
+    num_keys: int = 4
+    num_values: int = 4
+
+    def __post_init__(self):
+        if self.variant not in NEEDLE_VARIANTS:
+            raise LongkdError(
+                f"--needle-variant {self.variant!r} is unknown; use one of {', '.join(NEEDLE_VARIANTS)}"
+            )
+        for name, value in (("--key-type", self.key_type), ("--value-type", self.value_type)):
+            if value not in NEEDLE_TYPES:
+                raise LongkdError(f"{name} {value!r} is unknown; use one of {', '.join(NEEDLE_TYPES)}")
+        if self.num_keys < 2 and self.variant == "multikey":
+            raise LongkdError(f"--needle-keys must be at least 2 for multikey, got {self.num_keys}")
+        if self.num_values < 2 and self.variant == "multivalue":
+            raise LongkdError(f"--needle-values must be at least 2 for multivalue, got {self.num_values}")
+
+
+@dataclass
+class Probe:
+    """One retrieval prompt: ``build(n)`` is its text with ``n`` filler sentences."""
+
+    build: Callable[[int], str]
+    answers: list[str]
+    score: Callable[[str], float]
+
+
+@dataclass
+class RetrievalResult:
+    """Scores on a length x depth grid (``score[i][j]`` for ``lengths[i]``, ``depths[j]``)."""
+
+    task: str
+    lengths: list[int]
+    depths: list[float]
+    score: list[list[float]]
+    prompt_tokens: list[list[float]]
+    max_positions: int | None
+    samples: int
+    settings: dict = field(default_factory=dict)
+    examples: list[dict] = field(default_factory=list)
+
+    @property
+    def extrapolation(self) -> list[bool]:
+        """Per length: whether it exceeds the model's position limit."""
+        return [self.max_positions is not None and n > self.max_positions for n in self.lengths]
+
+    @property
+    def mean(self) -> float:
+        flat = [s for row in self.score for s in row]
+        return sum(flat) / len(flat)
+
+    def to_dict(self) -> dict:
+        cells = [
+            {
+                "length": n,
+                "depth": d,
+                "score": self.score[i][j],
+                "prompt_tokens": self.prompt_tokens[i][j],
+                "extrapolation": self.extrapolation[i],
+            }
+            for i, n in enumerate(self.lengths)
+            for j, d in enumerate(self.depths)
+        ]
+        by_length = {
+            str(n): {"score": sum(self.score[i]) / len(self.depths), "extrapolation": self.extrapolation[i]}
+            for i, n in enumerate(self.lengths)
+        }
+        return {
+            "task": self.task,
+            "settings": self.settings,
+            "samples": self.samples,
+            "max_positions": self.max_positions,
+            "lengths": self.lengths,
+            "depths": self.depths,
+            "mean_score": self.mean,
+            "by_length": by_length,
+            "cells": cells,
+            "examples": self.examples,
+        }
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score_passkey(output: str, key: str) -> float:
+    """100 when ``key`` appears in ``output`` as a whole number (``123`` is not in ``51234``), else 0."""
+    return 100.0 if re.search(rf"(?<!\d){re.escape(key)}(?!\d)", output) else 0.0
+
+
+def string_match_all(output: str, refs: Sequence[str]) -> float:
+    """RULER's score: the percentage of ``refs`` found (case-insensitive substring) in ``output``."""
+    pred = output.lower()
+    return 100.0 * sum(ref.lower() in pred for ref in refs) / len(refs)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def _filler(n: int) -> list[str]:
+    return [FILLER_SENTENCES[i % len(FILLER_SENTENCES)] for i in range(n)]
+
+
+def _insert(n: int, needles: Sequence[tuple[float, str]]) -> str:
+    """``n`` filler sentences with each needle inserted at ``round(depth * n)`` sentences in."""
+    pieces = _filler(n)
+    # Insert from the deepest so earlier indices stay valid; stable for equal indices.
+    slots = sorted(((round(d * n), i, text) for i, (d, text) in enumerate(needles)), reverse=True)
+    for slot, _, text in slots:
+        pieces.insert(slot, text)
+    return " ".join(pieces)
+
+
+def passkey_probe(depth: float, rng: random.Random) -> Probe:
+    """The Mohtashami & Jaggi passkey prompt with a key in [1, 50000] at ``depth`` (0-1)."""
+    key = str(rng.randint(1, 50000))
+    info = f"The pass key is {key}. Remember it. {key} is the pass key."
+
+    def build(n: int) -> str:
+        return "\n".join([PASSKEY_INTRO, _insert(n, [(depth, info)]), PASSKEY_QUESTION])
+
+    return Probe(build, [key], lambda out: score_passkey(out, key))
+
+
+def _draw(kind: str, rng: random.Random, used: set[str], *, as_key: bool) -> str:
+    for _ in range(1000):
+        if kind == "number":
+            text = str(rng.randint(1_000_000, 9_999_999))
+        elif kind == "uuid":
+            text = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        elif as_key:
+            text = f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
+        else:
+            text = rng.choice(_NOUNS)
+        if text not in used:
+            used.add(text)
+            return text
+    raise LongkdError(f"cannot draw enough distinct {kind} needles; use fewer keys or values")
+
+
+def needle_probe(depth: float, rng: random.Random, cfg: NeedleConfig) -> Probe:
+    """A RULER NIAH prompt whose (first) queried needle sits at ``depth`` (0-1).
+
+    Distractor needles (multikey) and the further values of the queried key (multivalue) go at
+    depths drawn from ``rng``.
+    """
+    used: set[str] = set()
+    kind = _KIND[cfg.value_type]
+    key = _draw(cfg.key_type, rng, used, as_key=True)
+    n_values = cfg.num_values if cfg.variant == "multivalue" else 1
+    values = [_draw(cfg.value_type, rng, used, as_key=False) for _ in range(n_values)]
+    needles = [(depth, RULER_NEEDLE.format(kind=kind, key=key, value=v)) for v in values[:1]]
+    needles += [(rng.random(), RULER_NEEDLE.format(kind=kind, key=key, value=v)) for v in values[1:]]
+    if cfg.variant == "multikey":
+        for _ in range(cfg.num_keys - 1):
+            other_key = _draw(cfg.key_type, rng, used, as_key=True)
+            other_value = _draw(cfg.value_type, rng, used, as_key=False)
+            needles.append((rng.random(), RULER_NEEDLE.format(kind=kind, key=other_key, value=other_value)))
+    intro = RULER_INTRO.format(kind=kind)
+    question = RULER_QUESTION.format(kind=kind, key=key)
+
+    def build(n: int) -> str:
+        return "\n".join([intro, _insert(n, needles), question])
+
+    return Probe(build, values, lambda out: string_match_all(out, values))
+
+
+def fit_prompt(tokenizer, build: Callable[[int], str], length: int) -> tuple[list[int], int]:
+    """Token ids of ``build(n)`` for the largest ``n`` whose prompt has at most ``length`` tokens.
+
+    Args:
+        tokenizer: the model's tokenizer (special tokens such as BOS are added and counted).
+        build: the prompt text with ``n`` filler sentences; longer for larger ``n``.
+        length: the token budget.
+
+    Returns:
+        ``(ids, n)``: the ids (``len(ids) <= length``) and the number of filler sentences.
+
+    Raises:
+        LongkdError: even the prompt without filler exceeds ``length``.
+    """
+
+    def count(n: int) -> list[int]:
+        return tokenizer(build(n), add_special_tokens=True).input_ids
+
+    base = count(0)
+    if len(base) > length:
+        raise LongkdError(
+            f"length {length} is too short for this prompt (it needs {len(base)} tokens without filler); "
+            "use larger --lengths"
+        )
+    probe = 16
+    per = max((len(count(probe)) - len(base)) / probe, 1e-3)  # tokens per filler sentence
+    # lo always fits, hi (once known) never does. Tokenization is monotone in n but not exactly
+    # linear, so guess from the tokens-per-sentence rate, then close the bracket.
+    lo, best, hi = 0, base, None
+    n = max(int((length - len(base)) / per), 1)
+    while hi is None or hi - lo > 1:
+        ids = count(n)
+        if len(ids) <= length:
+            lo, best = n, ids
+            n = n + max(int((length - len(ids)) / per), 1)
+        else:
+            hi = n
+            n = n - max(int((len(ids) - length) / per), 1)
+        if hi is not None:
+            n = min(max(n, lo + 1), hi - 1)
+            if hi - lo > 2 and n in (lo + 1, hi - 1):
+                n = (lo + hi) // 2  # a guess stuck at an edge: bisect instead
+    return best, lo
+
+
+# --------------------------------------------------------------------------- models
+
+
+def position_limit(config) -> int | None:
+    """The longest context a checkpoint is configured for, rope scaling included.
+
+    ``max_position_embeddings``, or ``original_max_position_embeddings x factor`` when the
+    rope parameters scale the positions (linear, yarn, llama3, longrope) and that is larger:
+    some checkpoints keep the pre-scaling value in ``max_position_embeddings``.
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(config, "max_position_embeddings", None)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", "default") in _SCALED_ROPE_TYPES:
+        factor = rope.get("factor")
+        original = rope.get("original_max_position_embeddings") or getattr(
+            config, "original_max_position_embeddings", None
+        )
+        if factor and original:
+            scaled = int(round(original * factor))
+            limit = scaled if limit is None else max(limit, scaled)
+    return int(limit) if limit is not None else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` -> bfloat16 on CUDA, float32 elsewhere; other names are checked and returned."""
+    if dtype == "auto":
+        return "bfloat16" if str(device).startswith("cuda") else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise LongkdError(f"--dtype {dtype!r} is unknown; use auto, float32, bfloat16 or float16")
+    return dtype
+
+
+def load_model(name_or_path: str, *, device: str = "cpu", dtype: str = "auto", tokenizer: bool = True):
+    """Load a causal LM (and its tokenizer) for evaluation.
+
+    Local directories load with ``local_files_only``; a hub id (``org/name``) is fetched only
+    when the hub is reachable (``HF_HUB_OFFLINE`` unset).
+
+    Args:
+        name_or_path: a Hugging Face model directory (trainer checkpoints included) or hub id.
+        device: torch device string.
+        dtype: ``auto`` (bfloat16 on CUDA, float32 otherwise), ``float32``, ``bfloat16``, ``float16``.
+        tokenizer: also load the tokenizer.
+
+    Returns:
+        ``(model, tokenizer or None)``; the model in eval mode without gradients.
+
+    Raises:
+        LongkdError: not a model directory, not a causal LM, or loading fails.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    local = path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+    if local:
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise LongkdError(
+                f"{name} is not a model directory (no config.json); pass a Hugging Face model directory"
+            )
+        name = str(path)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype = resolve_dtype(dtype, device)
+    kw = {"local_files_only": True} if local else {}
+    try:
+        config = AutoConfig.from_pretrained(name, **kw)
+    except Exception as exc:  # transformers raises OSError, ValueError, ... for unloadable configs
+        raise LongkdError(f"cannot load the model config from {name}: {_one_line(exc)}") from exc
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise LongkdError(
+            f"{name} is a {config.model_type!r} model, not a causal LM; pass a decoder-only model"
+        )
+    tok = None
+    if tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(name, **kw)
+        except Exception as exc:
+            raise LongkdError(f"cannot load the tokenizer from {name}: {_one_line(exc)}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtypes[dtype], **kw).to(
+            device
+        )
+    except Exception as exc:
+        raise LongkdError(f"cannot load the model from {name}: {_one_line(exc)}") from exc
+    model.eval().requires_grad_(False)
+    return model, tok
+
+
+def _greedy(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
+    """Greedy continuation of ``ids`` through the model's ``generate``, decoded to text."""
+    import torch
+
+    device = getattr(model, "device", "cpu")
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    return tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- runner
+
+
+def parse_depths(depths: Sequence[float]) -> list[float]:
+    """Validate depths given in percent (0-100)."""
+    out = [float(d) for d in depths]
+    if not out or any(not 0.0 <= d <= 100.0 for d in out):
+        raise LongkdError(f"--depths must be percentages in [0, 100], got {list(depths)}")
+    return out
+
+
+def run_retrieval(
+    model,
+    tokenizer,
+    task: str,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    *,
+    samples: int = 1,
+    seed: int = 0,
+    max_new_tokens: int | None = None,
+    needle: NeedleConfig | None = None,
+    max_positions: int | None = None,
+    keep_examples: int = 3,
+    progress: bool = False,
+) -> RetrievalResult:
+    """Score ``task`` on every (length, depth) cell.
+
+    Args:
+        model: anything with ``generate(input_ids=Long[1, T], attention_mask, max_new_tokens,
+            do_sample=False, pad_token_id) -> Long[1, T + n]`` (a transformers causal LM).
+        tokenizer: the model's tokenizer (fits prompts, decodes answers).
+        task: ``passkey`` or ``needle``.
+        lengths: context lengths in tokens (prompt fitted to at most each).
+        depths: needle depths in percent, 0 = right after the instructions, 100 = right
+            before the question.
+        samples: prompts per cell (different keys and values); the cell score is their mean.
+        seed: makes the keys, values and distractor depths reproducible.
+        max_new_tokens: greedy tokens per answer; default 12 for passkey, 32 per expected
+            value for needle.
+        needle: the needle settings (``task="needle"``).
+        max_positions: the model's position limit; longer lengths are warned about and marked.
+        keep_examples: how many (prompt end, answer, expected) examples to keep in the result.
+        progress: show a progress bar.
+
+    Returns:
+        The scores, percent per cell.
+
+    Raises:
+        LongkdError: unknown task, bad lengths/depths/samples, or a length too short for the prompt.
+    """
+    if task not in ("passkey", "needle"):
+        raise LongkdError(f"--task {task!r} is not a text retrieval task; use passkey or needle")
+    lengths = [int(n) for n in lengths]
+    if not lengths or any(n < 1 for n in lengths):
+        raise LongkdError(f"--lengths must be positive token counts, got {lengths}")
+    depths = parse_depths(depths)
+    if samples < 1:
+        raise LongkdError(f"--samples must be at least 1, got {samples}")
+    needle = needle or NeedleConfig()
+    if max_new_tokens is None:
+        n_values = needle.num_values if needle.variant == "multivalue" else 1
+        max_new_tokens = 12 if task == "passkey" else min(32 * n_values, 128)
+    for n in lengths:
+        if max_positions is not None and n > max_positions:
+            log.warning(
+                "length %d exceeds the model's position limit %d: running it, marked as extrapolation",
+                n, max_positions,
+            )  # fmt: skip
+    score = [[0.0] * len(depths) for _ in lengths]
+    tokens = [[0.0] * len(depths) for _ in lengths]
+    examples: list[dict] = []
+    cells = [(i, j) for i in range(len(lengths)) for j in range(len(depths))]
+    if progress:
+        from tqdm import tqdm
+
+        cells = tqdm(cells, desc=f"eval {task}", unit="cell")
+    for i, j in cells:
+        for s in range(samples):
+            # One generator per (cell, sample): a cell's prompts do not depend on the grid.
+            rng = random.Random(f"{seed}-{task}-{lengths[i]}-{depths[j]}-{s}")
+            depth = depths[j] / 100.0
+            probe = passkey_probe(depth, rng) if task == "passkey" else needle_probe(depth, rng, needle)
+            ids, _ = fit_prompt(tokenizer, probe.build, lengths[i])
+            answer = _greedy(model, tokenizer, ids, max_new_tokens)
+            value = probe.score(answer)
+            score[i][j] += value / samples
+            tokens[i][j] += len(ids) / samples
+            if len(examples) < keep_examples:
+                tail = tokenizer.decode(ids[-24:], skip_special_tokens=True)
+                examples.append(
+                    {"length": lengths[i], "depth": depths[j], "prompt_end": tail, "answer": answer,
+                     "expected": probe.answers, "score": value}
+                )  # fmt: skip
+    settings = {"max_new_tokens": max_new_tokens, "seed": seed}
+    if task == "needle":
+        settings.update(vars(needle))
+    return RetrievalResult(
+        task=task, lengths=lengths, depths=depths, score=score, prompt_tokens=tokens,
+        max_positions=max_positions, samples=samples, settings=settings, examples=examples,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def markdown_table(result: RetrievalResult) -> str:
+    """The length x depth scores as a markdown table (one row per length, plus a mean column)."""
+    head = "| length | " + " | ".join(f"{d:g}%" for d in result.depths) + " | mean |"
+    rule = "|---:|" + "---:|" * (len(result.depths) + 1)
+    rows = [head, rule]
+    for i, n in enumerate(result.lengths):
+        mark = " (extrapolation)" if result.extrapolation[i] else ""
+        cells = " | ".join(f"{s:.1f}" for s in result.score[i])
+        rows.append(f"| {n}{mark} | {cells} | {sum(result.score[i]) / len(result.depths):.1f} |")
+    return "\n".join(rows)
+
+
+def plot_heatmap(result: RetrievalResult, path: str | Path, title: str) -> Path:
+    """Write the depth (rows) x length (columns) score heatmap; extrapolated lengths are hatched."""
+    from longkd.tools.report import pyplot, save_figure
+
+    plt = pyplot()
+    import numpy as np
+
+    grid = np.array(result.score, dtype=float).T  # [depths, lengths]
+    fig, ax = plt.subplots(figsize=(1.2 * len(result.lengths) + 3, 0.5 * len(result.depths) + 2.5))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto", origin="upper")
+    ax.set_xticks(range(len(result.lengths)))
+    ax.set_xticklabels(
+        [f"{n}\n(extrap.)" if e else str(n) for n, e in zip(result.lengths, result.extrapolation)]
+    )
+    ax.set_yticks(range(len(result.depths)))
+    ax.set_yticklabels([f"{d:g}" for d in result.depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth (% of the context)")
+    for (r, c), value in np.ndenumerate(grid):
+        ax.text(c, r, f"{value:.0f}", ha="center", va="center", fontsize=8)
+    for c, extrap in enumerate(result.extrapolation):
+        if extrap:
+            ax.add_patch(plt.Rectangle((c - 0.5, -0.5), 1, len(result.depths), fill=False, hatch="//",
+                                       edgecolor="0.3", linewidth=0))  # fmt: skip
+    limit = f", position limit {result.max_positions}" if result.max_positions else ""
+    ax.set_title(f"{title}\nmean score {result.mean:.1f}%{limit}")
+    fig.colorbar(im, ax=ax, label="score (%)")
+    return save_figure(fig, path)
+
+
+def write_outputs(result: RetrievalResult, out_dir: str | Path, *, model_name: str) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and ``heatmap.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"model": model_name, **result.to_dict()}
+    (out / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+    title = f"{result.task} retrieval: {Path(model_name).name or model_name}"
+    (out / "results.md").write_text(f"# {title}\n\nScore (%) by context length and needle depth.\n\n"
+                                    f"{markdown_table(result)}\n")  # fmt: skip
+    png = plot_heatmap(result, out / "heatmap.png", title)
+    return {"json": out / "results.json", "markdown": out / "results.md", "heatmap": png}
+
+
+# --------------------------------------------------------------------------- toy and cache-kl
+
+
+def toy_distances(max_positions: int | None, lead: int = 16) -> list[int]:
+    """Default fact-query distances: 8, 16, 32, ... up to twice the position limit (256 if unknown)."""
+    top = 2 * (max_positions or 128)
+    out, d = [], 8
+    while d + 2 + lead <= top:
+        out.append(d)
+        d *= 2
+    return out or [8]
+
+
+def run_toy(
+    model,
+    world,
+    *,
+    max_positions: int | None,
+    distances: Sequence[int] | None = None,
+    per_distance: int = 64,
+    seed: int = 0,
+    lead: int = 16,
+) -> dict:
+    """The toy world's token-level retrieval probe: accuracy (x100) by fact-query distance.
+
+    Uses :func:`longkd.tools.toy.make_probes` and :func:`longkd.tools.toy.retrieval_accuracy`,
+    so it needs no natural-language tokenizer. A probe at distance d is ``d + 2 + lead``
+    tokens long; distances whose probes exceed ``max_positions`` are marked ``extrapolation``.
+
+    Args:
+        model: a causal LM trained on ``world``.
+        world: the :class:`longkd.tools.toy.ToyWorld` the model was trained on.
+        max_positions: the model's position limit.
+        distances: fact-query distances (default :func:`toy_distances`).
+        per_distance: probes per distance.
+        seed: probe draw.
+        lead: filler tokens before each probe's fact.
+
+    Returns:
+        A JSON-ready dict with ``by_distance`` rows ``{distance, length, score, extrapolation}``.
+    """
+    from longkd.tools.toy import make_probes, retrieval_accuracy
+
+    distances = list(distances) if distances else toy_distances(max_positions, lead)
+    probes = make_probes(world, distances, per_distance, lead=lead, seed=seed)
+    accuracy = retrieval_accuracy(model, probes)
+    rows = []
+    for d, acc in sorted(accuracy.items()):
+        length = int(probes.buckets[d].input_ids.shape[1])
+        rows.append({"distance": int(d), "length": length, "score": 100.0 * float(acc),
+                     "extrapolation": max_positions is not None and length > max_positions})  # fmt: skip
+    return {
+        "task": "toy",
+        "world": world.to_dict(),
+        "per_distance": per_distance,
+        "seed": seed,
+        "chance": 100.0 * world.chance,
+        "max_positions": max_positions,
+        "mean_score": sum(r["score"] for r in rows) / len(rows),
+        "by_distance": rows,
+    }
+
+
+def toy_markdown(result: dict) -> str:
+    """The toy probe's accuracy by distance as a markdown table."""
+    rows = ["| fact-query distance | probe length | score (%) |", "|---:|---:|---:|"]
+    for r in result["by_distance"]:
+        mark = " (extrapolation)" if r["extrapolation"] else ""
+        rows.append(f"| {r['distance']} | {r['length']}{mark} | {r['score']:.1f} |")
+    return "\n".join(rows)
+
+
+def plot_toy(result: dict, path: str | Path, title: str) -> Path:
+    """Accuracy against fact-query distance; probes longer than the position limit drawn hollow."""
+    from longkd.tools.report import pyplot, save_figure
+
+    plt = pyplot()
+
+    rows = result["by_distance"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot([r["distance"] for r in rows], [r["score"] for r in rows], color="C0", marker="o",
+            label="accuracy")  # fmt: skip
+    extra = [r for r in rows if r["extrapolation"]]
+    if extra:
+        ax.scatter([r["distance"] for r in extra], [r["score"] for r in extra], s=90, facecolors="white",
+                   edgecolors="C3", zorder=3, label="probe beyond position limit")  # fmt: skip
+    ax.axhline(result["chance"], color="0.5", linestyle=":", label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("fact-query distance (tokens)")
+    ax.set_ylabel("retrieval accuracy (%)")
+    limit = f" (position limit {result['max_positions']})" if result["max_positions"] else ""
+    ax.set_title(f"{title}{limit}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def run_cache_kl(model_path: str, cache: str, **kwargs) -> dict:
+    """KL(teacher || model) and perplexity by position on cached windows.
+
+    Delegates to :func:`longkd.tools.eval_cache.kl_by_position` (imported here, so the other
+    tasks do not need it); ``None`` keyword arguments are left to its defaults.
+    """
+    from longkd.tools.eval_cache import kl_by_position
+
+    return kl_by_position(model_path, cache, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def write_cache_kl(result: dict, out_dir: str | Path) -> dict:
+    """Write ``results.json``, ``results.md`` and ``kl.png`` for a cache-kl result.
+
+    Returns:
+        The paths, and under ``table`` the terminal table.
+    """
+    from longkd.tools.eval_cache import format_kl, plot_kl
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_kl(result)
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(f"# KL to the teacher by position\n\n```\n{table}\n```\n")
+    png = plot_kl(result, out / "kl.png")
+    return {"json": out / "results.json", "markdown": out / "results.md", "plot": png, "table": table}
