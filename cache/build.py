@@ -1,0 +1,509 @@
+"""The ``longkd cache build`` pipeline: teacher + dataset -> packed windows -> shards -> manifest.
+
+    longkd cache build --teacher PATH --data DATA --window 4096 --top-k 64 --out runs/cache
+
+Load the teacher, open the dataset, pack samples into W-token windows, run the teacher on
+batches of windows and hand each window's rows to the background :class:`ShardWriter`. The
+dataset fingerprint (sha256 over token ids in packing order) is computed while streaming.
+``manifest.json`` is written last, only when everything succeeded.
+
+Resume: ``build.json`` records every setting that determines the cache's bytes plus the
+teacher's identity hashes. Rerunning on the same ``--out`` with the same settings keeps the
+shards the progress ledger lists (and whose sha256 still matches), deletes anything else in
+``shards/``, repacks deterministically, skips the windows already written without running
+the teacher, and continues; the finished cache is byte-identical to an uninterrupted one.
+
+Ranks: rank r of ``world`` takes windows with ``window_id % world == r`` and writes
+``shard-RRRRR-*``; a single process is rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from longkd.cache import format as fmt
+from longkd.cache.manifest import (
+    build_manifest,
+    compare_build_record,
+    out_dir_state,
+    recover_shards,
+    write_manifest,
+)
+from longkd.cache.storage import Location
+from longkd.cache.writer import ShardWriter, parse_size
+from longkd.errors import LongkdError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 64
+MAX_DRAWS = 65535  # counts are uint16
+
+
+@dataclass
+class BuildSettings:
+    """Every option of ``longkd cache build`` (the CLI flags, dashes as underscores)."""
+
+    teacher: str | None = None
+    data: str | None = None
+    out: str | None = None
+    window: int | None = None
+    text_field: str = "text"
+    input_ids_field: str | None = None
+    split: str = "train"
+    streaming: bool = False
+    shuffle: bool = False
+    max_sample_tokens: int | None = None
+    overflow: str = "split"
+    position_mode: str = "continuous"
+    no_eos: bool = False
+    tail: str = "drop"
+    top_k: int | None = None
+    sample_draws: int | None = None
+    temperature: float = 1.0
+    batch_size: int = 1
+    chunk_size: int = 1024
+    dtype: str = "float32"
+    device: str | None = None
+    shard_size: str | int = "256MB"
+    logprob_dtype: str = "float32"
+    compression_level: int | None = None
+    seed: int = 0
+    max_windows: int | None = None
+    trust_remote_code: bool = False
+    allow_extrapolation: bool = False
+    rank: int = field(default=0, metadata={"internal": True})
+    world: int = field(default=1, metadata={"internal": True})
+
+    @property
+    def selection(self) -> dict:
+        if self.sample_draws is not None:
+            return {"mode": "sampled", "draws": int(self.sample_draws)}
+        return {"mode": "topk", "k": int(self.top_k if self.top_k is not None else DEFAULT_TOP_K)}
+
+    def content_settings(self) -> dict:
+        """The settings that determine the cache's bytes (recorded in build.json)."""
+        return {
+            "teacher": self.teacher,
+            "data": self.data,
+            "text_field": None if self.input_ids_field else self.text_field,
+            "input_ids_field": self.input_ids_field,
+            "split": self.split,
+            "streaming": self.streaming,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "window": self.window,
+            "max_sample_tokens": self.max_sample_tokens,
+            "overflow": self.overflow,
+            "position_mode": self.position_mode,
+            "add_eos": not self.no_eos,
+            "tail": self.tail,
+            "selection": self.selection,
+            "temperature": float(self.temperature),
+            # Sampled draws depend on the chunking (one multinomial call per chunk).
+            "chunk_size": self.chunk_size,
+            "dtype": self.dtype,
+            "logprob_dtype": self.logprob_dtype,
+            "compression_level": self.compression_level,
+            "shard_size": parse_size(self.shard_size),
+            "max_windows": self.max_windows,
+            "rank": self.rank,
+            "world": self.world,
+        }
+
+
+CHOICES = {
+    "overflow": ("split", "truncate"),
+    "position_mode": ("continuous", "reset"),
+    "tail": ("drop", "pad"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "logprob_dtype": fmt.LOGPROB_DTYPES,
+}
+_FIELDS = {f.name: f for f in dataclasses.fields(BuildSettings) if not f.metadata.get("internal")}
+_INT_FIELDS = {"window", "max_sample_tokens", "top_k", "sample_draws", "batch_size", "chunk_size",
+               "compression_level", "seed", "max_windows"}  # fmt: skip
+_BOOL_FIELDS = {"streaming", "shuffle", "no_eos", "trust_remote_code", "allow_extrapolation"}
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Read a YAML or TOML file of build settings (keys as the flags, dashes or underscores).
+
+    Raises:
+        LongkdError: unreadable file, not a mapping, or an unknown key (named).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise LongkdError(f"config file {p} not found")
+    try:
+        if p.suffix.lower() == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(p.read_text())
+        else:
+            import yaml
+
+            raw = yaml.safe_load(p.read_text()) or {}
+    except Exception as err:  # noqa: BLE001 (any parse error is the user's file)
+        raise LongkdError(f"config file {p} could not be parsed: {err}") from err
+    if not isinstance(raw, dict):
+        raise LongkdError(f"config file {p} must be a mapping of build settings")
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS:
+            raise LongkdError(
+                f"config file {p}: unknown key {key!r}; valid keys are the `longkd cache build` flags"
+            )
+        out[name] = value
+    return out
+
+
+def resolve_settings(explicit: dict, config: dict | None = None) -> BuildSettings:
+    """Merge defaults < config file < explicit flags and validate the result.
+
+    Args:
+        explicit: settings given on the command line (only those the user typed).
+        config: settings from ``--config``.
+
+    Raises:
+        LongkdError: a missing required setting, a bad value or conflicting selections.
+    """
+    config = dict(config or {})
+    if "top_k" in explicit or "sample_draws" in explicit:
+        # An explicit selection flag replaces whatever selection the file had.
+        config.pop("top_k", None)
+        config.pop("sample_draws", None)
+    merged = {**config, **explicit}
+    for name, value in merged.items():
+        merged[name] = _check_type(name, value)
+    settings = BuildSettings(**merged)
+    for name in ("teacher", "data", "out", "window"):
+        if getattr(settings, name) is None:
+            raise LongkdError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
+    for name, choices in CHOICES.items():
+        if getattr(settings, name) not in choices:
+            raise LongkdError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
+    if settings.top_k is not None and settings.sample_draws is not None:
+        raise LongkdError("--top-k and --sample-draws are mutually exclusive; choose one selection")
+    for name in (
+        "window",
+        "top_k",
+        "sample_draws",
+        "batch_size",
+        "chunk_size",
+        "max_windows",
+        "max_sample_tokens",
+    ):
+        value = getattr(settings, name)
+        if value is not None and value <= 0:
+            raise LongkdError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if settings.sample_draws is not None and settings.sample_draws > MAX_DRAWS:
+        raise LongkdError(
+            f"--sample-draws {settings.sample_draws} exceeds {MAX_DRAWS} (counts are stored as uint16)"
+        )
+    if not settings.temperature > 0:
+        raise LongkdError(f"--temperature must be positive, got {settings.temperature}")
+    parse_size(settings.shard_size)
+    return settings
+
+
+def _check_type(name: str, value):
+    flag = f"--{name.replace('_', '-')}"
+    if value is None:
+        return None
+    if name in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise LongkdError(f"{flag} must be true or false, got {value!r}")
+        return value
+    if name in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LongkdError(f"{flag} must be an integer, got {value!r}")
+        return value
+    if name == "temperature":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise LongkdError(f"{flag} must be a number, got {value!r}")
+        return float(value)
+    if name == "shard_size":
+        return value if isinstance(value, int) and not isinstance(value, bool) else str(value)
+    return str(value)
+
+
+@dataclass
+class BuildResult:
+    """What :func:`build_cache` did: the manifest plus this run's own work and time.
+
+    Attributes:
+        manifest: the finished cache's manifest.
+        windows: windows this run computed (0 when the cache was already complete).
+        tokens: real tokens in those windows.
+        seconds: wall time from the first window to the manifest (loading excluded).
+        teacher_seconds: the part of ``seconds`` spent inside ``Teacher.run``; the rest is
+            packing, waiting on a full writer queue and finishing the last shard.
+    """
+
+    manifest: dict
+    windows: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    teacher_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Fingerprint:
+    """Pass samples through while hashing them: per sample, int32 LE length then int32 LE ids."""
+
+    def __init__(self, samples: Iterable):
+        self.samples = samples
+        self.digest = hashlib.sha256()
+        self.count = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for ids in self.samples:
+            arr = np.asarray(ids, dtype="<i4")
+            self.digest.update(np.int32(arr.shape[0]).astype("<i4").tobytes())
+            self.digest.update(arr.tobytes())
+            self.count += 1
+            yield ids
+
+
+def _batches(windows: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for window in windows:
+        batch.append(window)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def build_cache(settings: BuildSettings, *, progress: bool | None = None, echo=print) -> BuildResult:
+    """Run the whole build (or resume it, or report it complete).
+
+    Args:
+        settings: validated settings (:func:`resolve_settings`).
+        progress: show a tqdm bar (None: only on a terminal).
+        echo: where the summary lines go.
+
+    Returns:
+        A :class:`BuildResult` with the finished cache's manifest.
+
+    Raises:
+        LongkdError: bad settings, teacher or data problems, a refused --out, write errors.
+            No manifest is written then.
+    """
+    from longkd.cache.data import load_samples
+    from longkd.cache.packing import Packer, PackingConfig, position_ids_for
+    from longkd.cache.teacher import SelectionConfig, Teacher
+
+    location = Location(settings.out)
+    stored = out_dir_state(location)
+    if stored is not None:
+        compare_build_record(location, stored, {"settings": settings.content_settings()})
+        if location.is_file(fmt.MANIFEST_NAME):
+            manifest = json.loads(location.read_text(fmt.MANIFEST_NAME))
+            t = manifest.get("totals", {})
+            echo(f"{location.uri} is already complete: {t.get('windows')} windows, {t.get('tokens')} tokens")
+            return BuildResult(manifest)
+
+    import torch
+
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = Teacher.load(
+        settings.teacher, dtype=settings.dtype, device=device, trust_remote_code=settings.trust_remote_code
+    )
+    selection = settings.selection
+    max_positions = teacher.max_positions
+    if max_positions is not None and settings.window > max_positions and not settings.allow_extrapolation:
+        raise LongkdError(
+            f"--window {settings.window} exceeds the teacher's max_position_embeddings "
+            f"{max_positions}; use a smaller --window or pass --allow-extrapolation"
+        )
+    if selection["mode"] == "topk" and selection["k"] > teacher.embedding_size:
+        raise LongkdError(
+            f"--top-k {selection['k']} exceeds the teacher's vocabulary ({teacher.embedding_size} logits)"
+        )
+    tokenizer = teacher.tokenizer
+    source = load_samples(
+        settings.data,
+        tokenizer=tokenizer,
+        text_field=settings.text_field,
+        input_ids_field=settings.input_ids_field,
+        split=settings.split,
+        streaming=settings.streaming,
+        shuffle=settings.shuffle,
+        seed=settings.seed,
+    )
+    tokenizer_info = dict(teacher.tokenizer_info())
+    record = {
+        "format_version": fmt.FORMAT_VERSION,
+        "settings": settings.content_settings(),
+        "teacher": teacher.identity(),
+        "tokenizer_fingerprint": tokenizer_info.get("fingerprint"),
+    }
+    if stored is not None:
+        compare_build_record(location, stored, record)
+        kept = recover_shards(location, settings.rank)
+    else:
+        location.makedirs()
+        location.write_text_atomic(fmt.BUILD_NAME, json.dumps(record, indent=2) + "\n")
+        kept = []
+    done = sum(info.rows for info in kept)
+    if kept:
+        echo(f"resuming {location.uri}: {len(kept)} shards, {done} windows already written")
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    packing_config = PackingConfig(
+        window=settings.window,
+        max_sample_tokens=settings.max_sample_tokens,
+        overflow=settings.overflow,
+        position_mode=settings.position_mode,
+        add_eos=not settings.no_eos,
+        tail=settings.tail,
+        pad_id=pad_id,
+        eos_id=tokenizer.eos_token_id,
+    )
+    packer = Packer(packing_config)
+    samples = _Fingerprint(source)
+    windows = packer.pack(samples)
+    mine = (w for w in _limit(windows, settings.max_windows) if w.window_id % settings.world == settings.rank)
+    select = SelectionConfig(
+        mode=selection["mode"], k=selection.get("k", DEFAULT_TOP_K), draws=selection.get("draws")
+    )
+    writer = ShardWriter(
+        location,
+        selection_mode=selection["mode"],
+        logprob_dtype=settings.logprob_dtype,
+        shard_size=settings.shard_size,
+        compression_level=settings.compression_level,
+        rank=settings.rank,
+        completed=kept,
+    )
+    bar = _progress_bar(settings, progress)
+    started, computed_tokens, computed_windows, local = time.perf_counter(), 0, 0, 0
+    teacher_seconds = 0.0
+    try:
+        # Batches are formed over this rank's windows from the start, so a resumed run sees the
+        # same batch compositions (hence the same floating-point results) as an uninterrupted one.
+        for batch in _batches(mine, settings.batch_size):
+            first_local, local = local, local + len(batch)
+            if local <= done:
+                bar.update(len(batch))
+                continue
+            input_ids = torch.from_numpy(np.stack([w.input_ids for w in batch]).astype(np.int64))
+            positions = np.stack(
+                [position_ids_for(settings.window, w.segment_starts, settings.position_mode) for w in batch]
+            )
+            run_start = time.perf_counter()
+            rows = teacher.run(
+                input_ids,
+                torch.from_numpy(positions.astype(np.int64)),
+                [int(w.window_id) for w in batch],
+                select,
+                temperature=settings.temperature,
+                seed=settings.seed,
+                chunk_size=settings.chunk_size,
+            )
+            teacher_seconds += time.perf_counter() - run_start
+            for offset, (window, window_rows) in enumerate(zip(batch, rows, strict=True)):
+                if first_local + offset >= done:
+                    writer.put(window, window_rows)
+                    computed_tokens += int(window.length)
+                    computed_windows += 1
+            bar.update(len(batch))
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix_str(f"{computed_tokens / elapsed:,.0f} tok/s", refresh=False)
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    if local == 0:
+        raise LongkdError(
+            f"no window was packed from {settings.data}: the samples hold fewer than --window "
+            f"{settings.window} tokens (use a smaller --window or --tail pad)"
+        )
+    stats = packer.stats.to_dict()
+    dataset = dict(source.describe())
+    dataset.update(fingerprint=samples.digest.hexdigest(), samples=samples.count)
+    manifest = build_manifest(
+        teacher={**teacher.identity(), "dtype": settings.dtype},
+        tokenizer=tokenizer_info,
+        embedding_size=teacher.embedding_size,
+        window=settings.window,
+        packing={
+            "policy": "concat",
+            "max_sample_tokens": settings.max_sample_tokens,
+            "overflow": settings.overflow,
+            "position_mode": settings.position_mode,
+            "add_eos": not settings.no_eos,
+            "shuffle": settings.shuffle,
+            "seed": settings.seed,
+            "tail": settings.tail,
+            "stats": stats,
+        },
+        selection=selection,
+        temperature=settings.temperature,
+        encoding={
+            "ids": "int32",
+            "logprobs": settings.logprob_dtype,
+            "compression": fmt.COMPRESSION,
+            "compression_level": (
+                fmt.DEFAULT_COMPRESSION_LEVEL
+                if settings.compression_level is None
+                else settings.compression_level
+            ),
+        },
+        dataset=dataset,
+        shards=[s.to_dict() for s in shards],
+    )
+    write_manifest(location, manifest)
+    elapsed = time.perf_counter() - started
+    _summary(echo, location, manifest, packer, computed_tokens, elapsed)
+    return BuildResult(manifest, computed_windows, computed_tokens, elapsed, teacher_seconds)
+
+
+def _limit(windows: Iterable, max_windows: int | None) -> Iterator:
+    """Windows with id < max_windows; stops without asking the packer for one more window, so
+    the packing stats and the dataset fingerprint cover exactly what was packed."""
+    for window in windows:
+        if max_windows is not None and window.window_id >= max_windows:
+            return
+        yield window
+        if max_windows is not None and window.window_id >= max_windows - 1:
+            return
+
+
+def _progress_bar(settings: BuildSettings, progress: bool | None):
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if progress is None else not progress
+    total = None
+    if settings.max_windows is not None:
+        total = -(-settings.max_windows // settings.world)
+    return tqdm(total=total, unit="win", desc="cache build", disable=disable, dynamic_ncols=True)
+
+
+def _summary(echo, location: Location, manifest: dict, packer, computed_tokens: int, elapsed: float) -> None:
+    t = manifest["totals"]
+    echo(packer.stats.summary())
+    per_token = t["bytes"] / t["tokens"] if t["tokens"] else float("nan")
+    echo(
+        f"wrote {location.uri}: {t['windows']} windows, {t['tokens']} tokens, "
+        f"{len(manifest['shards'])} shards, {t['bytes']:,} bytes ({per_token:.1f} B/token); "
+        f"{computed_tokens / max(elapsed, 1e-9):,.0f} tokens/s this run"
+    )

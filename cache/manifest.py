@@ -1,0 +1,288 @@
+"""The cache ledger, ``manifest.json``: built, written last and atomically, loaded and validated.
+
+A cache is finished exactly when its manifest exists, so the builder writes it only after
+every shard is complete, and readers refuse a directory without one. Loading validates the
+structure (docs/format.md) and that every shard path stays inside the cache directory, so a
+manifest cannot point a reader at arbitrary files.
+
+The producer's own bookkeeping lives here too: ``build.json`` (the settings a build started
+with, compared on every rerun) and recovery of the shards a progress ledger lists, which is
+what makes an interrupted build resumable.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import posixpath
+
+from longkd import __version__
+from longkd.cache import format as fmt
+from longkd.cache.storage import Location
+from longkd.cache.writer import ShardInfo, read_ledger, write_ledger
+from longkd.errors import LongkdError
+
+REQUIRED_KEYS = (
+    "format_version", "producer", "created", "teacher", "tokenizer", "vocab", "window", "packing",
+    "selection", "temperature", "encoding", "dataset", "shards", "totals",
+)  # fmt: skip
+SHARD_KEYS = ("path", "rows", "tokens", "bytes", "sha256", "first_window")
+
+
+def build_manifest(
+    *,
+    teacher: dict,
+    tokenizer: dict,
+    embedding_size: int,
+    window: int,
+    packing: dict,
+    selection: dict,
+    temperature: float,
+    encoding: dict,
+    dataset: dict,
+    shards: list[dict],
+) -> dict:
+    """The manifest dict of docs/format.md; ``totals`` are summed from ``shards``.
+
+    Args:
+        teacher: the teacher identity block (name_or_path, config/weights hashes, dtype...).
+        tokenizer: fingerprint, size and special token ids.
+        embedding_size: the teacher's logits dimension V.
+        window: W.
+        packing: packing settings plus ``stats``.
+        selection: ``{"mode": "topk", "k": K}`` or ``{"mode": "sampled", "draws": N}``.
+        temperature: T.
+        encoding: ids / logprobs dtypes, compression and level.
+        dataset: source description with ``fingerprint`` and ``samples``.
+        shards: per-shard dicts (path, rows, tokens, bytes, sha256, first_window, ...) in order.
+    """
+    return {
+        "format_version": fmt.FORMAT_VERSION,
+        "producer": {"name": "longkd", "version": __version__},
+        "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "teacher": teacher,
+        "tokenizer": tokenizer,
+        "vocab": {"tokenizer_size": tokenizer.get("size"), "embedding_size": int(embedding_size)},
+        "window": int(window),
+        "packing": packing,
+        "selection": selection,
+        "temperature": float(temperature),
+        "encoding": encoding,
+        "dataset": dataset,
+        "shards": shards,
+        "totals": {
+            "windows": sum(int(s["rows"]) for s in shards),
+            "tokens": sum(int(s["tokens"]) for s in shards),
+            "bytes": sum(int(s["bytes"]) for s in shards),
+        },
+    }
+
+
+def write_manifest(location: Location, manifest: dict) -> None:
+    """Validate and write ``manifest.json`` atomically (temporary file, fsync, rename)."""
+    validate_manifest(manifest, location.uri)
+    location.write_text_atomic(fmt.MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def check_shard_path(path, where: str) -> str:
+    """Return ``path`` if it is a relative POSIX path resolving inside the cache directory.
+
+    Raises:
+        LongkdError: absolute, a URI, a backslash path, or escaping with ``..``.
+    """
+    if not isinstance(path, str) or not path:
+        raise LongkdError(f"{where}: shard path {path!r} is not a non-empty string; the manifest is corrupt")
+    norm = posixpath.normpath(path)
+    if (
+        path.startswith("/")
+        or "://" in path
+        or "\\" in path
+        or (len(path) > 1 and path[1] == ":")
+        or norm == ".."
+        or norm.startswith("../")
+        or norm == "."
+    ):
+        raise LongkdError(
+            f"{where}: shard path {path!r} is not a relative path inside the cache directory; "
+            "the manifest is corrupt or was edited, rebuild the cache"
+        )
+    return path
+
+
+def validate_manifest(manifest, where: str) -> dict:
+    """Check a manifest's structure (docs/format.md); return it unchanged.
+
+    Args:
+        manifest: the parsed JSON.
+        where: the cache directory, for messages.
+
+    Raises:
+        LongkdError: naming the first problem found.
+    """
+    if not isinstance(manifest, dict):
+        raise LongkdError(f"{where}/manifest.json is not a JSON object; the cache is corrupt, rebuild it")
+    version = manifest.get("format_version")
+    if version != fmt.FORMAT_VERSION:
+        hint = (
+            "written by a newer longkd; upgrade longkd"
+            if isinstance(version, int) and version > 1
+            else ("not a longkd cache manifest")
+        )
+        raise LongkdError(
+            f"{where}/manifest.json has format_version {version!r} (this longkd reads 1): {hint}"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise LongkdError(
+            f"{where}/manifest.json lacks {', '.join(missing)}; the cache is corrupt, rebuild it"
+        )
+    window = manifest["window"]
+    if not isinstance(window, int) or window <= 0:
+        raise LongkdError(f"{where}/manifest.json: window {window!r} is not a positive integer")
+    selection = manifest["selection"]
+    mode = selection.get("mode") if isinstance(selection, dict) else None
+    if mode == "topk":
+        size_key = "k"
+    elif mode == "sampled":
+        size_key = "draws"
+    else:
+        raise LongkdError(
+            f"{where}/manifest.json: selection {selection!r} has no valid mode (topk or sampled)"
+        )
+    if not isinstance(selection.get(size_key), int) or selection[size_key] <= 0:
+        raise LongkdError(
+            f"{where}/manifest.json: selection {size_key} {selection.get(size_key)!r} is not positive"
+        )
+    if manifest["encoding"].get("logprobs", "float32") not in fmt.LOGPROB_DTYPES:
+        raise LongkdError(
+            f"{where}/manifest.json: unknown logprobs encoding {manifest['encoding'].get('logprobs')!r}"
+        )
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        raise LongkdError(f"{where}/manifest.json: shards is not a list")
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict) or any(k not in shard for k in SHARD_KEYS):
+            raise LongkdError(
+                f"{where}/manifest.json: shard {i} lacks one of {', '.join(SHARD_KEYS)}; the cache is corrupt"
+            )
+        check_shard_path(shard["path"], f"{where}/manifest.json")
+    return manifest
+
+
+def load_manifest(location: Location) -> dict:
+    """Read and validate ``manifest.json``.
+
+    Raises:
+        LongkdError: no such directory, no manifest (an unfinished build), bad JSON, or an
+            invalid manifest.
+    """
+    if not location.exists():
+        raise LongkdError(f"{location.uri} does not exist; pass the --out directory of `longkd cache build`")
+    if not location.is_file(fmt.MANIFEST_NAME):
+        raise LongkdError(
+            f"{location.uri} is not a finished longkd cache (no manifest.json); "
+            "rerun `longkd cache build` with the same --out to finish it"
+        )
+    try:
+        manifest = json.loads(location.read_text(fmt.MANIFEST_NAME))
+    except ValueError as err:
+        raise LongkdError(
+            f"{location.uri}/manifest.json is not valid JSON ({err}); rebuild the cache"
+        ) from err
+    return validate_manifest(manifest, location.uri)
+
+
+# ----------------------------------------------------------------- build.json and resume
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    """Nested dicts as dotted keys (``selection`` stays whole: it is one setting)."""
+    flat = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "selection":
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _show(value) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def compare_build_record(location: Location, stored: dict, wanted: dict) -> None:
+    """Refuse a rerun whose settings differ from those the directory was built with.
+
+    Args:
+        location: the --out directory (for the message).
+        stored: its build.json.
+        wanted: this run's record; only keys present here are compared (nested keys too).
+
+    Raises:
+        LongkdError: naming the first differing setting and both values.
+    """
+    have, want = _flatten(stored), _flatten(wanted)
+    for key, value in want.items():
+        if have.get(key) != value:
+            name = key.removeprefix("settings.")
+            raise LongkdError(
+                f"--out {location.uri} holds a cache built with {name}={_show(have.get(key))}; "
+                f"this run asks for {name}={_show(value)}. Use another --out or the same settings."
+            )
+
+
+def out_dir_state(location: Location) -> dict | None:
+    """build.json of an existing longkd build at ``location``, None when it is new/empty.
+
+    Raises:
+        LongkdError: the directory exists, is not empty and is not a longkd build.
+    """
+    if not location.exists():
+        return None
+    if not location.is_dir():
+        raise LongkdError(f"--out {location.uri} exists and is not a directory; choose another --out")
+    if location.is_file(fmt.BUILD_NAME):
+        try:
+            return json.loads(location.read_text(fmt.BUILD_NAME))
+        except ValueError as err:
+            raise LongkdError(
+                f"--out {location.uri}/build.json is unreadable ({err}); use another --out"
+            ) from err
+    if location.listdir():
+        raise LongkdError(
+            f"--out {location.uri} exists, is not empty and is not a longkd cache; "
+            "choose a new or empty directory"
+        )
+    return None
+
+
+def recover_shards(location: Location, rank: int) -> list[ShardInfo]:
+    """Recover a rank's completed shards before resuming.
+
+    Keeps the longest prefix of the progress ledger whose files exist with the recorded size
+    and sha256 under the expected names, deletes every other file of that rank in shards/
+    (temporary files, shards the ledger does not list; rank 0 also removes foreign files),
+    and rewrites the ledger to the kept prefix.
+
+    Returns:
+        The kept shards, in order.
+    """
+    kept: list[ShardInfo] = []
+    for info in read_ledger(location, rank):
+        if (
+            info.path != fmt.shard_name(rank, len(kept))
+            or location.size(info.path) != info.bytes
+            or location.sha256(info.path) != info.sha256
+        ):
+            break
+        kept.append(info)
+    keep = {info.path.rsplit("/", 1)[-1] for info in kept}
+    tag = f"-{rank:05d}-"
+    for name in location.listdir(fmt.SHARDS_DIR):
+        if name not in keep and (tag in name or rank == 0 and "shard-" not in name):
+            location.delete(f"{fmt.SHARDS_DIR}/{name}")
+    write_ledger(location, rank, kept)
+    return kept

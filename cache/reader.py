@@ -1,0 +1,216 @@
+"""Read windows back from a finished cache, by global index, with random access.
+
+Shards are Arrow IPC files, so a window is found by (shard, row) from the manifest's per-shard
+row counts and read through ``pa.ipc.RecordBatchFileReader`` without scanning the file.
+Sampled caches (ids + counts + row_splits) are expanded here into the same dense [W, K] view
+as top-k caches, so a trainer handles both alike.
+
+    from longkd.cache.reader import CacheReader
+    reader = CacheReader("runs/cache")
+    w = reader.read_window(0)   # w.ids [W, K], w.logprobs [W, K], w.position_ids [W]
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from longkd.cache import format as fmt
+from longkd.cache.manifest import load_manifest
+from longkd.cache.storage import Location
+from longkd.errors import LongkdError
+
+_OPEN_SHARDS = 8  # open file handles kept for random access
+
+
+@dataclass
+class CachedWindow:
+    """One cached window (docs/format.md "Row semantics": row t predicts input_ids[t+1]).
+
+    Attributes:
+        window_id: global window index.
+        length: real tokens L (< W only for a padded last window).
+        input_ids: int32[W].
+        segment_starts: int32[S], starting with 0.
+        position_ids: int64[W], derived from segment_starts and the cache's position mode.
+        target_logprob: float32[W], teacher log-prob of input_ids[t+1]; NaN where t+1 >= L.
+        ids: int32[W, K] teacher token ids; -1 marks padding (sampled caches).
+        logprobs: float32[W, K], log-probs over the full vocabulary at temperature T; -inf at
+            padding. Sampled caches: log(counts / draws).
+        counts: uint16[W, K] for sampled caches (0 at padding), None for top-k.
+    """
+
+    window_id: int
+    length: int
+    input_ids: np.ndarray
+    segment_starts: np.ndarray
+    position_ids: np.ndarray
+    target_logprob: np.ndarray
+    ids: np.ndarray
+    logprobs: np.ndarray
+    counts: np.ndarray | None
+
+
+def expand_sampled(
+    ids: np.ndarray, counts: np.ndarray, row_splits: np.ndarray, draws: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dense [W, Kmax] arrays from the ragged sampled encoding.
+
+    Args:
+        ids: int32[M] unique ids per row, concatenated.
+        counts: uint16[M] draws that hit each id.
+        row_splits: int32[W+1], row t owns entries [row_splits[t], row_splits[t+1]).
+        draws: N, the number of draws per row.
+
+    Returns:
+        ids int32[W, Kmax] (-1 padding), logprobs float32[W, Kmax] (log(counts / draws), -inf
+        padding), counts uint16[W, Kmax] (0 padding); Kmax is the largest row's entry count.
+    """
+    splits = np.asarray(row_splits, dtype=np.int64)
+    per_row = np.diff(splits)
+    w = per_row.shape[0]
+    kmax = int(per_row.max()) if w else 0
+    rows = np.repeat(np.arange(w), per_row)
+    cols = np.arange(splits[-1] - splits[0]) - np.repeat(splits[:-1] - splits[0], per_row)
+    out_ids = np.full((w, kmax), -1, dtype=np.int32)
+    out_counts = np.zeros((w, kmax), dtype=np.uint16)
+    out_ids[rows, cols] = ids
+    out_counts[rows, cols] = counts
+    with np.errstate(divide="ignore"):
+        out_logprobs = np.log(out_counts.astype(np.float64) / float(draws)).astype(np.float32)
+    return out_ids, out_logprobs, out_counts
+
+
+class CacheReader:
+    """Random access to the windows of a finished cache.
+
+    Args:
+        uri: the cache directory (local path or pyarrow.fs URI).
+
+    Attributes:
+        manifest: the validated manifest dict.
+        window: W.
+        num_windows: total windows.
+        selection: ``{"mode": "topk", "k": K}`` or ``{"mode": "sampled", "draws": N}``.
+        temperature: T of the stored log-probs.
+        position_mode: ``"continuous"`` or ``"reset"``.
+        shards: the manifest's shard entries.
+
+    Raises:
+        LongkdError: missing directory, an unfinished build (no manifest.json), an invalid manifest.
+    """
+
+    def __init__(self, uri):
+        self.location = uri if isinstance(uri, Location) else Location(uri)
+        self.manifest = load_manifest(self.location)
+        self.window = int(self.manifest["window"])
+        self.selection = dict(self.manifest["selection"])
+        self.temperature = float(self.manifest["temperature"])
+        self.position_mode = self.manifest["packing"].get("position_mode", "continuous")
+        self.shards = list(self.manifest["shards"])
+        self._starts = []  # global index of each shard's first row
+        total = 0
+        for shard in self.shards:
+            self._starts.append(total)
+            total += int(shard["rows"])
+        self.num_windows = total
+        self._open: OrderedDict[int, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release open shard files."""
+        self._open.clear()
+
+    def shard_of(self, index: int) -> tuple[int, int]:
+        """``(shard_index, row)`` holding window ``index``.
+
+        Raises:
+            IndexError: index outside ``[0, num_windows)``.
+        """
+        if not 0 <= index < self.num_windows:
+            raise IndexError(f"window {index} out of range [0, {self.num_windows})")
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return shard, index - self._starts[shard]
+
+    def _shard(self, shard: int) -> tuple[pa.ipc.RecordBatchFileReader, list[int]]:
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        path = self.shards[shard]["path"]
+        try:
+            reader = pa.ipc.open_file(self.location.open_input(path))
+        except (OSError, pa.ArrowException) as err:
+            raise LongkdError(
+                f"cannot read shard {path} of {self.location.uri}: {err}; run `longkd cache verify`"
+            ) from err
+        starts, total = [], 0
+        for i in range(reader.num_record_batches):
+            starts.append(total)
+            total += reader.get_batch(i).num_rows
+        self._open[shard] = (reader, starts)
+        if len(self._open) > _OPEN_SHARDS:
+            self._open.popitem(last=False)
+        return reader, starts
+
+    def read_window(self, index: int) -> CachedWindow:
+        """The window with global index ``index`` (equal to its window_id)."""
+        shard, row = self.shard_of(index)
+        reader, starts = self._shard(shard)
+        b = bisect.bisect_right(starts, row) - 1
+        return self._decode(reader.get_batch(b), row - starts[b])
+
+    def iter_windows(self, indices: Iterable[int] | None = None) -> Iterator[CachedWindow]:
+        """Windows in ``indices`` order (default: all, in order, reading each batch once)."""
+        if indices is not None:
+            for index in indices:
+                yield self.read_window(int(index))
+            return
+        for shard in range(len(self.shards)):
+            reader, _ = self._shard(shard)
+            for b in range(reader.num_record_batches):
+                batch = reader.get_batch(b)
+                for row in range(batch.num_rows):
+                    yield self._decode(batch, row)
+
+    def _decode(self, batch: pa.RecordBatch, row: int) -> CachedWindow:
+        def values(name: str) -> np.ndarray:
+            return batch.column(name)[row].values.to_numpy(zero_copy_only=False)
+
+        from longkd.cache.packing import position_ids_for
+
+        w = self.window
+        segment_starts = values(fmt.SEGMENT_STARTS).astype(np.int32)
+        ids = values(fmt.IDS).astype(np.int32)
+        if self.selection["mode"] == "topk":
+            k = int(self.selection["k"])
+            ids = ids.reshape(w, k)
+            logprobs = values(fmt.LOGPROBS).astype(np.float32).reshape(w, k)
+            counts = None
+        else:
+            ids, logprobs, counts = expand_sampled(
+                ids, values(fmt.COUNTS), values(fmt.ROW_SPLITS), int(self.selection["draws"])
+            )
+        return CachedWindow(
+            window_id=int(batch.column(fmt.WINDOW_ID)[row].as_py()),
+            length=int(batch.column(fmt.LENGTH)[row].as_py()),
+            input_ids=values(fmt.INPUT_IDS).astype(np.int32),
+            segment_starts=segment_starts,
+            position_ids=np.asarray(position_ids_for(w, segment_starts, self.position_mode), dtype=np.int64),
+            target_logprob=values(fmt.TARGET_LOGPROB).astype(np.float32),
+            ids=ids,
+            logprobs=logprobs,
+            counts=counts,
+        )
