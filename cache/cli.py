@@ -41,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(func=_cmd_info)
 
+    # The fuller inspection lives in tools/ (plots, reports); it is a `cache` subcommand for users.
+    from longkd.tools.inspect import register_inspect
+
+    register_inspect(cache_sub)
+
 
 def _add_build_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
