@@ -13,8 +13,11 @@ shards the progress ledger lists (and whose sha256 still matches), deletes anyth
 ``shards/``, repacks deterministically, skips the windows already written without running
 the teacher, and continues; the finished cache is byte-identical to an uninterrupted one.
 
-Ranks: rank r of ``world`` takes windows with ``window_id % world == r`` and writes
-``shard-RRRRR-*``; a single process is rank 0 of 1.
+Ranks (``torchrun ... -m longkd cache build``, see cache/distributed.py and
+docs/distributed.md): rank r of ``world`` takes windows with ``window_id % world == r`` and
+writes ``shard-RRRRR-*``; the ranks agree on their settings before anything is written, and
+rank 0 writes ``build.json`` and, after every rank finished, the merged manifest. A single
+process is rank 0 of 1.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from longkd.cache import format as fmt
+from longkd.cache.distributed import Group, env_world, merge_shards, rank_device
 from longkd.cache.manifest import (
     build_manifest,
     compare_build_record,
@@ -117,7 +121,7 @@ class BuildSettings:
             "compression_level": self.compression_level,
             "shard_size": parse_size(self.shard_size),
             "max_windows": self.max_windows,
-            "rank": self.rank,
+            # The rank is per process, not per cache: every rank shares one build.json.
             "world": self.world,
         }
 
@@ -291,10 +295,12 @@ def _batches(windows: Iterable, size: int) -> Iterator[list]:
 
 
 def build_cache(settings: BuildSettings, *, progress: bool | None = None, echo=print) -> BuildResult:
-    """Run the whole build (or resume it, or report it complete).
+    """Run the whole build (or resume it, or report it complete), as one rank of a torchrun
+    job when ``RANK`` / ``WORLD_SIZE`` are set (every rank returns the same manifest).
 
     Args:
-        settings: validated settings (:func:`resolve_settings`).
+        settings: validated settings (:func:`resolve_settings`); ``rank`` and ``world`` are
+            set here from the environment.
         progress: show a tqdm bar (None: only on a terminal).
         echo: where the summary lines go.
 
@@ -302,18 +308,32 @@ def build_cache(settings: BuildSettings, *, progress: bool | None = None, echo=p
         A :class:`BuildResult` with the finished cache's manifest.
 
     Raises:
-        LongkdError: bad settings, teacher or data problems, a refused --out, write errors.
-            No manifest is written then.
+        LongkdError: bad settings, teacher or data problems, a refused --out, write errors,
+            ranks started with different settings. No manifest is written then.
     """
+    _, world, local_rank = env_world()
+    device = rank_device(settings.device, local_rank, world)
+    group = Group(device)
+    settings.rank, settings.world = group.rank, group.world
+    try:
+        return _build(settings, group, device, progress, echo)
+    finally:
+        group.close()
+
+
+def _build(settings: BuildSettings, group: Group, device: str, progress: bool | None, echo) -> BuildResult:
     from longkd.cache.data import load_samples
     from longkd.cache.packing import Packer, PackingConfig, position_ids_for
     from longkd.cache.teacher import SelectionConfig, Teacher
 
     location = Location(settings.out)
-    stored = out_dir_state(location)
+    # Before anything touches --out, so ranks started differently write nothing.
+    group.agree({"settings": settings.content_settings()})
+    # One rank looks at --out, so every rank takes the same branch below.
+    stored, complete = group.rank0(lambda: _out_state(location))
     if stored is not None:
         compare_build_record(location, stored, {"settings": settings.content_settings()})
-        if location.is_file(fmt.MANIFEST_NAME):
+        if complete:
             manifest = json.loads(location.read_text(fmt.MANIFEST_NAME))
             t = manifest.get("totals", {})
             echo(f"{location.uri} is already complete: {t.get('windows')} windows, {t.get('tokens')} tokens")
@@ -321,7 +341,6 @@ def build_cache(settings: BuildSettings, *, progress: bool | None = None, echo=p
 
     import torch
 
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     teacher = Teacher.load(
         settings.teacher, dtype=settings.dtype, device=device, trust_remote_code=settings.trust_remote_code
     )
@@ -354,12 +373,17 @@ def build_cache(settings: BuildSettings, *, progress: bool | None = None, echo=p
         "teacher": teacher.identity(),
         "tokenizer_fingerprint": tokenizer_info.get("fingerprint"),
     }
+    group.agree(record, "teacher or tokenizer")
     if stored is not None:
         compare_build_record(location, stored, record)
         kept = recover_shards(location, settings.rank)
     else:
-        location.makedirs()
-        location.write_text_atomic(fmt.BUILD_NAME, json.dumps(record, indent=2) + "\n")
+
+        def start() -> None:
+            location.makedirs()
+            location.write_text_atomic(fmt.BUILD_NAME, json.dumps(record, indent=2) + "\n")
+
+        group.rank0(start)
         kept = []
     done = sum(info.rows for info in kept)
     if kept:
@@ -391,6 +415,7 @@ def build_cache(settings: BuildSettings, *, progress: bool | None = None, echo=p
         compression_level=settings.compression_level,
         rank=settings.rank,
         completed=kept,
+        stride=settings.world,
     )
     bar = _progress_bar(settings, progress)
     started, computed_tokens, computed_windows, local = time.perf_counter(), 0, 0, 0
@@ -432,7 +457,7 @@ def build_cache(settings: BuildSettings, *, progress: bool | None = None, echo=p
         raise
     finally:
         bar.close()
-    if local == 0:
+    if packer.stats.windows == 0:
         raise LongkdError(
             f"no window was packed from {settings.data}: the samples hold fewer than --window "
             f"{settings.window} tokens (use a smaller --window or --tail pad)"
@@ -440,6 +465,12 @@ def build_cache(settings: BuildSettings, *, progress: bool | None = None, echo=p
     stats = packer.stats.to_dict()
     dataset = dict(source.describe())
     dataset.update(fingerprint=samples.digest.hexdigest(), samples=samples.count)
+    parts = group.all_gather({"shards": [s.to_dict() for s in shards], "fingerprint": dataset["fingerprint"]})
+    if len({part["fingerprint"] for part in parts}) > 1:
+        raise LongkdError(
+            f"the ranks packed different data (dataset fingerprints differ) from {settings.data}; "
+            "the dataset must read identically on every rank"
+        )
     manifest = build_manifest(
         teacher={**teacher.identity(), "dtype": settings.dtype},
         tokenizer=tokenizer_info,
@@ -469,12 +500,21 @@ def build_cache(settings: BuildSettings, *, progress: bool | None = None, echo=p
             ),
         },
         dataset=dataset,
-        shards=[s.to_dict() for s in shards],
+        shards=merge_shards([part["shards"] for part in parts], location.uri),
     )
-    write_manifest(location, manifest)
+    group.rank0(lambda: write_manifest(location, manifest))  # last, after every rank finished
     elapsed = time.perf_counter() - started
-    _summary(echo, location, manifest, packer, computed_tokens, elapsed)
+    if group.is_main:
+        _summary(echo, location, manifest, packer, computed_tokens, elapsed)
+    else:
+        echo(f"rank {group.rank}: {computed_windows} windows, {computed_tokens} tokens this run")
     return BuildResult(manifest, computed_windows, computed_tokens, elapsed, teacher_seconds)
+
+
+def _out_state(location: Location) -> tuple[dict | None, bool]:
+    """(build.json or None, whether manifest.json exists) of --out."""
+    stored = out_dir_state(location)
+    return stored, stored is not None and location.is_file(fmt.MANIFEST_NAME)
 
 
 def _limit(windows: Iterable, max_windows: int | None) -> Iterator:

@@ -1,7 +1,10 @@
 """Read windows back from a finished cache, by global index, with random access.
 
 Shards are Arrow IPC files, so a window is found by (shard, row) from the manifest's per-shard
-row counts and read through ``pa.ipc.RecordBatchFileReader`` without scanning the file.
+``first_window``, ``stride`` and ``rows`` (:class:`WindowIndex`: a cache built by N ranks
+interleaves window ids, shard of rank r holding r, r+N, r+2N, ...) and read through
+``pa.ipc.RecordBatchFileReader`` without scanning the file, so a cache on an object store is
+read with range requests, never downloaded whole.
 Sampled caches (ids + counts + row_splits) are expanded here into the same dense [W, K] view
 as top-k caches, so a trainer handles both alike.
 
@@ -25,7 +28,7 @@ from longkd.cache.manifest import load_manifest
 from longkd.cache.storage import Location
 from longkd.errors import LongkdError
 
-_OPEN_SHARDS = 8  # open file handles kept for random access
+_OPEN_SHARDS = 8  # open file handles kept for random access (at least 2 x stride, see CacheReader)
 
 
 @dataclass
@@ -86,6 +89,85 @@ def expand_sampled(
     return out_ids, out_logprobs, out_counts
 
 
+class WindowIndex:
+    """Where each window id lives, from the manifest's shard entries alone.
+
+    Every shard holds an arithmetic run of window ids, ``first_window + stride * i`` for
+    ``i < rows`` (``stride`` defaults to 1; a build by N ranks writes stride N). Shards of one
+    residue class ``first_window % stride`` chain without gaps, and together the classes hold
+    ``0 .. total - 1`` exactly once. Memory is O(shards), not O(windows).
+
+    Args:
+        shards: manifest shard entries (``first_window``, ``rows``, optional ``stride``), in
+            any order.
+        where: names the cache in messages.
+
+    Raises:
+        LongkdError: mixed or non-positive strides, or ids that are missing, repeated or out of
+            ``0 .. total - 1``: the manifest is corrupt.
+    """
+
+    def __init__(self, shards: list[dict], where: str = "cache"):
+        strides = set()
+        for shard in shards:
+            stride = shard.get("stride", 1)
+            if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+                raise LongkdError(
+                    f"{where}: shard {shard.get('path')!r} has stride {stride!r}; the manifest is corrupt"
+                )
+            strides.add(stride)
+        if len(strides) > 1:
+            raise LongkdError(f"{where}: shards mix strides {sorted(strides)}; the manifest is corrupt")
+        self.stride = strides.pop() if strides else 1
+        self.total = sum(int(s["rows"]) for s in shards)
+        self._first = [int(s["first_window"]) for s in shards]
+        self._rows = [int(s["rows"]) for s in shards]
+        # residue class -> shards sorted by first window: (firsts, shard indices)
+        chains: dict[int, list[tuple[int, int]]] = {}
+        for i, first in enumerate(self._first):
+            chains.setdefault(first % self.stride, []).append((first, i))
+        self._chains: dict[int, tuple[list[int], list[int]]] = {}
+        for residue in range(self.stride):
+            chain = sorted(chains.pop(residue, []))
+            expected = residue
+            for first, i in chain:
+                if first != expected:
+                    raise LongkdError(
+                        f"{where}: shard {shards[i].get('path')!r} starts at window {first}, expected "
+                        f"{expected} (window ids missing or repeated); the manifest is corrupt"
+                    )
+                expected = first + self.stride * self._rows[i]
+            wanted = len(range(residue, self.total, self.stride))
+            if (expected - residue) // self.stride != wanted:
+                raise LongkdError(
+                    f"{where}: windows {residue} mod {self.stride} number "
+                    f"{(expected - residue) // self.stride}, expected {wanted} of {self.total} windows; "
+                    "the manifest is corrupt"
+                )
+            self._chains[residue] = ([f for f, _ in chain], [i for _, i in chain])
+
+    @property
+    def contiguous(self) -> bool:
+        """True when shards in manifest order hold 0, 1, 2, ... (one producer rank)."""
+        return self.stride == 1 and self._chains[0][1] == sorted(self._chains[0][1])
+
+    def locate(self, window_id: int) -> tuple[int, int]:
+        """``(shard_index, row)`` of ``window_id``.
+
+        Raises:
+            IndexError: ``window_id`` outside ``[0, total)``.
+        """
+        if not 0 <= window_id < self.total:
+            raise IndexError(f"window {window_id} out of range [0, {self.total})")
+        firsts, shards = self._chains[window_id % self.stride]
+        j = bisect.bisect_right(firsts, window_id) - 1
+        return shards[j], (window_id - firsts[j]) // self.stride
+
+    def shard_windows(self, shard: int) -> np.ndarray:
+        """Window ids of ``shard``'s rows in row order, int64 [rows]."""
+        return self._first[shard] + self.stride * np.arange(self._rows[shard], dtype=np.int64)
+
+
 class CacheReader:
     """Random access to the windows of a finished cache.
 
@@ -113,12 +195,10 @@ class CacheReader:
         self.temperature = float(self.manifest["temperature"])
         self.position_mode = self.manifest["packing"].get("position_mode", "continuous")
         self.shards = list(self.manifest["shards"])
-        self._starts = []  # global index of each shard's first row
-        total = 0
-        for shard in self.shards:
-            self._starts.append(total)
-            total += int(shard["rows"])
-        self.num_windows = total
+        self.index = WindowIndex(self.shards, f"{self.location.uri}/manifest.json")
+        self.num_windows = self.index.total
+        # Reading in window-id order cycles through `stride` shards; keep them all open.
+        self._max_open = max(_OPEN_SHARDS, 2 * self.index.stride)
         self._open: OrderedDict[int, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -140,13 +220,14 @@ class CacheReader:
         Raises:
             IndexError: index outside ``[0, num_windows)``.
         """
-        if not 0 <= index < self.num_windows:
-            raise IndexError(f"window {index} out of range [0, {self.num_windows})")
-        shard = bisect.bisect_right(self._starts, index) - 1
-        return shard, index - self._starts[shard]
+        return self.index.locate(index)
 
-    def _shard(self, shard: int) -> tuple[pa.ipc.RecordBatchFileReader, list[int]]:
-        if shard in self._open:
+    def shard_windows(self, shard: int) -> np.ndarray:
+        """Window ids of shard ``shard``'s rows in row order, int64 [rows]."""
+        return self.index.shard_windows(shard)
+
+    def _shard(self, shard: int, scan: bool = False) -> tuple[pa.ipc.RecordBatchFileReader, list[int]]:
+        if shard in self._open and not scan:
             self._open.move_to_end(shard)
             return self._open[shard]
         path = self.shards[shard]["path"]
@@ -156,24 +237,47 @@ class CacheReader:
             raise LongkdError(
                 f"cannot read shard {path} of {self.location.uri}: {err}; run `longkd cache verify`"
             ) from err
-        starts, total = [], 0
-        for i in range(reader.num_record_batches):
-            starts.append(total)
-            total += reader.get_batch(i).num_rows
+        if not scan and reader.num_record_batches == int(self.shards[shard]["rows"]):
+            # longkd writes one batch per window: row r is batch r, known without reading any
+            # batch (on an object store that would fetch the whole shard). read_window checks
+            # the window id it gets and rescans if a foreign writer broke the assumption.
+            starts = list(range(reader.num_record_batches))
+        else:
+            starts, total = [], 0
+            for i in range(reader.num_record_batches):
+                starts.append(total)
+                total += reader.get_batch(i).num_rows
         self._open[shard] = (reader, starts)
-        if len(self._open) > _OPEN_SHARDS:
+        self._open.move_to_end(shard)
+        if len(self._open) > self._max_open:
             self._open.popitem(last=False)
         return reader, starts
 
     def read_window(self, index: int) -> CachedWindow:
-        """The window with global index ``index`` (equal to its window_id)."""
+        """The window with global index ``index`` (equal to its window_id).
+
+        Raises:
+            IndexError: ``index`` outside ``[0, num_windows)``.
+            LongkdError: the shard does not hold that window where the manifest says.
+        """
         shard, row = self.shard_of(index)
-        reader, starts = self._shard(shard)
-        b = bisect.bisect_right(starts, row) - 1
-        return self._decode(reader.get_batch(b), row - starts[b])
+        for scan in (False, True):
+            reader, starts = self._shard(shard, scan=scan)
+            b = bisect.bisect_right(starts, row) - 1
+            batch = reader.get_batch(b)
+            r = row - starts[b]
+            if r < batch.num_rows and batch.column(fmt.WINDOW_ID)[r].as_py() == index:
+                return self._decode(batch, r)
+        raise LongkdError(
+            f"shard {self.shards[shard]['path']} of {self.location.uri} does not hold window {index} "
+            "at the row the manifest implies; run `longkd cache verify`"
+        )
 
     def iter_windows(self, indices: Iterable[int] | None = None) -> Iterator[CachedWindow]:
-        """Windows in ``indices`` order (default: all, in order, reading each batch once)."""
+        """Windows in ``indices`` order (default: all, in window-id order; a one-rank cache
+        reads each batch once)."""
+        if indices is None and not self.index.contiguous:
+            indices = range(self.num_windows)
         if indices is not None:
             for index in indices:
                 yield self.read_window(int(index))

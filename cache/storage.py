@@ -26,6 +26,12 @@ def _is_uri(text: str) -> bool:
     return "://" in text
 
 
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to ``limit`` characters (cloud SDKs are wordy)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class Location:
     """A directory on a pyarrow filesystem; every path argument is relative to it (POSIX ``/``).
 
@@ -42,8 +48,11 @@ class Location:
         if _is_uri(self.uri) and not self.uri.startswith("file://"):
             try:
                 self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+                # Touch the store now, so a missing bucket or credential is one clear error here
+                # rather than a traceback from the first read or write.
+                self.fs.get_file_info(self.root.rstrip("/") or "/")
             except (pa.ArrowException, OSError, ValueError) as err:
-                raise LongkdError(f"cannot open {self.uri}: {err}") from err
+                raise LongkdError(f"cannot open {self.uri}: {_one_line(err)}") from err
         else:
             path = self.uri[len("file://") :] if self.uri.startswith("file://") else self.uri
             self.fs = pafs.LocalFileSystem()

@@ -1,7 +1,9 @@
 """Integrity checks (``longkd cache verify``) and a summary (``longkd cache info``) of a cache.
 
 Verify re-derives everything the manifest promises from the bytes on disk: file sizes and
-sha256, the Arrow schema, row counts and tokens, window ids contiguous across shards, and the
+sha256, the Arrow schema, row counts and tokens, window ids (each shard an arithmetic run
+``first_window + stride * i``; the runs of each residue class chain without gaps and together
+cover ``0 .. windows - 1``; stride 1 for a one-rank build), and the
 invariants of every row (list lengths, log-probs finite, <= 0 and descending, tail mass not
 negative, ids inside the vocabulary, sampled counts summing to the draws). It stops at the
 first problem and names the shard and what is wrong, so a user knows which file to rebuild.
@@ -58,28 +60,44 @@ def verify_cache(uri) -> VerifyResult:
         manifest = load_manifest(location)
     except LongkdError as err:
         return VerifyResult(False, 0, 0, str(err))
-    expected_window = 0
-    for i, shard in enumerate(manifest["shards"]):
-        try:
-            expected_window = _verify_shard(location, manifest, shard, expected_window)
-        except _Bad as bad:
-            return VerifyResult(False, i, expected_window, f"shard {shard['path']}: {bad}")
-    totals = manifest["totals"]
     shards = manifest["shards"]
+    strides = {s.get("stride", 1) for s in shards}
+    if len(strides) > 1 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in strides):
+        problem = f"manifest shard strides {sorted(map(str, strides))} are not one positive integer"
+        return VerifyResult(False, 0, 0, problem)
+    stride = strides.pop() if strides else 1
+    # next expected window id of each residue class (shards of one producer rank)
+    chain = {r: r for r in range(stride)}
+    windows = 0
+    for i, shard in enumerate(shards):
+        residue = int(shard["first_window"]) % stride
+        try:
+            chain[residue] = _verify_shard(location, manifest, shard, chain[residue], stride)
+        except _Bad as bad:
+            return VerifyResult(False, i, windows, f"shard {shard['path']}: {bad}")
+        windows += int(shard["rows"])
+    for residue, end in chain.items():
+        if end != residue + stride * len(range(residue, windows, stride)):
+            problem = (
+                f"window ids {residue} mod {stride} end at {end - stride}, but the shards hold "
+                f"{windows} windows (ids missing or repeated)"
+            )
+            return VerifyResult(False, len(shards), windows, problem)
+    totals = manifest["totals"]
     sums = {
-        "windows": expected_window,
+        "windows": windows,
         "tokens": sum(int(s["tokens"]) for s in shards),
         "bytes": sum(int(s["bytes"]) for s in shards),
     }
     for key, value in sums.items():
         if totals.get(key) != value:
             problem = f"manifest totals.{key} is {totals.get(key)} but the shards add up to {value}"
-            return VerifyResult(False, len(shards), expected_window, problem)
-    return VerifyResult(True, len(shards), expected_window)
+            return VerifyResult(False, len(shards), windows, problem)
+    return VerifyResult(True, len(shards), windows)
 
 
-def _verify_shard(location: Location, manifest: dict, shard: dict, first_window: int) -> int:
-    """Check one shard; return the window id expected next. Raises _Bad."""
+def _verify_shard(location: Location, manifest: dict, shard: dict, first_window: int, stride: int = 1) -> int:
+    """Check one shard; return the window id expected next in its residue class. Raises _Bad."""
     path = shard["path"]
     size = location.size(path)
     if size < 0:
@@ -120,7 +138,7 @@ def _verify_shard(location: Location, manifest: dict, shard: dict, first_window:
             except _Bad as bad:
                 raise _Bad(f"window {window_id}: {bad}") from None
             rows += 1
-            next_window += 1
+            next_window += stride
     if rows != shard["rows"]:
         raise _Bad(f"holds {rows} rows, manifest says {shard['rows']}")
     if tokens != shard["tokens"]:

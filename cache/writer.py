@@ -67,6 +67,7 @@ class ShardInfo:
     sha256: str
     first_window: int
     last_window: int
+    stride: int = 1  # window ids are first_window + stride * i (a build by N ranks: N)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,6 +175,7 @@ class ShardWriter:
         compression_level: zstd level (None: pyarrow's default, 1).
         rank: producer rank (shard names ``shard-RRRRR-*`` and ledger ``rank-RRRRR.jsonl``).
         completed: ledger entries already on disk (when resuming); new shards continue after them.
+        stride: the step between consecutive window ids this rank writes (the world size).
         queue_size: windows buffered between producer and thread (back-pressure bound).
     """
 
@@ -188,6 +190,7 @@ class ShardWriter:
         rank: int = 0,
         completed: list[ShardInfo] | None = None,
         queue_size: int = 8,
+        stride: int = 1,
     ):
         self.location = location
         self.schema = fmt.shard_schema(selection_mode, logprob_dtype)
@@ -199,6 +202,7 @@ class ShardWriter:
             raise LongkdError(f"zstd compression level {level} is not valid: {err}") from err
         self.options = pa.ipc.IpcWriteOptions(compression=codec)
         self.rank = rank
+        self.stride = int(stride)
         self.completed: list[ShardInfo] = list(completed or [])
         self._next_index = len(self.completed)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
@@ -318,6 +322,11 @@ class ShardWriter:
         if self._current is None:
             self._open_shard()
         cur = self._current
+        if cur["last"] is not None and int(window.window_id) != cur["last"] + self.stride:
+            # The manifest describes a shard by (first_window, stride, rows) alone.
+            raise ValueError(
+                f"window {window.window_id} does not follow {cur['last']} with stride {self.stride}"
+            )
         cur["ipc"].write_batch(batch)
         cur["rows"] += 1
         cur["tokens"] += int(window.length)
@@ -340,6 +349,7 @@ class ShardWriter:
             sha256=cur["sink"].digest.hexdigest(),
             first_window=cur["first"],
             last_window=cur["last"],
+            stride=self.stride,
         )
         self._current = None
         self.completed.append(info)
