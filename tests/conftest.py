@@ -9,7 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: tiny models gain nothing from more, and a busy 2-core machine loses a lot.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

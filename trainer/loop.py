@@ -1,0 +1,402 @@
+"""The training loop: one window stream decoded once, fed to every student in turn.
+
+Reading and decoding the cache is the same for every student, so a run opens one
+``WindowStream`` and hands each batch to all students. Each student cuts the batch to its
+active phase's window (``WindowBatch.prefix``), puts the phase's rope in force when the phase
+starts, and takes a step of AdamW on
+
+    loss = kd_weight * sparse_kl(student || teacher top-k) + ce_weight * cross_entropy
+
+over the batch's loss mask. Students share nothing else: each has its own optimizer, LR
+schedule, phase state and RNG state (trainer/students.py), so a student trained with others
+ends bitwise equal (on CPU) to the same student trained alone.
+
+    from longkd.trainer.config import load_config
+    from longkd.trainer.loop import train
+    result = train(load_config("examples/train.yaml"))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from longkd.errors import LongkdError
+from longkd.trainer import checkpoint as ckpt
+from longkd.trainer.config import RunConfig, StudentConfig, to_dict
+from longkd.trainer.students import StepMetrics, Student, build_model, load_tokenizer, train_step
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; an explicit device must exist.
+
+    Raises:
+        LongkdError: CUDA asked for but not available, or an unknown device string.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise LongkdError(f"device: {name!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LongkdError(f"device: {name!r} asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 on CUDA under ``auto``, none (fp32) on CPU; ``bf16``/``fp32`` forced."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _loss_mode(s: StudentConfig, selection: dict, where: str) -> str:
+    sampled = selection.get("mode") == "sampled"
+    mode = s.loss.mode or ("sampled" if sampled else "bucket")
+    if mode == "sampled" and not sampled:
+        raise LongkdError(
+            f"{where}.loss.mode: 'sampled' needs a sampled cache, but this one holds top-k; "
+            "use bucket or renorm"
+        )
+    return mode
+
+
+@dataclass
+class Run:
+    """Everything a run holds between setup and the last step."""
+
+    cfg: RunConfig
+    out: Path
+    device: torch.device
+    stream: object
+    students: list[Student]
+    total_steps: int
+    modes: dict[str, str]
+    temperatures: dict[str, float]
+    amp: torch.dtype | None
+    step: int = 0
+    writers: dict = field(default_factory=dict)
+
+
+def prepare(cfg: RunConfig, *, resume: bool = False) -> Run:
+    """Open the cache, build and check every student, and restore a checkpoint on ``resume``.
+
+    Every check that can fail runs before the first step: the cache opens; each student's
+    tokenizer and vocabulary fit the cache (``check_student_compatible``); its schedule is
+    valid, its rope types are accepted by its architecture and its windows fit in the cache's.
+
+    Raises:
+        LongkdError: the first problem found, on one line.
+    """
+    from longkd.trainer.rope import build_schedule, check_schedule_against_cache, initial_rope
+    from longkd.trainer.stream import check_student_compatible
+
+    device = resolve_device(cfg.device)
+    stream = _make_stream(cfg)  # opens every cache and checks they agree, before any model is built
+    reader = stream.readers[0]
+    out = Path(cfg.out)
+    if not resume:
+        for s in cfg.students:
+            if ckpt.checkpoint_steps(out / s.name / "checkpoints"):
+                raise LongkdError(
+                    f"out: {out / s.name} already holds checkpoints; "
+                    "pass --resume to continue it or choose another --out"
+                )
+    embedding = int(reader.manifest["vocab"]["embedding_size"])
+    students, modes, temps = [], {}, {}
+    for i, s in enumerate(cfg.students):
+        where = f"students[{i}] ({s.name})"
+        model = build_model(s.init, vocab_size=embedding)
+        tokenizer = load_tokenizer(s)
+        try:
+            check_student_compatible(reader, model.config, tokenizer)
+        except LongkdError as err:
+            raise LongkdError(f"{where}: {err}") from err
+        spec = s.schedule
+        if spec is None:
+            if cfg.steps is None:
+                raise LongkdError(f"steps: not given and {where} has no schedule to take it from; set steps")
+            spec = {"preset": "none", "windows": [reader.window], "until": [cfg.steps]}
+        try:
+            schedule = build_schedule(spec, base_config=model.config, total_steps=cfg.steps)
+            check_schedule_against_cache(schedule, reader.window)
+        except LongkdError as err:
+            raise LongkdError(f"{where}.schedule: {err}") from err
+        modes[s.name] = _loss_mode(s, reader.selection, where)
+        temps[s.name] = s.loss.temperature if s.loss.temperature is not None else reader.temperature
+        students.append(
+            Student(
+                s,
+                model=model,
+                tokenizer=tokenizer,
+                schedule=schedule,
+                initial_rope=initial_rope(model.config),
+                run_seed=cfg.seed,
+                device=device,
+                out_dir=out / s.name,
+            )
+        )
+    total = cfg.steps
+    if total is None:
+        ends = []
+        for st in students:
+            last = st.schedule[-1]
+            if last.until_unit != "steps":
+                raise LongkdError(
+                    f"steps: not given and student {st.name!r}'s schedule counts tokens; set steps"
+                )
+            ends.append(last.until)
+        total = max(ends)
+    run = Run(
+        cfg=cfg,
+        out=out,
+        device=device,
+        stream=stream,
+        students=students,
+        total_steps=total,
+        modes=modes,
+        temperatures=temps,
+        amp=autocast_dtype(cfg.precision, device),
+    )
+    if resume:
+        _restore(run)
+    return run
+
+
+def _make_stream(cfg: RunConfig):
+    from longkd.trainer.stream import WindowStream
+
+    ld = cfg.loader
+    return WindowStream(
+        cfg.cache,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        shuffle=ld.shuffle,
+        shuffle_buffer=ld.shuffle_buffer,
+        num_workers=ld.num_workers,
+        pin_memory=ld.pin_memory,
+        prefetch_factor=ld.prefetch_factor,
+    )
+
+
+def _restore(run: Run) -> None:
+    """Load every student's checkpoint at the newest committed step, and the shared reader state."""
+    import random
+
+    import numpy as np
+
+    from longkd.trainer.rope import apply_phase
+
+    step = ckpt.resume_step(run.out, [s.name for s in run.students])
+    state = ckpt.load_run_state(run.out, step)
+    for s in run.students:
+        path = s.out_dir / "checkpoints" / ckpt.step_name(step)
+        weights, optim, saved, reader_state = ckpt.load_student_checkpoint(path)
+        if not ckpt.same_state(reader_state, state["reader"]):
+            raise LongkdError(
+                f"--resume: student {s.name!r}'s checkpoint at step {step} was taken at a different reader "
+                "position than the run's; the run directory is inconsistent"
+            )
+        c = saved["counters"]
+        s.phase = -1
+        if c["phase"] >= 0:
+            phase = s.schedule[c["phase"]]
+            if phase.rope_parameters is not None:
+                apply_phase(s.model, phase, s.initial_rope)
+            s.phase = c["phase"]
+        missing, unexpected = s.model.load_state_dict(weights, strict=False)
+        tied = bool(getattr(s.model.config, "tie_word_embeddings", False))
+        if unexpected or (missing and not tied):
+            raise LongkdError(
+                f"checkpoint {path} does not match student {s.name!r}'s model ({(missing + unexpected)[0]})"
+            )
+        if missing:
+            s.model.tie_weights()
+        s.optimizer.load_state_dict(optim)
+        s.load_rng_state(saved["rng"])
+        s.step, s.tokens = c["step"], c["tokens"]
+        s.phase_start_step, s.phase_start_tokens = c["phase_start_step"], c["phase_start_tokens"]
+        ckpt.truncate_metrics(s.out_dir / "metrics.jsonl", step)
+    run.stream.load_state_dict(state["reader"])
+    random.setstate(state["python_rng"])
+    np.random.set_state(state["numpy_rng"])
+    run.step = step
+    log.info("resumed %s at step %d", run.out, step)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _open_writers(run: Run) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    for s in run.students:
+        s.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = open(s.out_dir / "metrics.jsonl", "a")
+        tb = SummaryWriter(log_dir=str(s.out_dir / "tb"), purge_step=run.step + 1 if run.step else None)
+        run.writers[s.name] = (metrics, tb)
+
+
+def _log(run: Run, s: Student, m: StepMetrics) -> None:
+    metrics, tb = run.writers[s.name]
+    metrics.write(json.dumps(m.to_dict()) + "\n")
+    metrics.flush()
+    for key in ("loss", "kl", "ce", "lr", "grad_norm", "tokens_per_s", "window"):
+        tb.add_scalar(f"train/{key}", getattr(m, key), m.step)
+
+
+def save_checkpoint(run: Run) -> None:
+    """Every student's checkpoint at the current step, then the run state that commits it."""
+    reader_state = run.stream.state_dict()
+    for s in run.students:
+        ckpt.save_student_checkpoint(
+            s.out_dir / "checkpoints",
+            run.step,
+            model=s.model,
+            tokenizer=s.tokenizer,
+            optimizer=s.optimizer,
+            counters=s.counters(),
+            rng=s.rng_state(),
+            reader_state=reader_state,
+            keep=run.cfg.keep_checkpoints,
+        )
+    ckpt.save_run_state(
+        run.out, run.step, reader_state, [s.name for s in run.students], run.cfg.keep_checkpoints
+    )
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns: the trained students (models in memory) and a summary."""
+
+    out: Path
+    steps: int
+    seconds: float
+    students: list[Student]
+
+    def summary(self) -> list[dict]:
+        """One row per student: steps, tokens, last loss / KL / CE, tokens per second, checkpoint."""
+        rows = []
+        for s in self.students:
+            m = s.last
+            latest = ckpt.checkpoint_steps(s.out_dir / "checkpoints")
+            rows.append(
+                {
+                    "student": s.name,
+                    "steps": s.step,
+                    "tokens": s.tokens,
+                    "loss": None if m is None else m.loss,
+                    "kl": None if m is None else m.kl,
+                    "ce": None if m is None else m.ce,
+                    "tokens_per_s": s.session_tokens_per_s,
+                    "checkpoint": str(s.out_dir / "checkpoints" / ckpt.step_name(latest[-1]))
+                    if latest
+                    else None,
+                }
+            )
+        return rows
+
+
+def run_loop(run: Run, *, progress: bool | None = None, stop_after: int | None = None) -> RunResult:
+    """Train every student of a prepared run to ``run.total_steps`` (or ``stop_after``).
+
+    Args:
+        run: from :func:`prepare`.
+        progress: show a tqdm bar (None: only on a terminal).
+        stop_after: stop (with a checkpoint) after this global step; for tests of resume.
+
+    Returns:
+        The :class:`RunResult`.
+
+    Raises:
+        LongkdError: a non-finite loss; checkpoints already written are kept.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = run.cfg
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str) + "\n")
+    _open_writers(run)
+    end = run.total_steps if stop_after is None else min(stop_after, run.total_steps)
+    start_tokens = {s.name: s.tokens for s in run.students}
+    start_time = time.perf_counter()
+    bar = tqdm(
+        total=run.total_steps,
+        initial=run.step,
+        disable=None if progress is None else not progress,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    batches_it = iter(run.stream)
+    try:
+        while run.step < end:
+            batches = []
+            for _ in range(cfg.grad_accum):
+                try:
+                    batch = next(batches_it)
+                except StopIteration:  # a stream that ends per epoch: start the next one
+                    batches_it = iter(run.stream)
+                    batch = next(batches_it)
+                batches.append(batch.to(run.device))
+            for s in run.students:
+                m = train_step(
+                    s,
+                    batches,
+                    total_steps=run.total_steps,
+                    mode=run.modes[s.name],
+                    temperature=run.temperatures[s.name],
+                    amp=run.amp,
+                )
+                _log(run, s, m)
+            run.step += 1
+            bar.update(1)
+            if run.step % cfg.log_every == 0 or run.step == end:
+                post = {s.name: f"{s.last.loss:.4f}" for s in run.students}
+                post["tok/s"] = f"{sum(s.last.tokens_per_s for s in run.students) / len(run.students):.0f}"
+                bar.set_postfix(post)
+                log.debug("step %d: %s", run.step, post)
+            every = cfg.checkpoint_every
+            if (every and run.step % every == 0) or run.step == end:
+                save_checkpoint(run)
+    finally:
+        bar.close()
+        for metrics, tb in run.writers.values():
+            metrics.close()
+            tb.close()
+        run.writers.clear()
+    seconds = time.perf_counter() - start_time
+    for s in run.students:
+        s.session_tokens_per_s = (s.tokens - start_tokens[s.name]) / max(s.train_seconds, 1e-9)
+    return RunResult(out=run.out, steps=run.step, seconds=seconds, students=run.students)
+
+
+def train(
+    cfg: RunConfig, *, resume: bool = False, progress: bool | None = None, stop_after: int | None = None
+) -> RunResult:
+    """Set up (:func:`prepare`) and run (:func:`run_loop`) a whole training run.
+
+    Args:
+        cfg: the validated run config.
+        resume: continue from the newest checkpoint every student has.
+        progress: tqdm bar (None: only on a terminal).
+        stop_after: stop after this many global steps (writes a checkpoint there).
+
+    Returns:
+        The :class:`RunResult` with the trained students.
+
+    Raises:
+        LongkdError: any setup check, or a non-finite loss during training.
+    """
+    return run_loop(prepare(cfg, resume=resume), progress=progress, stop_after=stop_after)

@@ -1,0 +1,428 @@
+"""One student of a run: its model, optimizer, LR schedule, phase state and private RNG.
+
+Several students share one window stream (trainer/loop.py), so everything a student's result
+depends on lives here and nowhere global: its weights, its AdamW state, the phase it is in,
+and its torch RNG state (dropout), which is swapped in around every step it takes. A student
+trained next to others therefore gives bitwise the same weights as one trained alone.
+:func:`train_step` is one optimizer step of one student on the batches the loop hands it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from longkd.errors import LongkdError
+from longkd.trainer import checkpoint as ckpt
+from longkd.trainer.config import OptimizerConfig, StudentConfig
+from longkd.trainer.rope import Phase
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(
+    opt: OptimizerConfig,
+    phase: Phase,
+    *,
+    step: int,
+    tokens: int,
+    total_steps: int,
+    phase_start_step: int,
+    phase_start_tokens: int,
+) -> float:
+    """The learning rate for optimizer step ``step`` (0-based: the step about to be taken).
+
+    Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` x the base
+    (or constant). The base is the phase's ``lr`` when it has one, else ``opt.lr``. With
+    ``per_phase`` the warmup and the decay restart at each phase, the decay measured in the
+    phase's own unit (steps or tokens) from where the phase started to its ``until``.
+
+    Returns:
+        The learning rate (a float).
+    """
+    base = phase.lr if phase.lr is not None else opt.lr
+    if opt.per_phase:
+        since = step - phase_start_step
+        if phase.until_unit == "steps":
+            span, done = phase.until - phase_start_step, step - phase_start_step
+        else:
+            span, done = phase.until - phase_start_tokens, tokens - phase_start_tokens
+    else:
+        since, span, done = step, total_steps, step
+    if opt.warmup_steps and since < opt.warmup_steps:
+        return base * (since + 1) / opt.warmup_steps
+    if opt.lr_schedule == "constant":
+        return base
+    progress = min(max(done / max(span, 1), 0.0), 1.0)
+    floor = base * opt.min_lr_ratio
+    return floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_model(init, *, vocab_size: int | None):
+    """A transformers causal LM in fp32 from a model directory / hub name or a fresh-model mapping.
+
+    Args:
+        init: a path or name for ``AutoModelForCausalLM.from_pretrained``, or
+            ``{"arch": ..., "seed": 0, **tiny_config keywords}`` for a fresh tools/tiny.py model.
+        vocab_size: default ``vocab_size`` of a fresh model (the cache's embedding size).
+
+    Returns:
+        The model (fp32, train mode).
+
+    Raises:
+        LongkdError: a model directory that does not load.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(init, dict):
+        from longkd.tools.tiny import build_tiny_model, tiny_config
+
+        kwargs = dict(init)
+        arch, seed = kwargs.pop("arch"), kwargs.pop("seed", 0)
+        if vocab_size is not None:
+            kwargs.setdefault("vocab_size", vocab_size)
+        try:
+            config = tiny_config(arch, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise LongkdError(f"student init mapping {init!r} is not a valid model config: {err}") from err
+        # torch.manual_seed inside build_tiny_model is harmless: students get private RNGs later
+        model = build_tiny_model(config, seed)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LongkdError(f"student model {init!r} could not be loaded: {msg}") from err
+    return model.float().train()
+
+
+def load_tokenizer(cfg: StudentConfig):
+    """The student's tokenizer: ``cfg.tokenizer``, else the one in its init directory, else None."""
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or (cfg.init if isinstance(cfg.init, str) else None)
+    if source is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:
+        if cfg.tokenizer:  # asked for explicitly: failing is the user's problem to hear about
+            raise LongkdError(
+                f"student {cfg.name!r}: tokenizer {cfg.tokenizer!r} could not be loaded: {err}"
+            ) from err
+        return None
+
+
+@dataclass
+class StepMetrics:
+    """What one optimizer step of one student produced (one metrics.jsonl line)."""
+
+    step: int
+    phase: str
+    window: int
+    lr: float
+    loss: float
+    kl: float
+    ce: float
+    grad_norm: float
+    tokens: int
+    tokens_per_s: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Student:
+    """A student being trained: model, optimizer, phase and RNG state, counters.
+
+    Attributes:
+        name: the student's name (its folder under the run directory).
+        cfg: its :class:`StudentConfig`.
+        model: the transformers model (fp32 master weights).
+        tokenizer: its tokenizer or None.
+        schedule: its phases (trainer/rope.py).
+        initial_rope: the rope the model started with, restored by phases without one.
+        optimizer: AdamW over the model's parameters.
+        step: optimizer steps taken; tokens: tokens trained on.
+        phase: index of the phase whose rope is in force (-1 before the first step).
+        phase_start_step, phase_start_tokens: counters when that phase began (per-phase LR).
+        out_dir: ``out/<name>``.
+    """
+
+    def __init__(
+        self,
+        cfg: StudentConfig,
+        *,
+        model,
+        tokenizer,
+        schedule: list[Phase],
+        initial_rope,
+        run_seed: int,
+        device: torch.device,
+        out_dir: Path,
+    ):
+        self.name = cfg.name
+        self.cfg = cfg
+        self.model = model.to(device)
+        self.tokenizer = tokenizer
+        self.schedule = schedule
+        self.initial_rope = initial_rope
+        self.device = device
+        self.out_dir = out_dir
+        self.step = 0
+        self.tokens = 0
+        self.phase = -1
+        self.phase_start_step = 0
+        self.phase_start_tokens = 0
+        self.last: StepMetrics | None = None
+        self.train_seconds = 0.0
+        self.session_tokens_per_s: float | None = None  # set at the end of a run
+        opt = cfg.optimizer
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                # norms and biases are not decayed: weight decay on a gain pulls it towards 0
+                (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": opt.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]],
+            lr=opt.lr,
+            betas=opt.betas,
+            eps=opt.eps,
+            foreach=device.type == "cuda",
+        )
+        seed = cfg.seed if cfg.seed is not None else run_seed
+        # private RNG states: swapped in around each step so students never share randomness
+        self.cpu_rng = torch.Generator().manual_seed(seed).get_state()
+        self.cuda_rng = None
+        if device.type == "cuda":
+            g = torch.Generator(device=device).manual_seed(seed)
+            self.cuda_rng = g.get_state()
+        if cfg.activation_checkpointing:
+            # transformers 5 renamed gradient_checkpointing_enable; take whichever this version has
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                kwargs = {"use_reentrant": False}
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.body = self.model.get_decoder()
+        if cfg.compile:
+            self.body = torch.compile(self.body)
+
+    # ------------------------------------------------------------------ RNG
+
+    @contextlib.contextmanager
+    def own_rng(self):
+        """Run the block with this student's RNG state in the global torch generators."""
+        cpu = torch.get_rng_state()
+        torch.set_rng_state(self.cpu_rng)
+        cuda = None
+        if self.cuda_rng is not None:
+            cuda = torch.cuda.get_rng_state(self.device)
+            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+        try:
+            yield
+        finally:
+            self.cpu_rng = torch.get_rng_state()
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                self.cuda_rng = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(cuda, self.device)
+
+    def rng_state(self) -> dict:
+        return {"cpu": self.cpu_rng.clone(), "cuda": None if self.cuda_rng is None else self.cuda_rng.clone()}
+
+    def load_rng_state(self, state: dict) -> None:
+        self.cpu_rng = state["cpu"].clone()
+        if self.cuda_rng is not None and state.get("cuda") is not None:
+            self.cuda_rng = state["cuda"].clone()
+
+    # ------------------------------------------------------------------ phases
+
+    def enter_phase(self, index: int) -> bool:
+        """Put phase ``index``'s rope in force if it is not already. Returns True on a change."""
+        from longkd.trainer.rope import apply_phase, describe
+
+        if index == self.phase:
+            return False
+        phase = self.schedule[index]
+        first = self.phase < 0
+        # at the very start a phase without rope keeps the model exactly as loaded
+        if not (first and phase.rope_parameters is None):
+            apply_phase(self.model, phase, self.initial_rope)
+        self.phase = index
+        self.phase_start_step, self.phase_start_tokens = self.step, self.tokens
+        log.info("%s: step %d: %s", self.name, self.step, describe(phase))
+        return True
+
+    def counters(self) -> dict:
+        """JSON-able counters saved with a checkpoint."""
+        phase = self.schedule[self.phase] if self.phase >= 0 else None
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "phase": self.phase,
+            "phase_name": None if phase is None else phase.name,
+            "window": None if phase is None else phase.window,
+            "phase_start_step": self.phase_start_step,
+            "phase_start_tokens": self.phase_start_tokens,
+            "rope_parameters": self.model.config.rope_parameters,
+            "time": time.time(),
+        }
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def batch_losses(student: Student, batch, *, mode: str, temperature: float, amp: torch.dtype | None):
+    """Forward one (already prefix-cut) batch and compute the loss terms.
+
+    Args:
+        student: the student.
+        batch: a ``WindowBatch`` of B windows of P tokens on the student's device.
+        mode, temperature: sparse-KL settings.
+        amp: autocast dtype or None.
+
+    Returns:
+        ``(loss, kl, ce, tokens)``: loss a scalar with a graph (kd_weight * kl + ce_weight * ce),
+        kl and ce detached scalars (ce computed without a graph when its weight is 0), tokens
+        the number of rows trained on.
+    """
+    from longkd.cache.teacher import lm_head_logits
+    from longkd.kernels.sparse_kl import cross_entropy_chunked, sparse_kl
+
+    lc = student.cfg.loss
+    b, p = batch.input_ids.shape
+    mask = batch.loss_mask(skip_first_tokens=lc.skip_first_tokens).reshape(b * p)
+    device_type = batch.input_ids.device.type
+    with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
+        out = student.body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        logits = lm_head_logits(student.model, hidden)  # [B, P, V]
+    logits = logits.reshape(b * p, -1)
+    ids = batch.ids.reshape(b * p, -1).long()
+    target = batch.target_logprobs.reshape(b * p, -1).float()
+    loss = logits.new_zeros((), dtype=torch.float32)
+    kl = torch.zeros((), device=logits.device)
+    if lc.kd_weight > 0:
+        kl = sparse_kl(
+            logits,
+            ids,
+            target,
+            mode=mode,
+            temperature=temperature,
+            mask=mask,
+            impl=lc.impl,
+            chunk_size=lc.chunk_size,
+        )
+        loss = loss + lc.kd_weight * kl
+    targets = batch.next_tokens().reshape(b * p).long().masked_fill(~mask, -100)
+    if lc.ce_weight > 0:
+        ce = cross_entropy_chunked(logits, targets, chunk_size=lc.chunk_size)
+        loss = loss + lc.ce_weight * ce
+    else:
+        with torch.no_grad():  # logged only: no graph, no effect on the weights
+            ce = cross_entropy_chunked(logits.detach(), targets, chunk_size=lc.chunk_size)
+    return loss, kl.detach(), ce.detach(), int(mask.sum())
+
+
+def _nan_error(student: Student, step: int, what: str) -> LongkdError:
+    steps = ckpt.checkpoint_steps(student.out_dir / "checkpoints")
+    kept = (
+        f"the last good checkpoint is {student.out_dir / 'checkpoints' / ckpt.step_name(steps[-1])}"
+        if steps
+        else "no checkpoint was written yet"
+    )
+    return LongkdError(
+        f"student {student.name!r}: {what} at step {step}; stopped ({kept}); "
+        "lower the learning rate or check the cache"
+    )
+
+
+def train_step(
+    student: Student,
+    batches: list,
+    *,
+    total_steps: int,
+    mode: str,
+    temperature: float,
+    amp: torch.dtype | None,
+) -> StepMetrics:
+    """One optimizer step of one student over ``batches`` (gradient accumulation).
+
+    The phase for this step is chosen from the student's counters before the step; on a phase
+    change its rope is put in force first. All randomness (dropout) comes from the student's
+    own RNG state.
+
+    Raises:
+        LongkdError: a non-finite loss or gradient norm, naming the student and the step.
+    """
+    from longkd.trainer.rope import active_phase
+
+    index = active_phase(student.schedule, student.step, student.tokens)
+    student.enter_phase(index)
+    phase = student.schedule[index]
+    opt = student.cfg.optimizer
+    lr = lr_at(
+        opt,
+        phase,
+        step=student.step,
+        tokens=student.tokens,
+        total_steps=total_steps,
+        phase_start_step=student.phase_start_step,
+        phase_start_tokens=student.phase_start_tokens,
+    )
+    for group in student.optimizer.param_groups:
+        group["lr"] = lr
+    start = time.perf_counter()
+    sums = [0.0, 0.0, 0.0]
+    tokens = 0
+    step_no = student.step + 1
+    student.model.train()
+    with student.own_rng():
+        for batch in batches:
+            cut = batch.prefix(phase.window) if phase.window < batch.input_ids.shape[1] else batch
+            loss, kl, ce, n = batch_losses(student, cut, mode=mode, temperature=temperature, amp=amp)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                student.optimizer.zero_grad(set_to_none=True)
+                raise _nan_error(student, step_no, f"loss is {value}")
+            (loss / len(batches)).backward()
+            sums[0] += value / len(batches)
+            sums[1] += float(kl) / len(batches)
+            sums[2] += float(ce) / len(batches)
+            tokens += int(cut.lengths.clamp(max=cut.input_ids.shape[1]).sum())
+        params = [p for g in student.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, opt.clip_grad_norm or math.inf)
+        if not torch.isfinite(norm):
+            student.optimizer.zero_grad(set_to_none=True)
+            raise _nan_error(student, step_no, f"gradient norm is {float(norm)}")
+        student.optimizer.step()
+        student.optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    student.train_seconds += seconds
+    student.step = step_no
+    student.tokens += tokens
+    student.last = StepMetrics(
+        step=step_no,
+        phase=phase.name,
+        window=phase.window,
+        lr=lr,
+        loss=sums[0],
+        kl=sums[1],
+        ce=sums[2],
+        grad_norm=float(norm),
+        tokens=student.tokens,
+        tokens_per_s=tokens / max(seconds, 1e-9),
+    )
+    return student.last
