@@ -295,7 +295,7 @@ def batch_losses(student: Student, batch, *, mode: str, temperature: float, amp:
 
     Returns:
         ``(loss, kl, ce, tokens)``: loss a scalar with a graph (kd_weight * kl + ce_weight * ce),
-        kl and ce detached scalars (ce computed without a graph when its weight is 0), tokens
+        kl and ce detached scalars (each computed without a graph when its weight is 0), tokens
         the number of rows trained on.
     """
     from longkd.cache.teacher import lm_head_logits
@@ -313,19 +313,13 @@ def batch_losses(student: Student, batch, *, mode: str, temperature: float, amp:
     ids = batch.ids.reshape(b * p, -1).long()
     target = batch.target_logprobs.reshape(b * p, -1).float()
     loss = logits.new_zeros((), dtype=torch.float32)
-    kl = torch.zeros((), device=logits.device)
+    kl_args = dict(mode=mode, temperature=temperature, mask=mask, impl=lc.impl, chunk_size=lc.chunk_size)
     if lc.kd_weight > 0:
-        kl = sparse_kl(
-            logits,
-            ids,
-            target,
-            mode=mode,
-            temperature=temperature,
-            mask=mask,
-            impl=lc.impl,
-            chunk_size=lc.chunk_size,
-        )
+        kl = sparse_kl(logits, ids, target, **kl_args)
         loss = loss + lc.kd_weight * kl
+    else:
+        with torch.no_grad():  # logged only, so a CE-only student's distance to the teacher shows
+            kl = sparse_kl(logits.detach(), ids, target, **kl_args)
     targets = batch.next_tokens().reshape(b * p).long().masked_fill(~mask, -100)
     if lc.ce_weight > 0:
         ce = cross_entropy_chunked(logits, targets, chunk_size=lc.chunk_size)
