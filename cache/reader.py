@@ -141,8 +141,8 @@ class WindowIndex:
             if (expected - residue) // self.stride != wanted:
                 raise LongkdError(
                     f"{where}: windows {residue} mod {self.stride} number "
-                    f"{(expected - residue) // self.stride}, expected {wanted} of {self.total} windows; "
-                    "the manifest is corrupt"
+                    f"{(expected - residue) // self.stride}, expected {wanted} of {self.total} windows "
+                    "(window ids missing or repeated); the manifest is corrupt"
                 )
             self._chains[residue] = ([f for f, _ in chain], [i for _, i in chain])
 

@@ -170,6 +170,8 @@ def save_student_checkpoint(
     rng: dict,
     reader_state: Any,
     keep: int,
+    model_state: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write one student's checkpoint (see the module docstring for the files).
 
@@ -183,16 +185,18 @@ def save_student_checkpoint(
         rng: the student's RNG states (tensors).
         reader_state: the shared stream's state after this step.
         keep: newest checkpoints to keep.
+        model_state, optimizer_state: full state dicts to write instead of the model's and the
+            optimizer's own (a sharded FSDP student gathers them first: trainer/distributed.py).
 
     Returns:
         The checkpoint directory.
     """
 
     def fill(d: Path) -> None:
-        model.save_pretrained(d)
+        model.save_pretrained(d, state_dict=model_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(d)
-        torch.save(optimizer.state_dict(), d / "optimizer.pt")
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, d / "optimizer.pt")
         torch.save({"counters": counters, "rng": rng, "reader": reader_state}, d / "trainer_state.pt")
         (d / "trainer_state.json").write_text(json.dumps(counters, indent=2) + "\n")
 

@@ -116,6 +116,8 @@ class RunConfig:
     device: str = "auto"
     precision: str = field(default="auto", metadata=_choices(*PRECISIONS))
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    # under torchrun: replicated (ddp) or sharded (fsdp) students; ignored in one process
+    distributed: str = field(default="ddp", metadata=_choices("ddp", "fsdp"))
 
     def student(self, name: str) -> StudentConfig:
         """The student called ``name`` (KeyError if none)."""

@@ -87,6 +87,12 @@ class Run:
     amp: torch.dtype | None
     step: int = 0
     writers: dict = field(default_factory=dict)
+    parallel: object = None  # trainer/distributed.py Parallel under torchrun, else None
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes checkpoints, metrics and TensorBoard (rank 0)."""
+        return self.parallel is None or self.parallel.is_main
 
 
 def prepare(cfg: RunConfig, *, resume: bool = False) -> Run:
@@ -99,11 +105,13 @@ def prepare(cfg: RunConfig, *, resume: bool = False) -> Run:
     Raises:
         LongkdError: the first problem found, on one line.
     """
+    from longkd.trainer.distributed import from_config
     from longkd.trainer.rope import build_schedule, check_schedule_against_cache, initial_rope
     from longkd.trainer.stream import check_student_compatible
 
-    device = resolve_device(cfg.device)
-    stream = _make_stream(cfg)  # opens every cache and checks they agree, before any model is built
+    parallel = from_config(cfg.distributed, cfg.device)  # None in a single process
+    device = parallel.device if parallel is not None else resolve_device(cfg.device)
+    stream = _make_stream(cfg, parallel)  # opens every cache and checks they agree, before any model is built
     reader = stream.readers[0]
     out = Path(cfg.out)
     if not resume:
@@ -168,16 +176,24 @@ def prepare(cfg: RunConfig, *, resume: bool = False) -> Run:
         modes=modes,
         temperatures=temps,
         amp=autocast_dtype(cfg.precision, device),
+        parallel=parallel,
     )
     if resume:
         _restore(run)
+    if parallel is not None:
+        # wrapped after the checkpoint is loaded into the plain model: resume is the same for all modes
+        for s in students:
+            parallel.wrap(s)
+            s.parallel = parallel
     return run
 
 
-def _make_stream(cfg: RunConfig):
+def _make_stream(cfg: RunConfig, parallel=None):
     from longkd.trainer.stream import WindowStream
 
     ld = cfg.loader
+    if parallel is not None:
+        parallel.check_batch(cfg.batch_size)
     return WindowStream(
         cfg.cache,
         batch_size=cfg.batch_size,
@@ -187,6 +203,8 @@ def _make_stream(cfg: RunConfig):
         num_workers=ld.num_workers,
         pin_memory=ld.pin_memory,
         prefetch_factor=ld.prefetch_factor,
+        rank=0 if parallel is None else parallel.rank,
+        world=1 if parallel is None else parallel.world,
     )
 
 
@@ -227,7 +245,8 @@ def _restore(run: Run) -> None:
         s.load_rng_state(saved["rng"])
         s.step, s.tokens = c["step"], c["tokens"]
         s.phase_start_step, s.phase_start_tokens = c["phase_start_step"], c["phase_start_tokens"]
-        ckpt.truncate_metrics(s.out_dir / "metrics.jsonl", step)
+        if run.is_main:
+            ckpt.truncate_metrics(s.out_dir / "metrics.jsonl", step)
     run.stream.load_state_dict(state["reader"])
     random.setstate(state["python_rng"])
     np.random.set_state(state["numpy_rng"])
@@ -257,9 +276,15 @@ def _log(run: Run, s: Student, m: StepMetrics) -> None:
 
 
 def save_checkpoint(run: Run) -> None:
-    """Every student's checkpoint at the current step, then the run state that commits it."""
+    """Every student's checkpoint at the current step, then the run state that commits it.
+
+    Under torchrun every rank calls this (FSDP gathers full states) and rank 0 writes.
+    """
     reader_state = run.stream.state_dict()
     for s in run.students:
+        model_state, optimizer_state = run.parallel.full_states(s) if run.parallel else (None, None)
+        if not run.is_main:
+            continue
         ckpt.save_student_checkpoint(
             s.out_dir / "checkpoints",
             run.step,
@@ -270,10 +295,15 @@ def save_checkpoint(run: Run) -> None:
             rng=s.rng_state(),
             reader_state=reader_state,
             keep=run.cfg.keep_checkpoints,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
         )
-    ckpt.save_run_state(
-        run.out, run.step, reader_state, [s.name for s in run.students], run.cfg.keep_checkpoints
-    )
+    if run.is_main:
+        ckpt.save_run_state(
+            run.out, run.step, reader_state, [s.name for s in run.students], run.cfg.keep_checkpoints
+        )
+    if run.parallel is not None:
+        run.parallel.group.barrier()  # the step is committed before any rank goes on
 
 
 @dataclass
@@ -325,16 +355,17 @@ def run_loop(run: Run, *, progress: bool | None = None, stop_after: int | None =
     from tqdm.auto import tqdm
 
     cfg = run.cfg
-    run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str) + "\n")
-    _open_writers(run)
+    if run.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str) + "\n")
+        _open_writers(run)
     end = run.total_steps if stop_after is None else min(stop_after, run.total_steps)
     start_tokens = {s.name: s.tokens for s in run.students}
     start_time = time.perf_counter()
     bar = tqdm(
         total=run.total_steps,
         initial=run.step,
-        disable=None if progress is None else not progress,
+        disable=(None if progress is None else not progress) if run.is_main else True,
         desc="train",
         unit="step",
         dynamic_ncols=True,
@@ -359,7 +390,8 @@ def run_loop(run: Run, *, progress: bool | None = None, stop_after: int | None =
                     temperature=run.temperatures[s.name],
                     amp=run.amp,
                 )
-                _log(run, s, m)
+                if run.is_main:
+                    _log(run, s, m)
             run.step += 1
             bar.update(1)
             if run.step % cfg.log_every == 0 or run.step == end:
@@ -399,4 +431,9 @@ def train(
     Raises:
         LongkdError: any setup check, or a non-finite loss during training.
     """
-    return run_loop(prepare(cfg, resume=resume), progress=progress, stop_after=stop_after)
+    run = prepare(cfg, resume=resume)
+    try:
+        return run_loop(run, progress=progress, stop_after=stop_after)
+    finally:
+        if run.parallel is not None:
+            run.parallel.close()

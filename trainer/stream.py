@@ -246,12 +246,13 @@ class _Pool:
         self.offsets = np.cumsum([0] + [r.num_windows for r in self.readers]).astype(np.int64)
         self.size = int(self.offsets[-1])
         # (first pool index, rows) per shard, over all caches in order
+        # pool indices of each shard's rows, over all caches in order (a cache built by N ranks
+        # interleaves window ids across shards: shard_windows gives first, first + N, ...)
         self.shards = []
         for cache, reader in enumerate(self.readers):
             start = int(self.offsets[cache])
-            for shard in reader.shards:
-                self.shards.append((start, int(shard["rows"])))
-                start += int(shard["rows"])
+            for i in range(len(reader.shards)):
+                self.shards.append(start + reader.shard_windows(i))
         self._orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
@@ -263,7 +264,7 @@ class _Pool:
         else:
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
             parts = [self.shards[i] for i in rng.permutation(len(self.shards))]
-            order = np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in parts])
+            order = np.concatenate(parts).astype(np.int64)
             for lo in range(0, self.size, self.shuffle_buffer):
                 block = order[lo : lo + self.shuffle_buffer]
                 order[lo : lo + self.shuffle_buffer] = block[rng.permutation(len(block))]
@@ -313,19 +314,24 @@ def collate(windows, pool_indices) -> WindowBatch:
 class _Batches(IterableDataset):
     """Batches b = 0, 1, ... from flat offset ``start``; worker w of n builds b % n == w.
 
+    Under torchrun, rank r of ``world`` builds only its slice of each global batch: the
+    windows at offsets ``[b*B + r*B/world, b*B + (r+1)*B/world)``.
+
     Readers are opened inside ``__iter__``, so every worker process has its own file handles.
     """
 
-    def __init__(self, uris, seed, shuffle, shuffle_buffer, batch_size, start):
+    def __init__(self, uris, seed, shuffle, shuffle_buffer, batch_size, start, rank=0, world=1):
         self.args = (list(uris), seed, shuffle, shuffle_buffer)
         self.batch_size, self.start = batch_size, start
+        self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[WindowBatch]:
         info = get_worker_info()
         wid, n = (0, 1) if info is None else (info.id, info.num_workers)
         pool = _Pool(*self.args)
+        local = self.batch_size // self.world
         for b in itertools.count(wid, n):
-            yield pool.batch(self.start + b * self.batch_size, self.batch_size)
+            yield pool.batch(self.start + b * self.batch_size + self.rank * local, local)
 
 
 class WindowStream:
@@ -340,6 +346,9 @@ class WindowStream:
         num_workers: DataLoader worker processes (0: batches built in this process).
         pin_memory: put batches in pinned memory (for fast copies to an accelerator).
         prefetch_factor: batches each worker prepares ahead (with ``num_workers`` > 0).
+        rank, world: under torchrun, this rank yields only its ``batch_size / world`` windows of
+            each global batch of ``batch_size``; the state (global windows taken) is the same on
+            every rank.
 
     Attributes:
         readers: the ``CacheReader`` of each cache, in order (metadata; workers open their own).
@@ -362,6 +371,8 @@ class WindowStream:
         num_workers: int = 0,
         pin_memory: bool = False,
         prefetch_factor: int = 2,
+        rank: int = 0,
+        world: int = 1,
     ):
         uris = (
             [str(caches)]
@@ -378,6 +389,12 @@ class WindowStream:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise LongkdError(f"{name} must be an integer >= {low}, got {value!r}")
+        if world < 1 or not 0 <= rank < world or batch_size % world:
+            raise LongkdError(
+                f"batch_size {batch_size} must be a multiple of the {world} ranks (rank {rank}); "
+                "each rank takes an equal slice of every global batch"
+            )
+        self.rank, self.world = rank, world
         self.uris = uris
         self.batch_size, self.seed, self.shuffle = batch_size, int(seed), bool(shuffle)
         self.shuffle_buffer, self.num_workers = shuffle_buffer, num_workers
@@ -466,8 +483,9 @@ class WindowStream:
 
     def __iter__(self) -> Iterator[WindowBatch]:
         dataset = _Batches(
-            self.uris, self.seed, self.shuffle, self.shuffle_buffer, self.batch_size, start=self._flat
-        )
+            self.uris, self.seed, self.shuffle, self.shuffle_buffer, self.batch_size, start=self._flat,
+            rank=self.rank, world=self.world,
+        )  # fmt: skip
         loader = DataLoader(
             dataset,
             batch_size=None,  # the dataset yields whole batches

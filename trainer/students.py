@@ -218,6 +218,8 @@ class Student:
         self.body = self.model.get_decoder()
         if cfg.compile:
             self.body = torch.compile(self.body)
+        # under torchrun: the trainer/distributed.py Parallel whose DDP / FSDP wrapper runs the forward
+        self.parallel = None
 
     # ------------------------------------------------------------------ RNG
 
@@ -306,9 +308,12 @@ def batch_losses(student: Student, batch, *, mode: str, temperature: float, amp:
     mask = batch.loss_mask(skip_first_tokens=lc.skip_first_tokens).reshape(b * p)
     device_type = batch.input_ids.device.type
     with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
-        out = student.body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        logits = lm_head_logits(student.model, hidden)  # [B, P, V]
+        if student.parallel is not None:  # through DDP / FSDP, so gradients sync (trainer/distributed.py)
+            logits = student.parallel.logits(student, batch.input_ids, batch.position_ids)
+        else:
+            out = student.body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            logits = lm_head_logits(student.model, hidden)  # [B, P, V]
     logits = logits.reshape(b * p, -1)
     ids = batch.ids.reshape(b * p, -1).long()
     target = batch.target_logprobs.reshape(b * p, -1).float()
@@ -388,6 +393,8 @@ def train_step(
             cut = batch.prefix(phase.window) if phase.window < batch.input_ids.shape[1] else batch
             loss, kl, ce, n = batch_losses(student, cut, mode=mode, temperature=temperature, amp=amp)
             value = float(loss.detach())
+            if student.parallel is not None:  # means over the global batch, as in one process
+                loss, value, kl, ce = student.parallel.global_mean(loss, kl, ce, n)
             if not math.isfinite(value):
                 student.optimizer.zero_grad(set_to_none=True)
                 raise _nan_error(student, step_no, f"loss is {value}")
@@ -396,8 +403,12 @@ def train_step(
             sums[1] += float(kl) / len(batches)
             sums[2] += float(ce) / len(batches)
             tokens += int(cut.lengths.clamp(max=cut.input_ids.shape[1]).sum())
+        if student.parallel is not None:
+            tokens = student.parallel.sum_int(tokens)  # schedules counting tokens see the global count
         params = [p for g in student.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, opt.clip_grad_norm or math.inf)
+        if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor
+            norm = norm.full_tensor()
         if not torch.isfinite(norm):
             student.optimizer.zero_grad(set_to_none=True)
             raise _nan_error(student, step_no, f"gradient norm is {float(norm)}")
