@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add this folder's subcommands to the top-level parser."""
     register_eval(sub)
     register_analyze(sub)
+    from longkd.tools.demo import register as register_demo
+
+    register_demo(sub)
 
 
 # --------------------------------------------------------------------------- parsing helpers
