@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_fused_linear import dense_oracle, make_targets
 
 from longkd.errors import LongkdError
 from longkd.kernels import cupy_kl
+from tests.kernels.test_fused_linear import dense_oracle, make_targets
 
 MODES = ("bucket", "renorm", "sampled")
 
