@@ -12,6 +12,7 @@ happen inside the command functions, keeping ``longkd --help`` fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -205,9 +206,19 @@ def _toy_world(spec: str | None, model_dir: Path, vocab_size: int):
     data = data or {"vocab_size": vocab_size}
     if not isinstance(data, dict):
         raise LongkdError("--toy-world must be a JSON object with vocab_size, num_keys, num_values")
-    allowed = {"vocab_size", "num_keys", "num_values"}
+    # Every ToyWorld field is taken, not only the vocabulary: the probes' filler and copies
+    # follow copy_prob / copy_length / run_length, so they must match the training world.
+    allowed = {f.name: f.default for f in dataclasses.fields(ToyWorld)}
     try:
-        return ToyWorld(**{k: int(v) for k, v in data.items() if k in allowed})
+        kwargs = {}
+        for k, v in data.items():
+            if k in allowed:
+                kind = type(allowed[k])
+                kwargs[k] = tuple(int(x) for x in v) if kind is tuple else kind(v)
+    except (TypeError, ValueError) as err:
+        raise LongkdError(f"--toy-world has a value of the wrong type: {err}") from None
+    try:
+        return ToyWorld(**kwargs)
     except LongkdError as err:
         raise LongkdError(f"{err} (or pass --toy-world with the world {model_dir} was trained on)") from None
 

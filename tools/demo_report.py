@@ -1,0 +1,335 @@
+"""The tables and the plot of ``longkd demo``, computed only from the eval outputs it read back.
+
+``tools/demo.py`` runs the pipeline and collects, per seed and model, the parsed
+``results.json`` of ``longkd eval --task toy`` and ``--task cache-kl``; this module reduces
+them (retrieval within and beyond the student's context S, KL to the teacher before and after
+position S, mean and spread over seeds) and writes OUT/results.json, OUT/results.md and
+OUT/retrieval.png. Nothing here is a constant result: every number traces to an eval file,
+whose path is kept next to it in results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from longkd.errors import LongkdError
+from longkd.tools import report
+
+ORDER = ("teacher", "kd-phasewise", "kd-static", "ce-phasewise", "kd-reset-control", "untrained")
+DESCRIPTIONS = {
+    "teacher": "long-context teacher (context W)",
+    "kd-phasewise": "KD, phase-wise RoPE scaling (window and factor grow S -> W)",
+    "kd-static": "KD, static RoPE scaling (final factor W/S from step 0)",
+    "ce-phasewise": "cross-entropy only, same packed windows and schedule as kd-phasewise",
+    "kd-reset-control": "KD, phase-wise, from the reset-positions cache (control)",
+    "untrained": "the short-context student as pre-trained (context S)",
+}
+
+
+def accuracy_by_distance(result: dict) -> dict[int, float]:
+    """``{distance: accuracy in [0, 1]}`` from a ``longkd eval --task toy`` results.json."""
+    return {int(r["distance"]): float(r["score"]) / 100.0 for r in result["by_distance"]}
+
+
+def check_teacher(acc: dict[int, float], window: int, floor: float = 0.9) -> None:
+    """The teacher must retrieve at every measured distance up to W.
+
+    Raises:
+        LongkdError: naming the distances below ``floor``.
+    """
+    bad = {d: a for d, a in acc.items() if d <= window and a < floor}
+    if bad:
+        shown = ", ".join(f"{a:.0%} at distance {d}" for d, a in sorted(bad.items()))
+        raise LongkdError(
+            f"the toy teacher retrieves only {shown} (needs >= {floor:.0%} at every distance up to "
+            f"W={window}); the distillation demo needs a teacher that uses its whole window: "
+            "see docs/toy.md for the recipes' state; --no-checks runs the pipeline anyway"
+        )
+
+
+def check_student(acc: dict[int, float], short: int, chance: float, within: int) -> None:
+    """The student must retrieve within S and be near chance beyond 2 S (<= 3 x chance).
+
+    Raises:
+        LongkdError: naming the distance that breaks the precondition.
+    """
+    for d, a in sorted(acc.items()):
+        if d <= within and a < 0.8:
+            raise LongkdError(
+                f"the toy student retrieves only {a:.0%} at distance {d} inside its context "
+                f"S={short} (needs >= 80%); see docs/toy.md; --no-checks runs the pipeline anyway"
+            )
+        if d > 2 * short and a > 3 * chance:
+            raise LongkdError(
+                f"the toy student already retrieves {a:.0%} at distance {d} beyond 2S={2 * short} "
+                f"(chance {chance:.0%}); the demo needs a student that cannot, so nothing "
+                "would be learned from the teacher"
+            )
+
+
+def aggregate(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min, max and the values."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": n, "values": values}
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def kl_split(kl: dict, short: int) -> tuple[float | None, float | None]:
+    """Row-weighted mean KL of the buckets that start before S and of those at or after S."""
+
+    def weighted(entries):
+        rows = sum(e["rows"] for e in entries if e["rows"])
+        return sum(e["kl"] * e["rows"] for e in entries if e["rows"]) / rows if rows else None
+
+    parts = kl["by_position"]
+    return weighted([e for e in parts if e["start"] < short]), weighted(
+        [e for e in parts if e["start"] >= short]
+    )
+
+
+def summarize(evals: dict, *, recipe, settings: dict, timings: dict, record: dict, device: str) -> dict:
+    """Reduce the per-seed eval outputs to the demo's results.
+
+    Args:
+        evals: ``{seed: {model: {"toy": {distance: accuracy}, "toy_results": path,
+            "kl": cache-kl result (students only), "kl_results": path}}}``.
+        recipe: the toy recipe (``window`` W, ``short`` S, ``world``).
+        settings, timings, record, device: carried into the results as they are.
+
+    Returns:
+        The JSON-ready results (see OUT/results.json); accuracies in [0, 1], KL in nats.
+    """
+    short, window = recipe.short, recipe.window
+    inside = recipe.short_max_distance()
+    seeds = sorted(evals)
+    models = {}
+    for name in ORDER:
+        per_seed = {}
+        for seed in seeds:
+            e = evals[seed].get(name)
+            if e is None:
+                continue
+            acc = e["toy"]
+            row = {
+                "within": _mean(a for d, a in acc.items() if d <= inside),
+                "beyond": _mean(a for d, a in acc.items() if d > short),
+                "by_distance": {str(d): a for d, a in sorted(acc.items())},
+                "toy_results": e["toy_results"],
+            }
+            if "kl" in e:
+                below, after = kl_split(e["kl"], short)
+                row.update(
+                    kl_below_S=below,
+                    kl_from_S=after,
+                    kl_overall=e["kl"]["overall"]["kl"],
+                    kl_results=e["kl_results"],
+                )
+            per_seed[str(seed)] = row
+        if not per_seed:
+            continue
+        rows = list(per_seed.values())
+        summary = {
+            k: aggregate([r[k] for r in rows])
+            for k in ("within", "beyond", "kl_below_S", "kl_from_S")
+            if all(r.get(k) is not None for r in rows)
+        }
+        distances = rows[0]["by_distance"].keys()
+        models[name] = {
+            "description": DESCRIPTIONS[name],
+            "per_seed": per_seed,
+            "summary": summary,
+            "by_distance_mean": {d: _mean(r["by_distance"][d] for r in rows) for d in distances},
+        }
+    chance = recipe.world.chance
+    teacher_min = min(min(r["by_distance"].values()) for r in models["teacher"]["per_seed"].values())
+    student = models["untrained"]["per_seed"]
+    beyond_2s = [a for r in student.values() for d, a in r["by_distance"].items() if int(d) > 2 * short]
+    preconditions = {
+        "teacher_min_accuracy": teacher_min,
+        "teacher_ok": teacher_min >= 0.9,
+        "student_within_S": min(r["within"] for r in student.values()),
+        "student_max_beyond_2S": max(beyond_2s) if beyond_2s else None,
+        "student_ok": min(r["within"] for r in student.values()) >= 0.8
+        and all(a <= 3 * chance for a in beyond_2s),
+    }
+    inspect = {}
+    for cache, rep in record.get("inspect", {}).items():
+        s = rep["summary"]
+        inspect[cache] = {
+            k: s.get(k) for k in ("window", "windows", "bytes_per_token_disk", "compression_ratio")
+        }
+        inspect[cache]["overall"] = rep["overall"]
+        inspect[cache]["by_position"] = rep["by_position"]
+    return {
+        "recipe": {
+            "name": recipe.name,
+            "window": window,
+            "short": short,
+            "chance": chance,
+            "within_S_max_distance": inside,
+            "world": recipe.world.to_dict(),
+        },
+        "settings": settings,
+        "device": device,
+        "seeds": [int(s) for s in seeds],
+        "models": models,
+        "preconditions": preconditions,
+        "inspect": inspect,
+        "pretrain": record.get("pretrain", {}),
+        "precondition_error": record.get("precondition_error"),
+        "timings_s": timings,
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _pm(agg: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    if agg is None:
+        return "-"
+    text = f"{scale * agg['mean']:.{digits}f}"
+    return text + (f" ± {scale * agg['sd']:.{digits}f}" if agg["n"] > 1 else "")
+
+
+def markdown(results: dict) -> str:
+    """OUT/results.md: headline, retrieval by distance, KL, cache summary, checks, timings."""
+    r = results["recipe"]
+    S, W, n = r["short"], r["window"], len(results["seeds"])
+    st = results["settings"]
+    lines = [
+        "# longkd demo: results",
+        "",
+        f"Teacher context W = {W}, student context S = {S}, recipe `{r['name']}`; {st['steps']} steps x "
+        f"{st['batch_size']} windows per student; {n} seed(s); device {results['device']}; "
+        f"chance {100 * r['chance']:.1f}%. Retrieval in % of probes (greedy next token after `QUERY key`); "
+        f"'within S' = distances <= {r['within_S_max_distance']} (the probe fits in S), 'beyond S' = "
+        f"distances > {S}. KL: nats per token to the cached teacher on held-out windows, positions < {S} "
+        f"and >= {S}. Mean ± sample sd over seeds.",
+        "",
+        *(
+            [f"**WARNING: the models missed their precondition ({results['precondition_error']}); "
+             "the run went on under --no-checks and its comparison means nothing.**", ""]
+            if results.get("precondition_error") else []
+        ),  # fmt: skip
+        "## Headline",
+        "",
+        "| model | what | within S | beyond S | beyond S per seed | KL pos < S | KL pos >= S |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in results["models"].items():
+        s = m["summary"]
+        per = ", ".join(_pct(v["beyond"]) for v in m["per_seed"].values())
+        lines.append(
+            f"| {name} | {m['description']} | {_pm(s.get('within'))} | {_pm(s.get('beyond'))} | {per} | "
+            f"{_pm(s.get('kl_below_S'), 1.0, 3)} | {_pm(s.get('kl_from_S'), 1.0, 3)} |"
+        )
+    distances = list(next(iter(results["models"].values()))["by_distance_mean"])
+    head = [f"{d}{'*' if int(d) > S else ''}" for d in distances]
+    lines += [
+        "",
+        f"## Retrieval by fact-query distance (%, mean over seeds; * = beyond S = {S})",
+        "",
+        "| model | " + " | ".join(head) + " |",
+        "|---|" + "---|" * len(head),
+    ]
+    for name, m in results["models"].items():
+        lines.append(f"| {name} | " + " | ".join(_pct(m["by_distance_mean"][d]) for d in distances) + " |")
+    if results["inspect"]:
+        lines += [
+            "",
+            "## The caches (`longkd cache inspect`)",
+            "",
+            "| cache | windows | bytes/token on disk | teacher entropy | top-1 prob | covered mass |",
+            "|---|---|---|---|---|---|",
+        ]
+        for cache, c in results["inspect"].items():
+            o = c["overall"]
+            lines.append(
+                f"| {cache} | {c['windows']} | {report.format_value(c['bytes_per_token_disk'])} | "
+                f"{report.format_value(o.get('entropy'))} | {report.format_value(o.get('top1'))} | "
+                f"{report.format_value(o.get('covered'))} |"
+            )
+    p = results["preconditions"]
+    lines += [
+        "",
+        "## Preconditions (measured in this run)",
+        "",
+        f"- teacher: lowest retrieval over all distances {_pct(p['teacher_min_accuracy'])}% "
+        f"(needs >= 90): {'ok' if p['teacher_ok'] else 'FAILED'}",
+        f"- student: within S {_pct(p['student_within_S'])}%, highest beyond 2S "
+        f"{_pct(p['student_max_beyond_2S'])}% (chance {100 * r['chance']:.1f}%): "
+        f"{'ok' if p['student_ok'] else 'FAILED'}",
+        "",
+        "## Timings (s)",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in results["timings_s"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str | Path) -> Path:
+    """OUT/retrieval.png: accuracy against distance, one line per model, S marked."""
+    r = results["recipe"]
+    S, n = r["short"], len(results["seeds"])
+    fig, ax = report.subplots(1, 1, width=9.0, height=4.6)
+    styles = {
+        "teacher": dict(color="black", ls="--"),
+        "kd-phasewise": dict(color="tab:blue"),
+        "kd-static": dict(color="tab:orange"),
+        "ce-phasewise": dict(color="tab:green"),
+        "kd-reset-control": dict(color="tab:purple"),
+        "untrained": dict(color="0.5", ls=":"),
+    }
+    for name, m in results["models"].items():
+        ds = [int(d) for d in m["by_distance_mean"]]
+        mean = [100 * v for v in m["by_distance_mean"].values()]
+        (line,) = ax.plot(ds, mean, marker="o", ms=3.5, label=name, **styles.get(name, {}))
+        if n > 1:
+            per = [[100 * s["by_distance"][str(d)] for s in m["per_seed"].values()] for d in ds]
+            ax.fill_between(
+                ds, [min(v) for v in per], [max(v) for v in per], color=line.get_color(), alpha=0.12
+            )
+    ax.axvline(S, color="tab:red", lw=1)
+    ax.axvspan(S, r["window"], color="tab:red", alpha=0.05)
+    ax.text(
+        S * 1.05, 50, f"beyond student context S={S}", color="tab:red", fontsize=8, rotation=90, va="center"
+    )
+    ax.axhline(100 * r["chance"], color="0.6", lw=0.8, ls="-.")
+    ax.text(3.2, 100 * r["chance"] + 1.5, "chance", color="0.4", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(3, r["window"])
+    ticks: list[int] = []
+    for d in sorted(int(d) for d in next(iter(results["models"].values()))["by_distance_mean"]):
+        if not ticks or d >= 1.15 * ticks[-1]:  # labels of close distances would overlap
+            ticks.append(d)
+    ax.set_xticks(ticks, [str(d) for d in ticks], fontsize=7)
+    ax.minorticks_off()
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("fact-to-query distance (tokens, log scale)")
+    ax.set_ylabel("retrieval accuracy (% of probes)")
+    spread = f"mean of {n} seeds, band = min-max" if n > 1 else "1 seed"
+    ax.set_title(f"Toy retrieval by distance: teacher W={r['window']}, student S={S} ({spread})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return report.save_figure(fig, path)
+
+
+def write(results: dict, out: str | Path) -> dict[str, Path]:
+    """Write OUT/results.json, OUT/results.md and OUT/retrieval.png."""
+    out = Path(out)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "retrieval.png"}
+    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    paths["markdown"].write_text(markdown(results))
+    plot(results, paths["plot"])
+    return paths
