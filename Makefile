@@ -13,8 +13,10 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: install demo test lint
 install: $(VENV)/.installed
 
+# --no-checks: the toy teacher does not yet meet its retrieval precondition (docs/demo.md);
+# the demo runs the whole pipeline anyway and marks the failed precondition in its results.
 demo: install
-	$(VENV)/bin/longkd demo
+	$(VENV)/bin/longkd demo --quick --no-checks
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -319,7 +319,10 @@ def plot(results: dict, path: str | Path) -> Path:
     ax.set_xlabel("fact-to-query distance (tokens, log scale)")
     ax.set_ylabel("retrieval accuracy (% of probes)")
     spread = f"mean of {n} seeds, band = min-max" if n > 1 else "1 seed"
-    ax.set_title(f"Toy retrieval by distance: teacher W={r['window']}, student S={S} ({spread})", fontsize=10)
+    title = f"Toy retrieval by distance: teacher W={r['window']}, student S={S} ({spread})"
+    if results.get("precondition_error"):
+        title += "\nPRECONDITIONS NOT MET (run with --no-checks): this comparison is no evidence either way"
+    ax.set_title(title, fontsize=10, color="tab:red" if results.get("precondition_error") else "black")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return report.save_figure(fig, path)
