@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from longkd.cli import main
 from longkd.errors import LongkdError
 from longkd.tools.eval_cache import format_kl, kl_by_position, plot_kl
+from tests.helpers import write_random_text
 
 VOCAB = 64
 W = 32
@@ -30,15 +31,8 @@ def teacher_dir(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    from longkd.tools.tiny import ids_to_text
-
-    rng = np.random.default_rng(2)
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with path.open("w") as f:
-        for _ in range(20):
-            ids = rng.integers(4, VOCAB, size=int(rng.integers(3, 30)))
-            f.write(json.dumps({"text": ids_to_text(ids)}) + "\n")
-    return path
+    return write_random_text(path, samples=20, vocab=VOCAB, lengths=(3, 30), seed=2)
 
 
 def _build(teacher_dir, data_file, out, *extra):

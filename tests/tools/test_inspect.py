@@ -17,6 +17,7 @@ import pytest
 from longkd.cli import main
 from longkd.errors import LongkdError
 from longkd.tools.inspect import SEGMENT_EDGES, inspect_cache, register_inspect, show_position
+from tests.helpers import write_random_text
 
 VOCAB = 64
 W = 32
@@ -30,15 +31,9 @@ def teacher_dir(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    from longkd.tools.tiny import ids_to_text
-
-    rng = np.random.default_rng(1)
+    # ~260 tokens: 8 windows of 32, the last one padded; some samples split
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with path.open("w") as f:
-        for _ in range(12):  # ~260 tokens: 8 windows of 32, the last one padded; some samples split
-            ids = rng.integers(4, VOCAB, size=int(rng.integers(3, 40)))
-            f.write(json.dumps({"text": ids_to_text(ids)}) + "\n")
-    return path
+    return write_random_text(path, samples=12, vocab=VOCAB, lengths=(3, 40), seed=1)
 
 
 def _build(teacher_dir, data_file, out, *extra):

@@ -26,16 +26,6 @@ VOCAB = 64
 W = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine the threads'
-    spin-waiting makes every step many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cache(tiny_model_dir, tmp_path_factory):
     from longkd.tools.tiny import ids_to_text
