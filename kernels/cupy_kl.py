@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from longkd.errors import LongkdError
+from longkd.kernels.reference import validate_inputs
 
 SOURCE_PATH = Path(__file__).with_name("sparse_kl.cu")
 MODES = {"bucket": 0, "renorm": 1, "sampled": 2}
@@ -113,35 +114,20 @@ def _ptr(t: torch.Tensor | None) -> np.uint64:
 
 
 def check_inputs(logits, ids, target_logprobs, mask, mode, temperature, reduction="mean"):
-    """Validate the kernel's contract; raise LongkdError naming the offending argument."""
-    if mode not in MODES:
-        raise LongkdError(f"sparse_kl: unknown mode {mode!r}; use one of {sorted(MODES)}")
-    if reduction not in REDUCTIONS:
-        raise LongkdError(f"sparse_kl: unknown reduction {reduction!r}; use one of {list(REDUCTIONS)}")
-    if not float(temperature) > 0:
-        raise LongkdError(f"sparse_kl: temperature must be > 0, got {temperature}")
-    if logits.dim() != 2:
-        raise LongkdError(f"sparse_kl: logits must be [N, V], got shape {tuple(logits.shape)}")
-    if logits.dtype not in _SUFFIX:
-        raise LongkdError(
-            f"sparse_kl: logits dtype {logits.dtype} unsupported; use float32, bfloat16 or float16"
-        )
-    N, V = logits.shape
-    if ids.dim() != 2 or ids.shape[0] != N:
-        raise LongkdError(f"sparse_kl: ids must be [N={N}, K], got shape {tuple(ids.shape)}")
-    if ids.dtype != torch.int64:
-        raise LongkdError(f"sparse_kl: ids must be int64, got {ids.dtype}; convert with ids.long()")
-    if target_logprobs.shape != ids.shape or target_logprobs.dtype != torch.float32:
-        raise LongkdError(
-            f"sparse_kl: target_logprobs must be float32 of shape {tuple(ids.shape)}, "
-            f"got {target_logprobs.dtype} {tuple(target_logprobs.shape)}"
-        )
+    """Validate the kernel's contract; raise LongkdError naming the offending argument.
+
+    The loss's shared contract (shapes, dtypes, options, devices) is the reference's
+    ``validate_inputs``; this adds what only the kernel needs: K within MAX_K, CUDA tensors,
+    contiguous memory.
+    """
+    validate_inputs(
+        logits, ids, target_logprobs, mode=mode, temperature=temperature, mask=mask,
+        reduction=reduction, chunk_size=1, name="sparse_kl",
+    )  # fmt: skip
     if ids.shape[1] > MAX_K:
         raise LongkdError(
             f"sparse_kl: K={ids.shape[1]} exceeds the kernel's limit {MAX_K}; use impl='reference'"
         )
-    if mask is not None and (mask.shape != (N,) or mask.dtype != torch.bool):
-        raise LongkdError(f"sparse_kl: mask must be bool [N={N}], got {mask.dtype} {tuple(mask.shape)}")
     tensors = {"logits": logits, "ids": ids, "target_logprobs": target_logprobs, "mask": mask}
     for name, t in tensors.items():
         if t is None:

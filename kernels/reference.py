@@ -286,6 +286,18 @@ def sparse_kl_reference(
         chunk_size=chunk_size,
         name="sparse_kl",
     )
+    return reference_on_validated(
+        logits, ids, target_logprobs, mode=mode, temperature=temperature, mask=mask,
+        reduction=reduction, chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def reference_on_validated(logits, ids, target_logprobs, *, mode, temperature, mask, reduction, chunk_size):
+    """``sparse_kl_reference`` after ``validate_inputs`` has passed (the dispatcher validates once).
+
+    Still checks what validation cannot see without reading values: ids within V (an
+    out-of-range id would otherwise fail deep inside a scatter).
+    """
     if ids.numel() and int(ids.max()) >= logits.shape[1]:
         raise LongkdError(
             f"sparse_kl: ids reach {int(ids.max())} but the logits have V={logits.shape[1]} columns; "

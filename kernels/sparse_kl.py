@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from longkd.errors import LongkdError
-from longkd.kernels.reference import has_duplicate_ids, sparse_kl_reference, validate_inputs
+from longkd.kernels.reference import has_duplicate_ids, reference_on_validated, validate_inputs
 
 IMPLS = ("auto", "reference", "cupy")
 CUPY_MISSING = "--loss-impl cupy needs a CUDA device and the `cupy` package (pip install longkd[gpu])"
@@ -135,7 +135,7 @@ def sparse_kl(
             mask=None if mask is None else mask.contiguous(),
             reduction=reduction,
         )
-    return sparse_kl_reference(logits, ids, target_logprobs, chunk_size=chunk_size, **kwargs)
+    return reference_on_validated(logits, ids, target_logprobs, chunk_size=chunk_size, **kwargs)
 
 
 class ChunkedCrossEntropyFunction(torch.autograd.Function):
