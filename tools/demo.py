@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from longkd.errors import LongkdError
-from longkd.tools.demo_report import accuracy_by_distance, check_student, check_teacher
+from longkd.tools.demo_report import accuracy_by_distance
 
 log = logging.getLogger(__name__)
 
@@ -178,23 +178,29 @@ def _toy_eval(demo: Demo, model: str | Path, name: str, seed: int) -> dict:
 
 def stage_models(demo: Demo) -> tuple[Path, Path]:
     """Get or train the teacher and student, then measure and check both (stage 1)."""
-    from longkd.tools.toy_models import RECIPES, get_or_train, load_metrics, recipe_hash
+    from longkd.tools.toy_models import (
+        KINDS,
+        RECIPES,
+        cached_model_dir,
+        check_precondition,
+        get_or_train_both,
+        load_metrics,
+    )
 
     recipe = RECIPES[demo.settings.recipe]
     demo.path("toy_world.json").write_text(json.dumps(recipe.world.to_dict()) + "\n")
-    dirs = {}
-    for kind in ("teacher", "student"):
-        cached = (demo.models_dir / f"{kind}-{recipe_hash(kind, recipe)}" / "metrics.json").is_file()
-        verb = "loading" if cached else "training (cached for later runs)"
-        context = recipe.window if kind == "teacher" else recipe.short
-        with _stage(
-            demo, f"pretrain_{kind}", f"1/5 {verb} the toy {kind} (context {context}) in {demo.models_dir}"
-        ):
-            dirs[kind] = get_or_train(kind, recipe, demo.models_dir, progress=sys.stderr.isatty())
+    cached = {k: (cached_model_dir(k, recipe, demo.models_dir) / "metrics.json").is_file() for k in KINDS}
+    verb = "loading" if all(cached.values()) else "training (cached for later runs)"
+    with _stage(
+        demo, "pretrain", f"1/5 {verb} the toy teacher (context {recipe.window}) and student "
+        f"(context {recipe.short}) in {demo.models_dir}"
+    ):
+        dirs = get_or_train_both(recipe, demo.models_dir, progress=sys.stderr.isatty(), device=demo.device)
+    for kind in KINDS:
         metrics = load_metrics(dirs[kind])
         demo.record.setdefault("pretrain", {})[kind] = {
             "dir": str(dirs[kind]),
-            "cached": cached,
+            "cached": cached[kind],
             "steps": metrics["steps"],
             "train_seconds": metrics["train_seconds"],
             "retrieval_at_pretraining": metrics["retrieval"],
@@ -203,8 +209,8 @@ def stage_models(demo: Demo) -> tuple[Path, Path]:
         teacher = accuracy_by_distance(_toy_eval(demo, dirs["teacher"], "teacher", 0))
         student = accuracy_by_distance(_toy_eval(demo, dirs["student"], "untrained", 0))
     try:
-        check_teacher(teacher, recipe.window)
-        check_student(student, recipe.short, recipe.world.chance, recipe.short_max_distance())
+        check_precondition("teacher", recipe, teacher)
+        check_precondition("student", recipe, student)
     except LongkdError as err:
         if demo.checks:
             raise

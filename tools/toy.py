@@ -1,12 +1,18 @@
-"""A synthetic world of facts, queries and copies, small enough for a CPU demo.
+"""A synthetic world of facts, queries and repeats, small enough for a CPU demo.
 
 Long-context distillation needs a task whose answer lies far back in the context and a
-model small enough to train in minutes. Here documents are filler text in which facts are
-stated (``FACT k v``) and later asked for (``QUERY k v``: after ``QUERY k`` the next token
-is ``v``), plus copy structure (a span of earlier text repeated after a ``COPY`` marker).
+model small enough to train in minutes. Here documents are of two kinds:
+
+- fact documents state facts (``FACT k v``) and later ask for them (``QUERY k v``: after
+  ``QUERY k`` the next token is ``v``), with a little filler between them (multi-query
+  associative recall);
+- repeat documents are a random run of tokens repeated until the document ends.
+
 Answering a query is an induction step: find the earlier ``k`` and copy what followed it,
 so retrieval accuracy as a function of the fact-to-query distance measures how far back a
-model can use its context.
+model can use its context. Repeat documents teach the same induction step densely (every
+token after the first period is predictable), which is what lets a tiny model learn
+retrieval in a few hundred steps instead of never (docs/toy.md).
 
 Everything is token ids over the word tokenizer of ``tools/tiny.py`` (id ``i`` is the word
 ``t{i}``), deterministic for a seed:
@@ -35,44 +41,38 @@ from longkd.tools.tiny import SPECIAL_TOKENS, build_word_tokenizer, ids_to_text
 FACT_LEN = 3  # FACT k v
 QUERY_LEN = 3  # QUERY k v
 MIN_DISTANCE = FACT_LEN  # a query may start right after its fact
+MARKERS = 2  # FACT, QUERY
 
 
 @dataclass(frozen=True)
 class ToyWorld:
-    """The vocabulary layout: which token ids are markers, keys, values and filler.
+    """The vocabulary layout and the shape of the documents.
 
     Ids ``0-3`` are the tokenizer's specials (``<pad> <s> </s> <unk>``), then the markers
-    ``FACT QUERY COPY``, then ``num_keys`` key ids, ``num_values`` value ids, and every
-    remaining id is filler.
-
-    It also fixes the shape of the documents (see :func:`long_document`): how dense facts
-    and copies are, which decides how fast a tiny model learns retrieval (docs/toy.md).
+    ``FACT QUERY``, then ``num_keys`` key ids, ``num_values`` value ids, and every remaining
+    id is filler.
 
     Args:
         vocab_size: tokenizer and model vocabulary.
         num_keys: distinct keys; a document states each key at most once.
         num_values: distinct values; chance level of retrieval is ``1 / num_values``.
-        facts_every: a long document holds one fact per this many tokens.
-        copy_prob: chance that a stretch of filler copies an earlier one (see ``_fill``).
-        copy_length: inclusive range of a copied span's length in long documents.
-        run_length: inclusive range of a fresh filler run's length in long documents.
+        filler_prob: in fact documents, the chance that the next item is one filler token
+            rather than a fact or a query.
+        repeat_share: the share of documents that are repeat documents.
+        min_period: the shortest run a repeat document repeats.
 
     Raises:
-        LongkdError: fewer than 8 filler ids would remain.
+        LongkdError: fewer than 8 filler ids would remain, or a share outside [0, 1).
     """
 
-    vocab_size: int = 512
-    num_keys: int = 32
-    num_values: int = 64
-    facts_every: int = 16
-    copy_prob: float = 0.7
-    copy_length: tuple[int, int] = (8, 48)
-    run_length: tuple[int, int] = (8, 32)
+    vocab_size: int = 64
+    num_keys: int = 16
+    num_values: int = 16
+    filler_prob: float = 0.2
+    repeat_share: float = 0.5
+    min_period: int = 4
 
     def __post_init__(self):
-        # JSON round trips (to_dict -> json -> ToyWorld(**d)) turn the ranges into lists.
-        object.__setattr__(self, "copy_length", tuple(self.copy_length))
-        object.__setattr__(self, "run_length", tuple(self.run_length))
         if self.num_keys < 2 or self.num_values < 2:
             raise LongkdError(f"toy world needs at least 2 keys and 2 values, got {self.num_keys} and "
                               f"{self.num_values}")
@@ -81,6 +81,11 @@ class ToyWorld:
                 f"toy world vocab_size {self.vocab_size} leaves {self.num_filler} filler ids for "
                 f"{self.num_keys} keys and {self.num_values} values; raise vocab_size or use fewer keys"
             )
+        for name in ("filler_prob", "repeat_share"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise LongkdError(f"toy world {name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.min_period < 2:
+            raise LongkdError(f"toy world min_period must be at least 2, got {self.min_period}")
 
     @property
     def fact_id(self) -> int:
@@ -91,26 +96,27 @@ class ToyWorld:
         return len(SPECIAL_TOKENS) + 1
 
     @property
-    def copy_id(self) -> int:
-        return len(SPECIAL_TOKENS) + 2
-
-    @property
     def key_ids(self) -> np.ndarray:
-        start = len(SPECIAL_TOKENS) + 3
+        start = len(SPECIAL_TOKENS) + MARKERS
         return np.arange(start, start + self.num_keys)
 
     @property
     def value_ids(self) -> np.ndarray:
-        start = len(SPECIAL_TOKENS) + 3 + self.num_keys
+        start = len(SPECIAL_TOKENS) + MARKERS + self.num_keys
         return np.arange(start, start + self.num_values)
 
     @property
     def filler_ids(self) -> np.ndarray:
-        return np.arange(len(SPECIAL_TOKENS) + 3 + self.num_keys + self.num_values, self.vocab_size)
+        return np.arange(len(SPECIAL_TOKENS) + MARKERS + self.num_keys + self.num_values, self.vocab_size)
+
+    @property
+    def content_ids(self) -> np.ndarray:
+        """Keys, values and filler: what repeat documents are made of."""
+        return np.arange(len(SPECIAL_TOKENS) + MARKERS, self.vocab_size)
 
     @property
     def num_filler(self) -> int:
-        return self.vocab_size - len(SPECIAL_TOKENS) - 3 - self.num_keys - self.num_values
+        return self.vocab_size - len(SPECIAL_TOKENS) - MARKERS - self.num_keys - self.num_values
 
     @property
     def chance(self) -> float:
@@ -127,8 +133,8 @@ class ToyWorld:
 
 @dataclass(frozen=True)
 class Fact:
-    """A fact and its query in one document: ``FACT key value`` at ``fact_pos`` and
-    ``QUERY key value`` at ``query_pos`` (positions of the marker tokens)."""
+    """A fact and one query of it: ``FACT key value`` at ``fact_pos`` and ``QUERY key value``
+    at ``query_pos`` (positions of the marker tokens). A fact queried twice gives two."""
 
     key: int
     value: int
@@ -148,7 +154,8 @@ class Fact:
 
 @dataclass(frozen=True)
 class Copy:
-    """``length`` tokens at ``src`` repeated at ``dst + 1``, after a ``COPY`` marker at ``dst``."""
+    """Tokens ``dst .. dst + length - 1`` repeat ``src .. src + length - 1``; they are
+    predictable by induction from ``dst + 1`` on (the first one follows a token seen once)."""
 
     src: int
     dst: int
@@ -161,8 +168,8 @@ class ToyDocument:
 
     Attributes:
         input_ids: int64[L] token ids.
-        facts: the facts stated and queried in it.
-        copies: its repeated spans.
+        facts: its queries with the facts they ask for, in query order.
+        copies: its repeated spans (repeat documents).
     """
 
     input_ids: np.ndarray
@@ -177,174 +184,86 @@ class ToyDocument:
         return ids_to_text(self.input_ids)
 
 
-def _fill(
-    world: ToyWorld,
-    ids: np.ndarray,
-    fixed: np.ndarray,
-    rng: np.random.Generator,
-    copy_prob: float,
-    copy_length: tuple[int, int],
-    run_length: tuple[int, int],
-) -> list[Copy]:
-    """Fill the positions not ``fixed`` left to right with filler runs and copies of them.
+class _FactWriter:
+    """Appends facts, queries and filler to a token list (multi-query associative recall).
 
-    Each step writes either a fresh run of random filler (``run_length`` tokens) or, with
-    probability ``copy_prob`` when an earlier run is long enough, ``COPY`` followed by a
-    sub-span of an earlier fresh run (``copy_length`` tokens). Only fresh runs are copied,
-    so a copied span's continuation is never ambiguous. Dense copies are what lets a tiny
-    model form induction heads (and so retrieval) in a few hundred steps (docs/toy.md).
-
-    Returns:
-        The copies written, in order.
+    Each item is one filler token (probability ``world.filler_prob``), a new fact for a key
+    not yet stated, or a query of a key already stated (chosen uniformly, so in a long
+    document distances spread over the whole length); facts and queries are equally likely
+    while keys remain. ``exclude`` keys are never stated (a probe keeps its target key).
     """
-    length = len(ids)
-    lo, hi = copy_length
-    runs: list[tuple[int, int]] = []  # (start, length) of fresh runs of at least ``lo`` tokens
-    copies: list[Copy] = []
-    pos = 0
-    fixed_at = np.flatnonzero(fixed)
-    while pos < length:
-        if fixed[pos]:
-            pos += 1
-            continue
-        nxt = fixed_at[np.searchsorted(fixed_at, pos)] if fixed_at.size and fixed_at[-1] > pos else length
-        room = int(nxt - pos)
-        if room > lo and runs and rng.random() < copy_prob:
-            start, run = runs[int(rng.integers(len(runs)))]
-            n = int(rng.integers(lo, min(hi, run, room - 1) + 1))
-            a = start + int(rng.integers(0, run - n + 1))
-            ids[pos] = world.copy_id
-            ids[pos + 1 : pos + 1 + n] = ids[a : a + n]
-            copies.append(Copy(a, pos, n))
-            pos += n + 1
-        else:
-            n = min(int(rng.integers(run_length[0], run_length[1] + 1)), room)
-            ids[pos : pos + n] = rng.choice(world.filler_ids, size=n)
-            if n >= lo:
-                runs.append((pos, n))
-            pos += n
-    return copies
+
+    def __init__(self, world: ToyWorld, rng: np.random.Generator, exclude: Sequence[int] = ()):
+        self.world, self.rng = world, rng
+        self.ids: list[int] = []
+        self.facts: list[Fact] = []
+        self.stated: dict[int, tuple[int, int]] = {}  # key -> (fact position, value)
+        self.unused = [int(k) for k in rng.permutation(world.key_ids) if int(k) not in set(exclude)]
+
+    def fact(self, key: int, value: int) -> None:
+        self.stated[key] = (len(self.ids), value)
+        self.ids += [self.world.fact_id, key, value]
+
+    def write(self, length: int) -> None:
+        """Append exactly ``length`` tokens."""
+        w, rng = self.world, self.rng
+        end = len(self.ids) + length
+        while len(self.ids) < end:
+            room = end - len(self.ids)
+            if room < FACT_LEN or rng.random() < w.filler_prob or not (self.stated or self.unused):
+                self.ids.append(int(rng.choice(w.filler_ids)))
+            elif self.stated and (not self.unused or rng.random() < 0.5):
+                keys = list(self.stated)
+                key = keys[int(rng.integers(len(keys)))]
+                pos, value = self.stated[key]
+                self.facts.append(Fact(key, value, pos, len(self.ids)))
+                self.ids += [w.query_id, key, value]
+            else:
+                self.fact(self.unused.pop(), int(rng.choice(w.value_ids)))
 
 
-def make_document(
-    world: ToyWorld,
-    length: int,
-    rng: np.random.Generator,
-    *,
-    num_facts: int,
-    max_distance: int,
-    min_distance: int = MIN_DISTANCE,
-    copy_prob: float = 0.7,
-    copy_length: tuple[int, int] = (4, 24),
-    run_length: tuple[int, int] = (4, 16),
-    attempts: int = 50,
-) -> ToyDocument:
-    """Generate one document: facts and their queries, with filler and copies around them.
-
-    Each fact gets a distinct key and a random value; its distance is drawn uniformly from
-    ``[min_distance, max_distance]`` and its position uniformly where it fits. A placement
-    that collides with an earlier fact is redrawn up to ``attempts`` times and dropped after
-    that, so a crowded document may hold fewer facts than asked (``doc.facts`` lists those
-    placed). The gaps are then filled with filler runs and ``COPY`` spans (see ``_fill``).
-
-    Args:
-        world: the vocabulary layout.
-        length: L, tokens in the document.
-        rng: the random source (the document is a function of its state).
-        num_facts: facts to place (at most ``world.num_keys``).
-        max_distance: largest fact-to-query distance (clipped to what fits in ``length``).
-        min_distance: smallest distance (at least 3, so fact and query do not overlap).
-        copy_prob: chance that a gap-filling step copies an earlier run.
-        copy_length: inclusive range of a copied span's length.
-        run_length: inclusive range of a fresh filler run's length.
-        attempts: placement retries per fact.
-
-    Returns:
-        The document, ``input_ids`` int64[L].
-
-    Raises:
-        LongkdError: ``length`` too short for a fact and its query, or too many facts.
-    """
-    min_distance = max(min_distance, MIN_DISTANCE)
-    max_distance = min(max_distance, length - QUERY_LEN)
-    if max_distance < min_distance:
-        raise LongkdError(
-            f"toy document of length {length} cannot hold a fact and a query {min_distance}.."
-            f"{max_distance} tokens apart; use a longer document or a smaller min_distance"
-        )
-    if num_facts > world.num_keys:
-        raise LongkdError(f"toy document asks for {num_facts} facts but the world has {world.num_keys} keys")
-    ids = np.zeros(length, dtype=np.int64)
-    fixed = np.zeros(length, dtype=bool)
-    facts: list[Fact] = []
-    for key in rng.choice(world.key_ids, size=num_facts, replace=False):
-        for _ in range(attempts):
-            d = int(rng.integers(min_distance, max_distance + 1))
-            p = int(rng.integers(0, length - QUERY_LEN - d + 1))
-            q = p + d
-            if not fixed[p : p + FACT_LEN].any() and not fixed[q : q + QUERY_LEN].any():
-                value = int(rng.choice(world.value_ids))
-                ids[p : p + FACT_LEN] = (world.fact_id, key, value)
-                ids[q : q + QUERY_LEN] = (world.query_id, key, value)
-                fixed[p : p + FACT_LEN] = True
-                fixed[q : q + QUERY_LEN] = True
-                facts.append(Fact(int(key), value, p, q))
-                break
-    copies = _fill(world, ids, fixed, rng, copy_prob, copy_length, run_length)
-    facts.sort(key=lambda f: f.fact_pos)
-    return ToyDocument(ids, facts, copies)
+def fact_document(world: ToyWorld, length: int, rng: np.random.Generator) -> ToyDocument:
+    """A fact document of exactly ``length`` tokens (see :class:`_FactWriter`)."""
+    writer = _FactWriter(world, rng)
+    writer.write(length)
+    return ToyDocument(np.asarray(writer.ids, dtype=np.int64), writer.facts)
 
 
-def long_document(world: ToyWorld, length: int, rng: np.random.Generator) -> ToyDocument:
-    """A long document of exactly ``length`` tokens: one fact per ``world.facts_every`` tokens,
-    queried at distances spread uniformly over ``[3, length - 3]``; between them filler runs
-    and long copies of them (the world's ``copy_prob``, ``copy_length``, ``run_length``)."""
-    return make_document(
-        world,
-        length,
-        rng,
-        num_facts=min(world.num_keys, max(1, length // world.facts_every)),
-        max_distance=length,
-        copy_prob=world.copy_prob,
-        copy_length=world.copy_length,
-        run_length=world.run_length,
-    )
+def repeat_document(world: ToyWorld, length: int, rng: np.random.Generator) -> ToyDocument:
+    """A run of random content tokens (keys, values, filler), ``min_period .. length // 2``
+    long, repeated until the document is ``length`` tokens long."""
+    hi = max(world.min_period, length // 2)
+    period = int(rng.integers(world.min_period, hi + 1))
+    run = rng.choice(world.content_ids, size=period)
+    ids = np.resize(run, length).astype(np.int64)
+    copies = [Copy(0, period, length - period)] if length > period else []
+    return ToyDocument(ids, copies=copies)
 
 
-def short_document(world: ToyWorld, max_length: int, rng: np.random.Generator,
-                   min_length: int | None = None) -> ToyDocument:
-    """A short document of ``min_length..max_length`` tokens (default from ``max_length // 2``):
-    ``length // facts_every / 2`` to ``length // facts_every`` facts (at least one) queried
-    within it (so nearby, by construction), and filler runs and
-    copies as in long documents, at most a quarter of the document long."""
-    lo = max(2 * FACT_LEN + 2, min_length or max_length // 2)
-    if max_length < lo:
-        raise LongkdError(f"short toy documents need max_length >= {lo}, got {max_length}")
-    length = int(rng.integers(lo, max_length + 1))
-    n = min(world.num_keys, max(1, length // world.facts_every))
-    return make_document(
-        world,
-        length,
-        rng,
-        num_facts=int(rng.integers(max(1, n // 2), n + 1)),
-        max_distance=length,
-        copy_prob=world.copy_prob,
-        copy_length=(4, max(4, min(world.copy_length[1], length // 4))),
-        run_length=(4, max(4, min(world.run_length[1], length // 4))),
-    )
+def document(world: ToyWorld, length: int, rng: np.random.Generator) -> ToyDocument:
+    """A repeat document with probability ``world.repeat_share``, else a fact document."""
+    if length < 2 * FACT_LEN:
+        raise LongkdError(f"toy documents need at least {2 * FACT_LEN} tokens, got {length}")
+    if rng.random() < world.repeat_share:
+        return repeat_document(world, length, rng)
+    return fact_document(world, length, rng)
 
 
 def long_documents(world: ToyWorld, n: int, length: int, seed: int = 0) -> list[ToyDocument]:
-    """``n`` long documents of exactly ``length`` tokens, deterministic for ``seed``."""
+    """``n`` documents of exactly ``length`` tokens, deterministic for ``seed``."""
     rng = np.random.default_rng(seed)
-    return [long_document(world, length, rng) for _ in range(n)]
+    return [document(world, length, rng) for _ in range(n)]
 
 
 def short_documents(world: ToyWorld, n: int, max_length: int, seed: int = 0,
                     min_length: int | None = None) -> list[ToyDocument]:
-    """``n`` short documents of at most ``max_length`` tokens, deterministic for ``seed``."""
+    """``n`` documents of ``min_length .. max_length`` tokens (default from ``max_length // 2``),
+    deterministic for ``seed``."""
+    lo = max(2 * FACT_LEN, min_length or max_length // 2)
+    if max_length < lo:
+        raise LongkdError(f"short toy documents need max_length >= {lo}, got {max_length}")
     rng = np.random.default_rng(seed)
-    return [short_document(world, max_length, rng, min_length) for _ in range(n)]
+    return [document(world, int(rng.integers(lo, max_length + 1)), rng) for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------- probes
@@ -388,15 +307,13 @@ def make_probes(
     *,
     length: int | None = None,
     lead: int = 16,
-    distractor_every: int = 32,
     seed: int = 0,
 ) -> ProbeSet:
-    """Documents where ``QUERY key`` comes exactly ``d`` tokens after ``FACT key value``.
+    """Fact documents where ``QUERY key`` comes exactly ``d`` tokens after ``FACT key value``.
 
-    Each probe ends with the query's key, so the answer is the model's prediction after
-    the last token. Before it: the target fact at ``T - 2 - d``, distractor facts (other keys,
-    one per ``distractor_every`` tokens) anywhere else, and filler with copies around them,
-    as in long documents.
+    Each probe ends with the query's key, so the answer is the model's prediction after the
+    last token. Around the target fact the probe reads like a training fact document: other
+    facts (distractors, never the target key), queries of them and filler.
 
     Args:
         world: the vocabulary layout.
@@ -404,8 +321,7 @@ def make_probes(
         per_distance: probes per distance.
         length: T for every probe; default ``d + 2 + lead`` per distance, so a short-context
             model can be probed at short distances within its context.
-        lead: filler tokens before the fact when ``length`` is None.
-        distractor_every: one distractor fact per this many tokens.
+        lead: tokens before the target fact when ``length`` is None.
         seed: the probes are a function of the arguments.
 
     Returns:
@@ -423,26 +339,13 @@ def make_probes(
         rows = np.empty((per_distance, T), dtype=np.int64)
         answers = np.empty(per_distance, dtype=np.int64)
         for i in range(per_distance):
-            ids = np.zeros(T, dtype=np.int64)
-            fixed = np.zeros(T, dtype=bool)
-            keys = rng.permutation(world.key_ids)
-            key, value = int(keys[0]), int(rng.choice(world.value_ids))
-            p = T - 2 - d
-            ids[p : p + FACT_LEN] = (world.fact_id, key, value)
-            ids[T - 2 :] = (world.query_id, key)
-            fixed[p : p + FACT_LEN] = True
-            fixed[T - 2 :] = True
-            # Distractors with other keys: a model must pick the right fact, not the last one.
-            for other in keys[1 : 1 + T // distractor_every]:
-                for _ in range(20):
-                    s = int(rng.integers(0, T - 2 - FACT_LEN + 1))
-                    if not fixed[s : s + FACT_LEN].any():
-                        ids[s : s + FACT_LEN] = (world.fact_id, other, rng.choice(world.value_ids))
-                        fixed[s : s + FACT_LEN] = True
-                        break
-            # Filler and copies as in long documents, so probes look like training text.
-            _fill(world, ids, fixed, rng, world.copy_prob, world.copy_length, world.run_length)
-            rows[i], answers[i] = ids, value
+            key, value = int(rng.choice(world.key_ids)), int(rng.choice(world.value_ids))
+            writer = _FactWriter(world, rng, exclude=[key])
+            writer.write(T - 2 - d)  # before the fact
+            writer.ids += [world.fact_id, key, value]
+            writer.write(d - FACT_LEN)  # between the fact and its query
+            writer.ids += [world.query_id, key]
+            rows[i], answers[i] = writer.ids, value
         buckets[d] = ProbeBucket(d, torch.from_numpy(rows), torch.from_numpy(answers))
     return ProbeSet(world, buckets)
 

@@ -30,58 +30,61 @@ def world():
 
 
 def _check_structure(world, doc):
+    """Every query repeats its fact; markers, keys and values appear only where the document
+    says; a repeat document is its first period over and over."""
     ids = doc.input_ids
+    if doc.copies:
+        (c,) = doc.copies
+        assert c.src == 0 and c.dst + c.length == len(ids) and world.min_period <= c.dst <= max(
+            world.min_period, len(ids) // 2)
+        assert np.array_equal(ids, np.resize(ids[: c.dst], len(ids)))
+        assert np.isin(ids, world.content_ids).all() and not doc.facts
+        return
     structured = np.zeros(len(ids), dtype=bool)
-    keys = [f.key for f in doc.facts]
-    assert len(set(keys)) == len(keys), "a key is stated twice"
+    stated = {}
     for f in doc.facts:
         assert 3 <= f.distance == f.query_pos - f.fact_pos
         assert list(ids[f.fact_pos : f.fact_pos + 3]) == [world.fact_id, f.key, f.value]
         assert list(ids[f.query_pos : f.query_pos + 3]) == [world.query_id, f.key, f.value]
         assert f.key in world.key_ids and f.value in world.value_ids
         assert ids[f.answer_pos] == f.value
-        structured[f.fact_pos : f.fact_pos + 3] = True
+        assert stated.setdefault(f.key, f.fact_pos) == f.fact_pos, "a key is stated twice"
         structured[f.query_pos : f.query_pos + 3] = True
-    for c in doc.copies:
-        assert c.src + c.length <= c.dst
-        assert ids[c.dst] == world.copy_id
-        assert np.array_equal(ids[c.dst + 1 : c.dst + 1 + c.length], ids[c.src : c.src + c.length])
-        structured[c.dst : c.dst + 1 + c.length] = True
-    # Markers, keys and values occur only where the document says; the rest is filler
-    # (a copied span repeats filler, so its tokens are filler too).
+    fact_at = np.flatnonzero(ids == world.fact_id)
+    for p in fact_at:
+        structured[p : p + 3] = True
+        assert ids[p + 1] in world.key_ids and ids[p + 2] in world.value_ids
+    assert len(set(ids[fact_at + 1].tolist())) == len(fact_at), "a key is stated twice"
+    assert (ids == world.query_id).sum() == len(doc.facts)
     assert np.isin(ids[~structured], world.filler_ids).all()
-    assert (ids == world.fact_id).sum() == len(doc.facts) == (ids == world.query_id).sum()
-    assert (ids == world.copy_id).sum() == len(doc.copies)
 
 
 def test_vocabulary_layout(world):
-    parts = [
-        np.arange(4),
-        [world.fact_id, world.query_id, world.copy_id],
-        world.key_ids,
-        world.value_ids,
-        world.filler_ids,
-    ]
+    parts = [np.arange(4), [world.fact_id, world.query_id], world.key_ids, world.value_ids, world.filler_ids]
     ids = np.concatenate(parts)
     assert sorted(ids.tolist()) == list(range(world.vocab_size))
+    assert sorted(world.content_ids.tolist()) == sorted(np.concatenate(parts[2:]).tolist())
     assert world.chance == 1 / world.num_values
     tok = world.tokenizer()
-    assert tok("t4 t127").input_ids == [world.fact_id, 127]
+    assert tok("t4 t63").input_ids == [world.fact_id, 63]
     assert ToyWorld(**json.loads(json.dumps(world.to_dict()))) == world
     with pytest.raises(LongkdError, match="filler"):
         ToyWorld(vocab_size=64, num_keys=32, num_values=32)
+    with pytest.raises(LongkdError, match="repeat_share"):
+        ToyWorld(repeat_share=1.0)
 
 
 def test_long_documents(world):
-    docs = long_documents(world, 40, W, seed=3)
+    docs = long_documents(world, 60, W, seed=3)
     distances = []
     for doc in docs:
         assert len(doc) == W and doc.input_ids.dtype == np.int64
         _check_structure(world, doc)
-        assert len(doc.facts) >= W // world.facts_every - 1 and len(doc.copies) >= 1
         distances += [f.distance for f in doc.facts]
-    # Distances spread over the whole window.
-    assert max(distances) > 0.8 * W and min(distances) < W / 8
+    share = np.mean([bool(doc.copies) for doc in docs])
+    assert abs(share - world.repeat_share) < 0.2
+    # Queries pick any stated key, so distances spread over the whole window.
+    assert max(distances) > 0.8 * W and min(distances) == 3
     assert np.median(distances) > W / 5
 
 
@@ -91,9 +94,10 @@ def test_short_documents(world):
     assert max(lengths) <= S and min(lengths) >= S // 2
     for doc in docs:
         _check_structure(world, doc)
-        assert 1 <= len(doc.facts) <= len(doc) // world.facts_every
+        assert doc.copies or len(doc.facts) >= 1
         assert all(f.answer_pos < len(doc) for f in doc.facts)
-    assert np.mean([len(doc.copies) for doc in docs]) > 0.9
+    with pytest.raises(LongkdError, match="max_length"):
+        short_documents(world, 1, 4)
 
 
 def test_generators_are_deterministic(world):
@@ -120,7 +124,14 @@ def test_probes_state_the_fact_d_tokens_before_the_query(world, length):
             assert row[-2] == world.query_id and key in world.key_ids
             assert list(row[T - 2 - d : T - d + 1]) == [world.fact_id, key, answer]
             assert (row == key).sum() == 2, "the queried key appears only in its fact and query"
-            assert (row == world.fact_id).sum() >= 1 + (T // 32 > 0)  # distractor facts present
+            # Around the target the probe reads like a fact document: keys only after markers,
+            # and every marker followed by a key and (but for the last) a value.
+            is_key = np.isin(row, world.key_ids)
+            markers = np.flatnonzero((row == world.fact_id) | (row == world.query_id))
+            assert np.array_equal(np.flatnonzero(is_key), markers + 1)
+            assert np.isin(row[markers[:-1] + 2], world.value_ids).all()
+        if T >= 64:
+            assert (bucket.input_ids == world.fact_id).sum(1).float().mean() > 3  # distractors
     with pytest.raises(LongkdError, match="probe distance"):
         make_probes(world, [2], 4)
     with pytest.raises(LongkdError, match="probe distance"):
@@ -239,12 +250,16 @@ def test_get_or_train_saves_a_loadable_model_and_reuses_it(tmp_path, monkeypatch
     tiny = toy_models.ToyRecipe(
         name="smoke", window=64, short=32,
         teacher=toy_models.ModelSpec(hidden_size=32), student=toy_models.ModelSpec(hidden_size=32),
-        teacher_train=toy_models.TrainSpec(max_steps=3, min_steps=2, check_every=2, warmup=1, batch_size=2),
-        student_train=toy_models.TrainSpec(max_steps=3, min_steps=2, check_every=2, warmup=1, batch_size=2),
+        teacher_train=toy_models.TrainSpec(max_steps=3, min_steps=2, check_every=2, warmup=1,
+                                           batch_tokens=128),
+        student_train=toy_models.TrainSpec(max_steps=3, min_steps=2, check_every=2, warmup=1,
+                                           batch_tokens=64),
         probes_per_distance=4, check_per_distance=2,
     )
+    # Both at once: on a machine with two cores the student trains in a child process.
+    paths = toy_models.get_or_train_both(tiny, tmp_path, progress=False)
     for kind, context in (("teacher", 64), ("student", 32)):
-        path = toy_models.get_or_train(kind, tiny, tmp_path, progress=False)
+        path = paths[kind]
         assert path.name == f"{kind}-{toy_models.recipe_hash(kind, tiny)}"
         metrics = toy_models.load_metrics(path)
         assert metrics["steps"] == 3 and metrics["context"] == context
@@ -277,18 +292,44 @@ def test_precondition_rule():
 
 
 @pytest.mark.slow
-def test_teacher_training_learns_the_copies(tmp_path):
-    """A smaller check than the quick recipe's precondition (which its step budget does not
-    reach yet, docs/toy.md): a short teacher run lowers the weighted loss well below where it
-    started, and the saved metrics agree with the precondition rule."""
-    torch.manual_seed(0)
+def test_teacher_curriculum_then_long_documents(tmp_path, monkeypatch):
+    """The teacher reads S-token documents for ``short_steps``, then W-token ones; the weighted
+    loss falls well below where it started, and metrics.json agrees with the precondition rule."""
+    lengths = []
+    real_batch = toy_models._batch
+
+    def recording_batch(recipe, length, rng, spec):
+        lengths.append(length)
+        ids, weights = real_batch(recipe, length, rng, spec)
+        assert ids.shape == (spec.batch_tokens // length, length)
+        assert weights.shape == (ids.shape[0], length - 1)
+        return ids, weights
+
+    monkeypatch.setattr(toy_models, "_batch", recording_batch)
     recipe = toy_models.ToyRecipe(
-        window=64, short=32,
-        teacher_train=toy_models.TrainSpec(max_steps=150, min_steps=150, check_every=150, batch_size=8),
+        window=128, short=32,
+        teacher_train=toy_models.TrainSpec(max_steps=150, min_steps=150, short_steps=100, check_every=150,
+                                           batch_tokens=1024),
         probes_per_distance=16, check_per_distance=8,
     )
     metrics = toy_models.train("teacher", recipe, tmp_path / "t", progress=False)
-    first = metrics["first_loss"]
-    assert metrics["final_loss"] < first - 0.5, (first, metrics["final_loss"])
+    assert lengths == [32] * 100 + [128] * 50
+    assert metrics["final_loss"] < metrics["first_loss"] - 0.5, metrics
     acc = {int(d): a for d, a in metrics["retrieval"].items()}
     assert metrics["precondition"] == toy_models.precondition("teacher", recipe, acc)
+
+
+def test_batch_weights_mark_answers_and_repeats():
+    recipe = toy_models.RECIPES["quick"]
+    spec = toy_models.TrainSpec(batch_tokens=64 * 40, answer_weight=4.0, copy_weight=0.5)
+    ids, weights = toy_models._batch(recipe, 64, np.random.default_rng(0), spec)
+    world = recipe.world
+    for row, w in zip(ids.numpy(), weights.numpy()):
+        queried = np.flatnonzero(row[:-1] == world.query_id) + 1  # the key; its row predicts the value
+        expected = np.ones(63)
+        if not (row == world.fact_id).any() and not queried.size:  # a repeat document
+            period = next(p for p in range(world.min_period, 33)
+                          if np.array_equal(row, np.resize(row[:p], 64)))
+            expected[period : 63] += 0.5
+        expected[queried[queried < 63]] += 4.0
+        np.testing.assert_allclose(w, expected)
