@@ -16,7 +16,7 @@ Models are saved as Hugging Face directories (weights, config, the toy tokenizer
 of the recipe, so a second demo run loads them instead of training:
 
     from longkd.tools.toy_models import RECIPES, get_or_train
-    teacher_dir = get_or_train("teacher", RECIPES["quick"], "~/.cache/longkd/toy")
+    teacher_dir = get_or_train("teacher", RECIPES["w256"], "~/.cache/longkd/toy")
 
 docs/toy.md records the settings tried and the measured numbers behind the recipes.
 """
@@ -424,6 +424,9 @@ def cached_model_dir(kind: str, recipe: ToyRecipe, cache_dir: str | Path) -> Pat
 
 
 def _train_in_subprocess(kind: str, recipe: ToyRecipe, cache_dir: str, device: str) -> str:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no bars from a process nobody watches
     torch.set_num_threads(1)
     return str(get_or_train(kind, recipe, cache_dir, progress=False, device=device))
 
@@ -468,13 +471,13 @@ def load_metrics(model_dir: str | Path) -> dict:
 # retrieves far beyond S (docs/toy.md).
 _STUDENT = ModelSpec(rope_theta=200.0)
 RECIPES: dict[str, ToyRecipe] = {
-    "quick": ToyRecipe(
-        name="quick", window=256, short=64, student=_STUDENT,
+    "w256": ToyRecipe(
+        name="w256", window=256, short=64, student=_STUDENT,
         teacher_train=TrainSpec(max_steps=1500, short_steps=600, seed=1),
         student_train=TrainSpec(max_steps=1500, min_steps=300),
     ),
-    "full": ToyRecipe(
-        name="full", window=512, short=64, student=_STUDENT,
+    "w512": ToyRecipe(
+        name="w512", window=512, short=64, student=_STUDENT,
         teacher_train=TrainSpec(max_steps=2000, short_steps=600, seed=1),
         student_train=TrainSpec(max_steps=1500, min_steps=300),
     ),

@@ -27,7 +27,7 @@ from longkd.tools.toy_models import RECIPES
 def test_precondition_check_names_every_failing_distance():
     from longkd.tools.toy_models import check_precondition
 
-    recipe = RECIPES["quick"]
+    recipe = RECIPES["w256"]
     check_precondition("teacher", recipe, {8: 1.0, 200: 0.95})
     with pytest.raises(LongkdError, match=r"teacher retrieves 80% at distance 200 \(needs >= 90%\)"):
         check_precondition("teacher", recipe, {8: 1.0, 200: 0.8})
@@ -53,7 +53,7 @@ def test_size_flags_override_the_preset():
     args = argparse.Namespace(quick=True, steps=7, seeds=None, lr=None, recipe=None, batch_size=None,
                               train_docs=None, heldout_docs=None, top_k=None, per_distance=5)  # fmt: skip
     s = demo.settings_from_args(args)
-    assert (s.steps, s.per_distance, s.seeds, s.recipe) == (7, 5, 1, "quick")
+    assert (s.steps, s.per_distance, s.seeds, s.recipe) == (7, 5, 1, "w256")
     args.quick, args.steps = False, None
     assert demo.settings_from_args(args).seeds == 3
     args.steps = 0
@@ -66,8 +66,8 @@ def test_train_config_is_valid_and_schedules_grow_from_s_to_w(tmp_path):
     from longkd.trainer.config import parse_config
     from longkd.trainer.rope import build_schedule
 
-    recipe = RECIPES["full"]
-    d = demo.Demo(out=tmp_path, models_dir=tmp_path, device="cpu", settings=demo.DemoSettings(recipe="full"))
+    recipe = RECIPES["w512"]
+    d = demo.Demo(out=tmp_path, models_dir=tmp_path, device="cpu", settings=demo.DemoSettings(recipe="w512"))
     names = ["kd-phasewise", "kd-static", "ce-phasewise"]
     cfg = parse_config(
         demo.train_config(d, tmp_path / "student", tmp_path / "cache", tmp_path / "run", names, 3)
@@ -101,7 +101,7 @@ def _fake_eval(rng, distances, with_kl):
 
 def test_summary_statistics_match_numpy_on_random_evals():
     rng = np.random.default_rng(0)
-    recipe = RECIPES["quick"]
+    recipe = RECIPES["w256"]
     distances = recipe.distances()
     evals = {
         seed: {name: _fake_eval(rng, distances, name != "teacher") for name in demo_report.ORDER}
@@ -153,7 +153,7 @@ def _weak_models(models_dir: Path) -> None:
     """
     from longkd.tools.toy_models import TrainSpec, recipe_hash, train
 
-    recipe = RECIPES["quick"]
+    recipe = RECIPES["w256"]
     brief = TrainSpec(max_steps=3, min_steps=3, check_every=3)
     for kind in ("teacher", "student"):
         weak = dataclasses.replace(recipe, **{f"{kind}_train": brief})
@@ -181,7 +181,7 @@ def test_quick_demo_end_to_end(tmp_path):
 
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    recipe = RECIPES["quick"]
+    recipe = RECIPES["w256"]
     for path in ("results.md", "results.json", "retrieval.png", "inspect-main.json", "inspect-reset.json"):
         assert (out / path).is_file() and (out / path).stat().st_size > 0, path
     assert (out / "retrieval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

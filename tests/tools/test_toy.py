@@ -225,7 +225,7 @@ def test_save_documents_round_trip(world, tmp_path):
 
 
 def test_recipe_hash_separates_teacher_and_student():
-    base = toy_models.RECIPES["quick"]
+    base = toy_models.RECIPES["w256"]
     other_student = dataclasses.replace(base, student_train=dataclasses.replace(base.student_train, lr=1e-3))
     assert toy_models.recipe_hash("teacher", base) == toy_models.recipe_hash("teacher", other_student)
     assert toy_models.recipe_hash("student", base) != toy_models.recipe_hash("student", other_student)
@@ -279,7 +279,7 @@ def test_get_or_train_saves_a_loadable_model_and_reuses_it(tmp_path, monkeypatch
 
 
 def test_precondition_rule():
-    recipe = toy_models.RECIPES["quick"]
+    recipe = toy_models.RECIPES["w256"]
     chance = recipe.world.chance
     ds = recipe.distances()
     assert toy_models.precondition("teacher", recipe, {d: 0.95 for d in ds})
@@ -320,7 +320,7 @@ def test_teacher_curriculum_then_long_documents(tmp_path, monkeypatch):
 
 
 def test_batch_weights_mark_answers_and_repeats():
-    recipe = toy_models.RECIPES["quick"]
+    recipe = toy_models.RECIPES["w256"]
     spec = toy_models.TrainSpec(batch_tokens=64 * 40, answer_weight=4.0, copy_weight=0.5)
     ids, weights = toy_models._batch(recipe, 64, np.random.default_rng(0), spec)
     world = recipe.world
