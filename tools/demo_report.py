@@ -234,7 +234,7 @@ def markdown(results: dict) -> str:
         f"- teacher: lowest retrieval over all distances {_pct(p['teacher_min_accuracy'])}% "
         f"(needs >= 90): {'ok' if p['teacher_ok'] else 'FAILED'}",
         f"- student: lowest within S {_pct(p['student_within_S'])}% (needs >= 90), highest beyond S "
-        f"{_pct(p['student_max_beyond_S'])}% (needs <= 2 x chance = {200 * r['chance']:.1f}%): "
+        f"{_pct(p['student_max_beyond_S'])}% (needs <= 3 x chance = {300 * r['chance']:.1f}%): "
         f"{'ok' if p['student_ok'] else 'FAILED'}",
         "",
         "## Timings (s)",

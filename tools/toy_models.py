@@ -324,14 +324,15 @@ def train(kind: str, recipe: ToyRecipe, out_dir: str | Path, progress: bool = Tr
 
 TEACHER_FLOOR = 0.9  # accuracy the teacher needs at every distance up to W
 STUDENT_FLOOR = 0.9  # ... the student at every distance whose probe fits in S
-STUDENT_CEILING_CHANCES = 2.0  # the student beyond S: at most this many times chance
+STUDENT_CEILING_CHANCES = 3.0  # the student beyond S: at most this many times chance
 
 
 def precondition_failures(kind: str, recipe: ToyRecipe, acc: dict[int, float]) -> list[str]:
     """What the demo relies on, and where ``acc`` (distance -> accuracy) misses it.
 
     Teacher: accuracy >= 0.9 at every distance up to W. Student: >= 0.9 at every distance
-    whose probe fits in S, and <= 2 x chance at every distance beyond S.
+    whose probe fits in S, and <= 3 x chance at every distance beyond S (18.75% in the default
+    world: 64 probes of a model at chance exceed 2 x chance at some distance too often).
 
     Returns:
         One phrase per miss, e.g. ``"71% at distance 238 (needs >= 90%)"``; empty when met.

@@ -287,7 +287,8 @@ def test_precondition_rule():
     inside = recipe.short_max_distance()
     good = {d: (0.97 if d <= inside else chance) for d in ds}
     assert toy_models.precondition("student", recipe, good)
-    assert not toy_models.precondition("student", recipe, {**good, recipe.short + 16: 3 * chance})
+    assert toy_models.precondition("student", recipe, {**good, recipe.short + 16: 3 * chance})
+    assert not toy_models.precondition("student", recipe, {**good, recipe.short + 16: 3.5 * chance})
     assert not toy_models.precondition("student", recipe, {**good, 4: 0.5})
 
 
