@@ -206,15 +206,14 @@ def _toy_world(spec: str | None, model_dir: Path, vocab_size: int):
     data = data or {"vocab_size": vocab_size}
     if not isinstance(data, dict):
         raise LongkdError("--toy-world must be a JSON object with vocab_size, num_keys, num_values")
-    # Every ToyWorld field is taken, not only the vocabulary: the probes' filler and copies
-    # follow copy_prob / copy_length / run_length, so they must match the training world.
+    # Every ToyWorld field is taken, not only the vocabulary: the probes' distractors and
+    # filler follow num_keys / filler_prob, so they must match the training world.
     allowed = {f.name: f.default for f in dataclasses.fields(ToyWorld)}
     try:
         kwargs = {}
         for k, v in data.items():
             if k in allowed:
-                kind = type(allowed[k])
-                kwargs[k] = tuple(int(x) for x in v) if kind is tuple else kind(v)
+                kwargs[k] = type(allowed[k])(v)
     except (TypeError, ValueError) as err:
         raise LongkdError(f"--toy-world has a value of the wrong type: {err}") from None
     try:

@@ -5,11 +5,12 @@ retrieves within its short context S but not beyond it, so that distillation has
 to add. Both are tiny Llamas (``tools/tiny.py``) trained from scratch here with a plain
 torch loop (AdamW, linear warmup then cosine decay) on documents of ``tools/toy.py``:
 
-- teacher: long documents of W tokens (facts queried up to W tokens later),
-  ``max_position_embeddings = W``; training stops early once a check probe set is retrieved
-  at or above the recipe's target at every distance.
-- student: short documents of at most S tokens, ``max_position_embeddings = S``; it learns
-  retrieval within S and, with plain positions, stays near chance beyond S.
+- teacher: first S-token documents (induction forms fast there), then W-token documents
+  (facts queried up to W tokens later), ``max_position_embeddings = W``, RoPE base 10,000;
+  training stops early once a check probe set is retrieved at or above the recipe's target
+  at every distance.
+- student: S-token documents only, ``max_position_embeddings = S``, a small RoPE base; it
+  learns retrieval within S and stays near chance beyond S.
 
 Models are saved as Hugging Face directories (weights, config, the toy tokenizer) with
 ``metrics.json`` beside them (retrieval by distance, steps, time), and cached under a hash
