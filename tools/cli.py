@@ -129,9 +129,12 @@ def _cmd_eval(args) -> int:
     if args.task == "cache-kl":
         if not args.cache:
             raise LongkdError("--task cache-kl needs --cache DIR (a teacher-logit cache)")
-        result = evals.run_cache_kl(args.model, args.cache, windows=args.windows, buckets=args.buckets,
-                                    device=device, dtype=evals.resolve_dtype(args.dtype, device))  # fmt: skip
-        paths = evals.write_cache_kl(result, out)
+        from longkd.tools import eval_cache
+
+        dtype = evals.resolve_dtype(args.dtype, device)
+        result = eval_cache.run_cache_kl(args.model, args.cache, windows=args.windows, buckets=args.buckets,
+                                         device=device, dtype=dtype)  # fmt: skip
+        paths = eval_cache.write_cache_kl(result, out)
         _print(json.dumps(result, indent=2, default=str) if args.json else paths["table"])
         return 0
 
@@ -140,14 +143,16 @@ def _cmd_eval(args) -> int:
     limit = evals.position_limit(model.config)
     name = str(args.model)
     if args.task == "toy":
+        from longkd.tools import eval_toy
+
         world = _toy_world(args.toy_world, Path(args.model), model.config.get_text_config().vocab_size)
-        result = evals.run_toy(model, world, max_positions=limit, distances=args.distances,
-                               per_distance=args.per_distance, seed=args.seed)  # fmt: skip
+        result = eval_toy.run_toy(model, world, max_positions=limit, distances=args.distances,
+                                  per_distance=args.per_distance, seed=args.seed)  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"model": name, **result}, indent=2) + "\n")
-        table = evals.toy_markdown(result)
+        table = eval_toy.toy_markdown(result)
         (out / "results.md").write_text(f"# toy retrieval: {name}\n\n{table}\n")
-        evals.plot_toy(result, out / "accuracy.png", f"toy retrieval: {Path(name).name}")
+        eval_toy.plot_toy(result, out / "accuracy.png", f"toy retrieval: {Path(name).name}")
         _print(
             json.dumps(result, indent=2) if args.json else f"{table}\n\nmean score {result['mean_score']:.1f}"
         )

@@ -10,7 +10,7 @@ stays low (or falls) with position; one that did not shows it rising beyond its 
     from longkd.tools.eval_cache import kl_by_position
     result = kl_by_position("runs/student/checkpoint-1000", "runs/cache", windows=32)
 
-    longkd eval MODEL --task cache-kl --cache DIR       # through tools/evals.py
+    longkd eval MODEL --task cache-kl --cache DIR       # run_cache_kl + write_cache_kl
 
 Held-out windows: by default the LAST ``windows`` windows of the cache (window ids
 ``num_windows - windows .. num_windows - 1``). A trainer that holds out the tail of the cache
@@ -20,6 +20,7 @@ split. Rows t >= length - 1 are masked (row W-1 predicts a token the cache does 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -29,12 +30,11 @@ import torch
 
 from longkd.errors import LongkdError
 
+# One definition of a model's position limit and of the one-line error text for all the evals
+# (evals.py does not import this module, so there is no cycle).
+from longkd.tools.evals import _one_line, position_limit
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def load_student(path: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32"):
@@ -80,18 +80,6 @@ def load_student(path: str | os.PathLike, *, device: str = "cpu", dtype: str = "
     except Exception as exc:
         raise LongkdError(f"cannot load the model from {name}: {_one_line(exc)}") from exc
     return model.to(device).eval().requires_grad_(False)
-
-
-def position_limit(config) -> int | None:
-    """The longest context the model claims: ``max_position_embeddings``, or for scaled RoPE
-    ``original_max_position_embeddings x factor`` when that is larger; None when unknown."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(config, "max_position_embeddings", None)
-    rope = getattr(config, "rope_parameters", None) or {}
-    if isinstance(rope, dict) and rope.get("factor") and rope.get("original_max_position_embeddings"):
-        scaled = int(rope["original_max_position_embeddings"] * float(rope["factor"]))
-        limit = max(limit or 0, scaled)
-    return int(limit) if limit else None
 
 
 def _logits_size(model) -> int:
@@ -337,3 +325,40 @@ def plot_kl(result: dict, path) -> Path:
     axes[0].set_title("KL to the cached teacher by position", fontsize=10)
     axes[1].set_title("Student perplexity by position", fontsize=10)
     return report.save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------- longkd eval --task cache-kl
+
+
+def run_cache_kl(model_path: str, cache: str, **kwargs) -> dict:
+    """KL(teacher || model) and perplexity by position on cached windows (``longkd eval``).
+
+    Args:
+        model_path: the model directory or hub id.
+        cache: the cache directory or URI.
+        **kwargs: :func:`kl_by_position` keyword arguments; ``None`` values are left to its
+            defaults (the CLI passes unset options as ``None``).
+
+    Returns:
+        The :func:`kl_by_position` result.
+    """
+    return kl_by_position(model_path, cache, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def write_cache_kl(result: dict, out_dir: str | Path) -> dict:
+    """Write ``results.json``, ``results.md`` and ``kl.png`` for a cache-kl result.
+
+    Args:
+        result: from :func:`run_cache_kl` / :func:`kl_by_position`.
+        out_dir: output directory (created).
+
+    Returns:
+        The paths (``json``, ``markdown``, ``plot``), and under ``table`` the terminal table.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_kl(result)
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(f"# KL to the teacher by position\n\n```\n{table}\n```\n")
+    png = plot_kl(result, out / "kl.png")
+    return {"json": out / "results.json", "markdown": out / "results.md", "plot": png, "table": table}

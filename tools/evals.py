@@ -1,4 +1,4 @@
-"""Long-context retrieval evals: passkey, RULER-style needles, the toy probe, cached-KL.
+"""Long-context retrieval evals (``longkd eval``): passkey and RULER-style needles, model loading.
 
 A student distilled on packed short data is only worth something if it can find a fact
 far back in its context, so ``longkd eval`` measures exactly that, over a grid of context
@@ -15,6 +15,9 @@ lengths x needle depths:
   ``single``, ``multikey`` (distractor needles with other keys) and ``multivalue`` (several
   values for one key); keys and values as numbers, words or uuids; RULER's string-match
   score (fraction of the expected values found in the answer, x100).
+- ``toy`` and ``cache-kl`` live in :mod:`longkd.tools.eval_toy` (the toy world's token-level
+  probe) and :mod:`longkd.tools.eval_cache` (KL to the cached teacher by position);
+  :func:`position_limit` here is the one definition of a model's position limit for all four.
 
 Each prompt is fitted to its length with the model's own tokenizer (filler is added one
 sentence at a time). Lengths beyond the model's position limit (``max_position_embeddings``,
@@ -316,9 +319,19 @@ def fit_prompt(tokenizer, build: Callable[[int], str], length: int) -> tuple[lis
 def position_limit(config) -> int | None:
     """The longest context a checkpoint is configured for, rope scaling included.
 
-    ``max_position_embeddings``, or ``original_max_position_embeddings x factor`` when the
-    rope parameters scale the positions (linear, yarn, llama3, longrope) and that is larger:
-    some checkpoints keep the pre-scaling value in ``max_position_embeddings``.
+    ``max_position_embeddings``, or ``round(original_max_position_embeddings x factor)`` when
+    the rope parameters scale the positions (linear, yarn, llama3, longrope) and that is
+    larger: some checkpoints keep the pre-scaling value in ``max_position_embeddings``. The
+    original length is read from the rope parameters, else from the config. ``default`` and
+    ``dynamic`` rope do not count their factor (dynamic NTK rescales only at run time), the
+    same rule as the trainer's rope schedules.
+
+    Args:
+        config: a transformers config (its text config is used for multimodal ones) or any
+            object with ``max_position_embeddings`` / ``rope_parameters`` attributes.
+
+    Returns:
+        The limit in tokens, or None when the config has none.
     """
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = getattr(config, "max_position_embeddings", None)
@@ -583,129 +596,3 @@ def write_outputs(result: RetrievalResult, out_dir: str | Path, *, model_name: s
                                     f"{markdown_table(result)}\n")  # fmt: skip
     png = plot_heatmap(result, out / "heatmap.png", title)
     return {"json": out / "results.json", "markdown": out / "results.md", "heatmap": png}
-
-
-# --------------------------------------------------------------------------- toy and cache-kl
-
-
-def toy_distances(max_positions: int | None, lead: int = 16) -> list[int]:
-    """Default fact-query distances: 8, 16, 32, ... up to twice the position limit (256 if unknown)."""
-    top = 2 * (max_positions or 128)
-    out, d = [], 8
-    while d + 2 + lead <= top:
-        out.append(d)
-        d *= 2
-    return out or [8]
-
-
-def run_toy(
-    model,
-    world,
-    *,
-    max_positions: int | None,
-    distances: Sequence[int] | None = None,
-    per_distance: int = 64,
-    seed: int = 0,
-    lead: int = 16,
-) -> dict:
-    """The toy world's token-level retrieval probe: accuracy (x100) by fact-query distance.
-
-    Uses :func:`longkd.tools.toy.make_probes` and :func:`longkd.tools.toy.retrieval_accuracy`,
-    so it needs no natural-language tokenizer. A probe at distance d is ``d + 2 + lead``
-    tokens long; distances whose probes exceed ``max_positions`` are marked ``extrapolation``.
-
-    Args:
-        model: a causal LM trained on ``world``.
-        world: the :class:`longkd.tools.toy.ToyWorld` the model was trained on.
-        max_positions: the model's position limit.
-        distances: fact-query distances (default :func:`toy_distances`).
-        per_distance: probes per distance.
-        seed: probe draw.
-        lead: filler tokens before each probe's fact.
-
-    Returns:
-        A JSON-ready dict with ``by_distance`` rows ``{distance, length, score, extrapolation}``.
-    """
-    from longkd.tools.toy import make_probes, retrieval_accuracy
-
-    distances = list(distances) if distances else toy_distances(max_positions, lead)
-    probes = make_probes(world, distances, per_distance, lead=lead, seed=seed)
-    accuracy = retrieval_accuracy(model, probes)
-    rows = []
-    for d, acc in sorted(accuracy.items()):
-        length = int(probes.buckets[d].input_ids.shape[1])
-        rows.append({"distance": int(d), "length": length, "score": 100.0 * float(acc),
-                     "extrapolation": max_positions is not None and length > max_positions})  # fmt: skip
-    return {
-        "task": "toy",
-        "world": world.to_dict(),
-        "per_distance": per_distance,
-        "seed": seed,
-        "chance": 100.0 * world.chance,
-        "max_positions": max_positions,
-        "mean_score": sum(r["score"] for r in rows) / len(rows),
-        "by_distance": rows,
-    }
-
-
-def toy_markdown(result: dict) -> str:
-    """The toy probe's accuracy by distance as a markdown table."""
-    rows = ["| fact-query distance | probe length | score (%) |", "|---:|---:|---:|"]
-    for r in result["by_distance"]:
-        mark = " (extrapolation)" if r["extrapolation"] else ""
-        rows.append(f"| {r['distance']} | {r['length']}{mark} | {r['score']:.1f} |")
-    return "\n".join(rows)
-
-
-def plot_toy(result: dict, path: str | Path, title: str) -> Path:
-    """Accuracy against fact-query distance; probes longer than the position limit drawn hollow."""
-    from longkd.tools.report import pyplot, save_figure
-
-    plt = pyplot()
-
-    rows = result["by_distance"]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot([r["distance"] for r in rows], [r["score"] for r in rows], color="C0", marker="o",
-            label="accuracy")  # fmt: skip
-    extra = [r for r in rows if r["extrapolation"]]
-    if extra:
-        ax.scatter([r["distance"] for r in extra], [r["score"] for r in extra], s=90, facecolors="white",
-                   edgecolors="C3", zorder=3, label="probe beyond position limit")  # fmt: skip
-    ax.axhline(result["chance"], color="0.5", linestyle=":", label="chance")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(-2, 102)
-    ax.set_xlabel("fact-query distance (tokens)")
-    ax.set_ylabel("retrieval accuracy (%)")
-    limit = f" (position limit {result['max_positions']})" if result["max_positions"] else ""
-    ax.set_title(f"{title}{limit}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return save_figure(fig, path)
-
-
-def run_cache_kl(model_path: str, cache: str, **kwargs) -> dict:
-    """KL(teacher || model) and perplexity by position on cached windows.
-
-    Delegates to :func:`longkd.tools.eval_cache.kl_by_position` (imported here, so the other
-    tasks do not need it); ``None`` keyword arguments are left to its defaults.
-    """
-    from longkd.tools.eval_cache import kl_by_position
-
-    return kl_by_position(model_path, cache, **{k: v for k, v in kwargs.items() if v is not None})
-
-
-def write_cache_kl(result: dict, out_dir: str | Path) -> dict:
-    """Write ``results.json``, ``results.md`` and ``kl.png`` for a cache-kl result.
-
-    Returns:
-        The paths, and under ``table`` the terminal table.
-    """
-    from longkd.tools.eval_cache import format_kl, plot_kl
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = format_kl(result)
-    (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(f"# KL to the teacher by position\n\n```\n{table}\n```\n")
-    png = plot_kl(result, out / "kl.png")
-    return {"json": out / "results.json", "markdown": out / "results.md", "plot": png, "table": table}

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import string
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from longkd.cli import main
 from longkd.errors import LongkdError
-from longkd.tools import evals
+from longkd.tools import eval_cache, evals
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +191,17 @@ def test_position_limit_reads_rope_scaling():
     # A trainer checkpoint that already raised max_position_embeddings keeps it.
     scaled.max_position_embeddings = 2048
     assert evals.position_limit(scaled) == 2048
+    # Dynamic NTK rescales at run time: its factor does not raise the limit (as in trainer/rope.py).
+    rng = random.Random()
+    mpe, original, factor = rng.randint(16, 4096), rng.randint(16, 4096), rng.uniform(1.1, 8.0)
+    dynamic = {"rope_type": "dynamic", "factor": factor, "original_max_position_embeddings": original}
+    assert evals.position_limit(SimpleNamespace(max_position_embeddings=mpe, rope_parameters=dynamic)) == mpe
+    # yarn with the original length kept on the config; the scaled length is rounded, not truncated.
+    yarn = SimpleNamespace(max_position_embeddings=None, original_max_position_embeddings=original,
+                           rope_parameters={"rope_type": "yarn", "factor": factor})  # fmt: skip
+    assert evals.position_limit(yarn) == round(original * factor)
+    # eval_cache (cache-kl) uses this same definition, not a copy.
+    assert eval_cache.position_limit is evals.position_limit and eval_cache._one_line is evals._one_line
 
 
 def test_bad_input(tmp_path):
@@ -200,38 +213,6 @@ def test_bad_input(tmp_path):
         evals.parse_depths([50, 120])
     with pytest.raises(LongkdError, match="not a text retrieval task"):
         evals.run_retrieval(None, None, "toy", [10], [0])
-
-
-class ToyOracle(torch.nn.Module):
-    """Answers a toy probe by finding ``FACT key value`` for the queried key (or answers a filler id)."""
-
-    def __init__(self, world, right: bool = True):
-        super().__init__()
-        self.world, self.right = world, right
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, input_ids, logits_to_keep=1, position_ids=None):
-        logits = torch.zeros(input_ids.shape[0], 1, self.world.vocab_size)
-        for b, row in enumerate(input_ids.tolist()):
-            key = row[-1]
-            value = next(
-                row[i + 2] for i in range(len(row) - 2) if row[i] == self.world.fact_id and row[i + 1] == key
-            )
-            logits[b, 0, value if self.right else int(self.world.filler_ids[0])] = 1.0
-        return type("Out", (), {"logits": logits})()
-
-
-def test_toy_task_scores_by_distance():
-    from longkd.tools.toy import ToyWorld
-
-    world = ToyWorld()
-    res = evals.run_toy(ToyOracle(world), world, max_positions=64, distances=[8, 40, 100], per_distance=6)
-    assert [(r["distance"], r["score"], r["extrapolation"]) for r in res["by_distance"]] == [
-        (8, 100.0, False), (40, 100.0, False), (100, 100.0, True)]  # fmt: skip
-    assert [r["length"] for r in res["by_distance"]] == [26, 58, 118]  # d + 2 + 16 lead tokens
-    res = evals.run_toy(ToyOracle(world, right=False), world, max_positions=64, distances=[8], per_distance=4)
-    assert res["mean_score"] == 0.0
-    assert evals.toy_distances(64) == [8, 16, 32, 64]
 
 
 @pytest.mark.slow
@@ -282,13 +263,47 @@ def test_cache_kl_task_delegates_to_eval_cache(tiny_model_dir, tmp_path, capsys)
     assert (out / "kl.png").is_file() and (out / "results.md").is_file()
 
 
-def test_toy_world_found_beside_the_model(tmp_path):
-    from longkd.tools.cli import _toy_world
+def _kl_result(rng: random.Random) -> dict:
+    """A random result shaped like ``kl_by_position``'s, the last bucket beyond the position limit."""
+    buckets = [(0, 8), (8, 16), (16, 24), (24, 32)]
+    by_position = [
+        {"bucket": f"{s}-{e - 1}", "start": s, "end": e, "rows": rng.randint(1, 50), "kl": rng.random(),
+         "ce": rng.random() * 5, "perplexity": rng.random() * 100, "teacher_nll": rng.random() * 5,
+         "max_position_id": e - 1, "extrapolation": s >= 24}
+        for s, e in buckets
+    ]  # fmt: skip
+    overall = {k: by_position[0][k] for k in ("rows", "kl", "ce", "perplexity", "teacher_nll")}
+    return {
+        "model": "/models/student", "cache": "file:///caches/c", "windows": [5, 6], "window": 32,
+        "cache_window": 32, "selection": {"mode": "topk", "k": 8}, "mode": "bucket", "temperature": 1.0,
+        "max_positions": 24, "rows": sum(e["rows"] for e in by_position), "overall": overall,
+        "by_position": by_position, "extrapolation": True,
+    }  # fmt: skip
 
-    world = {"vocab_size": 96, "num_keys": 8, "num_values": 12}
-    (tmp_path / "metrics.json").write_text(json.dumps({"kind": "teacher", "recipe": {"world": world}}))
-    found = _toy_world(None, tmp_path, 128).to_dict()
-    assert {k: found[k] for k in world} == world
-    assert _toy_world('{"vocab_size": 64, "num_keys": 4, "num_values": 4}', tmp_path, 128).num_keys == 4
-    with pytest.raises(LongkdError, match="--toy-world"):
-        _toy_world('{"vocab_size": 16, "num_keys": 8, "num_values": 8}', tmp_path, 128)
+
+def test_cache_kl_task_calls_eval_cache(tmp_path, monkeypatch, capsys):
+    result = _kl_result(random.Random())
+    calls = []
+
+    def fake_kl_by_position(model, uri, **kwargs):
+        calls.append((model, uri, kwargs))
+        return result
+
+    monkeypatch.setattr(eval_cache, "kl_by_position", fake_kl_by_position)
+    out = tmp_path / "kl"
+    # Options left unset (--buckets) are not passed, so kl_by_position's defaults apply.
+    assert main(["eval", "/models/student", "--task", "cache-kl", "--cache", "/caches/c", "--windows", "2",
+                 "--device", "cpu", "--out", str(out), "--json"]) == 0  # fmt: skip
+    assert calls == [("/models/student", "/caches/c", {"windows": 2, "device": "cpu", "dtype": "float32"})]
+    assert json.loads(capsys.readouterr().out) == result == json.loads((out / "results.json").read_text())
+    table = eval_cache.format_kl(result)
+    assert (out / "results.md").read_text() == f"# KL to the teacher by position\n\n```\n{table}\n```\n"
+    assert (out / "kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Without --json the terminal gets the same table as results.md.
+    assert main(["eval", "m", "--task", "cache-kl", "--cache", "c", "--buckets", "4", "--dtype", "bfloat16",
+                 "--device", "cpu", "--out", str(tmp_path / "kl2")]) == 0  # fmt: skip
+    assert calls[-1][2] == {"buckets": 4, "device": "cpu", "dtype": "bfloat16"}
+    assert capsys.readouterr().out.strip() == table
+    paths = eval_cache.write_cache_kl(result, tmp_path / "kl3")
+    assert paths["table"] == table and paths["plot"] == tmp_path / "kl3" / "kl.png"
+    assert main(["eval", "m", "--task", "cache-kl"]) == 2 and "needs --cache" in capsys.readouterr().err
