@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from longkd.cli import main
+from tests.helpers import cache_build_argv, fail_writes_after, write_random_text
 
 VOCAB = 128
 W = 64
@@ -27,36 +28,13 @@ def teacher_dir(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    from longkd.tools.tiny import ids_to_text
-
-    rng = np.random.default_rng(0)
+    # An extra column the build must ignore.
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with path.open("w") as f:
-        for _ in range(40):
-            ids = rng.integers(4, VOCAB, size=int(rng.integers(3, 50)))
-            f.write(json.dumps({"text": ids_to_text(ids), "other": 1}) + "\n")
-    return path
+    return write_random_text(path, samples=40, vocab=VOCAB, lengths=(3, 50), seed=0, fields={"other": 1})
 
 
 def build(teacher_dir, data_file, out, *extra):
-    args = [
-        "cache",
-        "build",
-        "--teacher",
-        str(teacher_dir),
-        "--data",
-        str(data_file),
-        "--window",
-        str(W),
-        "--out",
-        str(out),
-        "--max-windows",
-        "5",
-        "--batch-size",
-        "2",
-        *extra,
-    ]
-    return main(args)
+    return main(cache_build_argv(teacher_dir, data_file, out, *extra, window=W, max_windows=5, batch_size=2))
 
 
 def expected_rows(teacher_dir, data_file, *, selection, batch_size=2, max_windows=5, temperature=1.0, seed=0):
@@ -243,41 +221,9 @@ def test_cli_subprocess_error_is_one_line(tmp_path):
 
 def test_disk_full_mid_build(teacher_dir, data_file, tmp_path, capsys, monkeypatch):
     """An OSError(ENOSPC) in the writer thread ends the build with one line and no manifest."""
-    import errno
-
-    from longkd.cache import writer as writer_mod
-
-    real_write = writer_mod._HashingFile.write
-    budget = {"left": 30_000}
-
-    def failing_write(self, data):
-        n = memoryview(data).nbytes
-        if budget["left"] < n:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        budget["left"] -= n
-        return real_write(self, data)
-
-    monkeypatch.setattr(writer_mod._HashingFile, "write", failing_write)
+    fail_writes_after(monkeypatch, 30_000)
     out = tmp_path / "c"
-    err = _fails(
-        capsys,
-        [
-            "cache",
-            "build",
-            "--teacher",
-            str(teacher_dir),
-            "--data",
-            str(data_file),
-            "--window",
-            str(W),
-            "--top-k",
-            "32",
-            "--shard-size",
-            "8KB",
-            "--out",
-            str(out),
-        ],
-    )
+    err = _fails(capsys, cache_build_argv(teacher_dir, data_file, out, window=W, top_k=32, shard_size="8KB"))
     assert "writing shard shards/shard-00000-" in err and "[Errno 28] No space left on device" in err
     assert not (out / "manifest.json").exists()
     assert not [p for p in (out / "shards").iterdir() if not p.name.startswith("shard-")]
@@ -285,14 +231,8 @@ def test_disk_full_mid_build(teacher_dir, data_file, tmp_path, capsys, monkeypat
 
 def test_streaming_and_input_ids_give_identical_shards(teacher_dir, tmp_path):
     """Text, streamed text and pre-tokenized ids of the same samples pack and cache identically."""
-    from longkd.tools.tiny import ids_to_text
-
-    rng = np.random.default_rng(7)
     data = tmp_path / "both.jsonl"
-    with data.open("w") as f:
-        for _ in range(30):
-            ids = rng.integers(4, VOCAB, size=int(rng.integers(3, 40))).tolist()
-            f.write(json.dumps({"text": ids_to_text(ids), "ids": ids}) + "\n")
+    write_random_text(data, samples=30, vocab=VOCAB, lengths=(3, 40), seed=7, ids_field="ids")
     variants = {"text": [], "streaming": ["--streaming"], "ids": ["--input-ids-field", "ids"]}
     manifests = {}
     for name, extra in variants.items():

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from longkd.cache.distributed import Group, env_world, merge_shards
 from longkd.cache.reader import CacheReader, WindowIndex
 from longkd.cli import main
 from longkd.errors import LongkdError
+from tests.helpers import cache_build_argv, one_torch_thread, write_random_text
 
 VOCAB = 256
 WINDOWS = 40
@@ -37,48 +37,32 @@ KILL_WINDOWS = 240
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     """Teacher, data, and 1-process reference caches (top-k and sampled)."""
-    from longkd.tools.tiny import ids_to_text
-
     teacher = tiny_model_dir(
         "llama", vocab_size=VOCAB, hidden_size=64, num_layers=2, max_position_embeddings=256
     )
     root = tmp_path_factory.mktemp("dist")
-    rng = np.random.default_rng(11)
-    data = root / "train.jsonl"
-    with data.open("w") as f:
-        for _ in range(1200):
-            ids = rng.integers(4, VOCAB, size=int(rng.integers(5, 80)))
-            f.write(json.dumps({"text": ids_to_text(ids)}) + "\n")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the torchrun workers run with OMP_NUM_THREADS=1 too
-    try:
-        refs = {"topk": root / "ref-topk", "sampled": root / "ref-sampled"}
+    data = write_random_text(root / "train.jsonl", samples=1200, vocab=VOCAB, lengths=(5, 80), seed=11)
+    refs = {"topk": root / "ref-topk", "sampled": root / "ref-sampled"}
+    with one_torch_thread():  # the torchrun workers run with OMP_NUM_THREADS=1 too
         assert main(build_args(teacher, data, refs["topk"])) == 0
-        sampled = {"--sample-draws": 16, "--max-windows": KILL_WINDOWS, "--shard-size": "24KB"}
+        sampled = {"sample_draws": 16, "max_windows": KILL_WINDOWS, "shard_size": "24KB"}
         assert main(build_args(teacher, data, refs["sampled"], **sampled)) == 0
-    finally:
-        torch.set_num_threads(before)
     return teacher, data, refs
 
 
 def build_args(teacher, data, out, **changes):
+    """argv of the build the tests here run; ``changes`` override its flags (``top_k=4``)."""
     flags = {
-        "--teacher": teacher,
-        "--data": data,
-        "--window": 128,
-        "--top-k": 8,
-        "--batch-size": 1,  # same forward shapes on every rank, so results are bit-identical
-        "--shard-size": "12KB",
-        "--max-windows": WINDOWS,
-        "--out": out,
+        "window": 128,
+        "top_k": 8,
+        "batch_size": 1,  # same forward shapes on every rank, so results are bit-identical
+        "shard_size": "12KB",
+        "max_windows": WINDOWS,
         **changes,
     }
-    if "--sample-draws" in flags:
-        del flags["--top-k"]
-    args = ["cache", "build"]
-    for key, value in flags.items():
-        args += [key, str(value)]
-    return args
+    if "sample_draws" in flags:
+        flags["top_k"] = None  # the two selections exclude each other
+    return cache_build_argv(teacher, data, out, **flags)
 
 
 def torchrun(args, **popen):
@@ -186,8 +170,7 @@ def _ledger_lines(out: Path, rank: int) -> int:
 def test_rank_killed_then_rerun_completes(setup, tmp_path):
     teacher, data, refs = setup
     out = tmp_path / "killed"
-    args = build_args(teacher, data, out, **{"--sample-draws": 16, "--max-windows": KILL_WINDOWS,
-                                             "--shard-size": "24KB"})  # fmt: skip
+    args = build_args(teacher, data, out, sample_draws=16, max_windows=KILL_WINDOWS, shard_size="24KB")
     log = (tmp_path / "killed.log").open("w+")
     proc = torchrun(args, stdout=log, stderr=subprocess.STDOUT)
     seed = int.from_bytes(os.urandom(4), "little")
@@ -237,7 +220,7 @@ def test_different_settings_refused_before_writing(setup, tmp_path):
             **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
         }  # fmt: skip
-        cmd = [sys.executable, "-m", "longkd", *build_args(teacher, data, out, **{"--top-k": k})]
+        cmd = [sys.executable, "-m", "longkd", *build_args(teacher, data, out, top_k=k)]
         procs.append(
             subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )

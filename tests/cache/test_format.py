@@ -6,7 +6,6 @@ into real Arrow IPC files, and read back through CacheReader; every column must 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import threading
@@ -24,6 +23,7 @@ from longkd.cache.reader import CacheReader, expand_sampled
 from longkd.cache.storage import Location
 from longkd.cache.writer import ShardWriter, parse_size, read_ledger
 from longkd.errors import LongkdError
+from tests.helpers import fail_writes_after
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -264,17 +264,7 @@ def test_file_uri(tmp_path):
 
 def test_write_error_becomes_longkd_error(tmp_path, monkeypatch):
     """A disk-full error in the writer thread surfaces in the producer, naming the shard."""
-    real_write = writer_mod._HashingFile.write
-    budget = {"left": 9000}
-
-    def failing_write(self, data):
-        n = memoryview(data).nbytes
-        if budget["left"] < n:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        budget["left"] -= n
-        return real_write(self, data)
-
-    monkeypatch.setattr(writer_mod._HashingFile, "write", failing_write)
+    fail_writes_after(monkeypatch, 9000)
     rng = np.random.default_rng(0)
     loc = Location(tmp_path / "c")
     writer = ShardWriter(loc, selection_mode="topk", shard_size=4000)

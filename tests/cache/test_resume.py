@@ -7,7 +7,6 @@ sha256 and every window equal those of a build that was never interrupted.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,9 +16,9 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from longkd.cli import main
+from tests.helpers import cache_build_argv, one_torch_thread, read_manifest, write_random_text
 
 VOCAB = 256
 WINDOWS = 120
@@ -28,27 +27,14 @@ WINDOWS = 120
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     """Teacher, data and a reference (uninterrupted) cache."""
-    from longkd.tools.tiny import ids_to_text
-
     teacher = tiny_model_dir(
         "llama", vocab_size=VOCAB, hidden_size=64, num_layers=2, max_position_embeddings=256
     )
     root = tmp_path_factory.mktemp("resume")
-    rng = np.random.default_rng(5)
-    data = root / "train.jsonl"
-    with data.open("w") as f:
-        for _ in range(500):
-            f.write(
-                json.dumps({"text": ids_to_text(rng.integers(4, VOCAB, size=int(rng.integers(5, 80))))})
-                + "\n"
-            )
+    data = write_random_text(root / "train.jsonl", samples=500, vocab=VOCAB, lengths=(5, 80), seed=5)
     reference = root / "reference"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as every build in this file (see one_thread)
-    try:
+    with one_torch_thread():  # as every build in this file (see one_thread)
         assert main(build_args(teacher, data, reference)) == 0
-    finally:
-        torch.set_num_threads(before)
     return teacher, data, reference
 
 
@@ -56,32 +42,18 @@ def setup(tiny_model_dir, tmp_path_factory):
 def one_thread():
     """Every build here (in-process and subprocess) uses one torch thread, so float results
     cannot differ with the thread count, and the shared CPU stays usable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 def build_args(teacher, data, out, **changes):
-    flags = {
-        "--teacher": teacher,
-        "--data": data,
-        "--window": 128,
-        "--top-k": 8,
-        "--batch-size": 3,
-        "--shard-size": "12KB",
-        "--max-windows": WINDOWS,
-        "--out": out,
-        **changes,
-    }
-    args = ["cache", "build"]
-    for key, value in flags.items():
-        args += [key, str(value)]
-    return args
+    """argv of the build the tests here run; ``changes`` override its flags (``window=64``)."""
+    flags = {"window": 128, "top_k": 8, "batch_size": 3, "shard_size": "12KB", "max_windows": WINDOWS}
+    return cache_build_argv(teacher, data, out, **{**flags, **changes})
 
 
 def shard_records(cache):
-    m = json.loads((cache / "manifest.json").read_text())
+    m = read_manifest(cache)
     return [
         {k: s[k] for k in ("path", "rows", "tokens", "bytes", "sha256", "first_window")} for s in m["shards"]
     ]
@@ -147,10 +119,10 @@ def test_sigkill_then_resume_matches_uninterrupted(setup, tmp_path, capsys):
 
     # A different setting on the same --out is refused, naming it; nothing is touched.
     before = sorted(p.name for p in (out / "shards").iterdir())
-    assert main(build_args(teacher, data, out, **{"--window": 64})) == 2
+    assert main(build_args(teacher, data, out, window=64)) == 2
     err = capsys.readouterr().err
     assert "holds a cache built with window=128; this run asks for window=64" in err
-    assert main(build_args(teacher, data, out, **{"--temperature": 2.0})) == 2
+    assert main(build_args(teacher, data, out, temperature=2.0)) == 2
     assert "temperature=1.0; this run asks for temperature=2.0" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "shards").iterdir()) == before
 

@@ -14,44 +14,17 @@ from longkd.cache.storage import Location
 from longkd.cache.verify import verify_cache
 from longkd.cache.writer import ShardWriter
 from longkd.cli import main
+from tests.helpers import build_cache, read_manifest, write_random_text
 
 
 @pytest.fixture(scope="module")
 def built_cache(tiny_model_dir, tmp_path_factory):
-    """A real 6-window cache in 3 shards (W=32, top-k 4) built through the CLI."""
-    from longkd.tools.tiny import ids_to_text
-
+    """A real 6-window cache in 6 shards (W=32, top-k 4) built through the CLI."""
     root = tmp_path_factory.mktemp("verify")
     teacher = tiny_model_dir("llama", vocab_size=96, max_position_embeddings=128)
-    rng = np.random.default_rng(1)
-    data = root / "d.jsonl"
-    data.write_text(
-        "".join(json.dumps({"text": ids_to_text(rng.integers(4, 96, size=20))}) + "\n" for _ in range(20))
-    )
-    out = root / "cache"
-    code = main(
-        [
-            "cache",
-            "build",
-            "--teacher",
-            str(teacher),
-            "--data",
-            str(data),
-            "--window",
-            "32",
-            "--top-k",
-            "4",
-            "--max-windows",
-            "6",
-            "--shard-size",
-            "1",
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert len(manifest["shards"]) == 6  # shard size 1 byte: one window per shard
+    data = write_random_text(root / "d.jsonl", samples=20, vocab=96, lengths=20, seed=1)
+    out = build_cache(teacher, data, root / "cache", window=32, top_k=4, max_windows=6, shard_size=1)
+    assert len(read_manifest(out)["shards"]) == 6  # shard size 1 byte: one window per shard
     return out
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from longkd.errors import LongkdError
 from longkd.kernels.fused_linear import fused_linear_sparse_kl
+from tests.helpers import reduce_rows
 
 MODES = ("bucket", "renorm", "sampled")
 
@@ -38,14 +39,7 @@ def dense_oracle(logits, ids, tlp, *, mode, temperature=1.0, mask=None, reductio
         ph = p / Ps[:, None]
         rows = (ph * (t - torch.log(Ps)[:, None] - logq_k)).sum(1)
         rows = torch.where(P > 0, rows, torch.zeros_like(rows))
-    if mask is not None:
-        rows = torch.where(mask, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    count = rows.new_tensor(float(rows.shape[0])) if mask is None else mask.sum().float()
-    return rows.sum() / count.clamp_min(1)
+    return reduce_rows(rows, mask, reduction)
 
 
 def oracle_chunk_loss(z, ids, tlp, mask, *, mode, temperature, grad_scale=None, seen=None):
@@ -249,30 +243,10 @@ def test_bfloat16_inputs_follow_fp32():
     """bf16 hidden/weight: grads come back in bf16, close to an fp32 run of the same values."""
     N, d, V, K = 33, 16, 53, 5
     hidden, weight, bias, ids, tlp, mask = make_case(N, d, V, K, "bucket", seed=8, dtype=torch.bfloat16)
-    got = run_both(
-        hidden,
-        weight,
-        bias,
-        ids,
-        tlp,
-        mode="bucket",
-        temperature=1.0,
-        mask=mask,
-        reduction="sum",
-        grad_out=torch.tensor(1.0),
-    )[0]
-    ref = run_both(
-        hidden.float(),
-        weight.float(),
-        bias.float(),
-        ids,
-        tlp,
-        mode="bucket",
-        temperature=1.0,
-        mask=mask,
-        reduction="sum",
-        grad_out=torch.tensor(1.0),
-    )[1]
+    # the same loss settings for both runs: only the inputs' dtype differs
+    kw = dict(mode="bucket", temperature=1.0, mask=mask, reduction="sum", grad_out=torch.tensor(1.0))
+    got = run_both(hidden, weight, bias, ids, tlp, **kw)[0]
+    ref = run_both(hidden.float(), weight.float(), bias.float(), ids, tlp, **kw)[1]
     assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
     for a, b in zip(got[1:], ref[1:]):
         torch.testing.assert_close(a.float(), b, atol=3e-2, rtol=3e-2)

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from longkd.errors import LongkdError
 from longkd.kernels.reference import sparse_kl_reference
 from longkd.kernels.sparse_kl import cross_entropy_chunked, resolve_impl, sparse_kl, targets_from_cache
+from tests.helpers import reduce_rows
 
 MODES = ("bucket", "renorm", "sampled")
 
@@ -76,15 +77,7 @@ def oracle_rows(z, ids, tlp, *, mode, temperature):
 
 
 def oracle(z, ids, tlp, *, mode, temperature=1.0, mask=None, reduction="mean"):
-    rows = oracle_rows(z, ids, tlp, mode=mode, temperature=temperature)
-    if mask is not None:
-        rows = torch.where(mask, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    count = z.shape[0] if mask is None else int(mask.sum())
-    return rows.sum() / max(count, 1)
+    return reduce_rows(oracle_rows(z, ids, tlp, mode=mode, temperature=temperature), mask, reduction)
 
 
 def teacher_topk(N, V, K, gen, pad_frac=0.2, spread=2.0):

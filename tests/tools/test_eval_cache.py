@@ -15,10 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from longkd.cli import main
 from longkd.errors import LongkdError
 from longkd.tools.eval_cache import format_kl, kl_by_position, plot_kl
-from tests.helpers import write_random_text
+from tests.helpers import build_cache, write_random_text
 
 VOCAB = 64
 W = 32
@@ -36,10 +35,7 @@ def data_file(tmp_path_factory):
 
 
 def _build(teacher_dir, data_file, out, *extra):
-    argv = ["cache", "build", "--teacher", str(teacher_dir), "--data", str(data_file), "--window", str(W),
-            "--out", str(out), "--batch-size", "3", "--max-windows", "6", *extra]  # fmt: skip
-    assert main(argv) == 0
-    return out
+    return build_cache(teacher_dir, data_file, out, *extra, window=W, batch_size=3, max_windows=6)
 
 
 @pytest.fixture(scope="module")

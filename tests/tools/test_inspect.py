@@ -14,10 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from longkd.cli import main
 from longkd.errors import LongkdError
 from longkd.tools.inspect import SEGMENT_EDGES, inspect_cache, register_inspect, show_position
-from tests.helpers import write_random_text
+from tests.helpers import build_cache, write_random_text
 
 VOCAB = 64
 W = 32
@@ -37,10 +36,7 @@ def data_file(tmp_path_factory):
 
 
 def _build(teacher_dir, data_file, out, *extra):
-    argv = ["cache", "build", "--teacher", str(teacher_dir), "--data", str(data_file), "--window", str(W),
-            "--out", str(out), "--batch-size", "4", "--tail", "pad", *extra]  # fmt: skip
-    assert main(argv) == 0
-    return out
+    return build_cache(teacher_dir, data_file, out, *extra, window=W, batch_size=4, tail="pad")
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from longkd.cli import main
 from longkd.trainer import checkpoint as ckpt
 from longkd.trainer.config import parse_config
 from longkd.trainer.loop import train
+from tests.helpers import build_cache, one_torch_thread, write_random_text
 
 VOCAB = 64
 W = 32
@@ -39,29 +38,18 @@ ATOL = 1e-5
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     """A file:// cache and the 1-process reference run (plus its stop-at-step-2 twin)."""
-    from longkd.tools.tiny import ids_to_text
-
     teacher = tiny_model_dir("llama", vocab_size=VOCAB, hidden_size=64, max_position_embeddings=256)
     root = tmp_path_factory.mktemp("ddp")
-    rng = np.random.default_rng(3)
-    data = root / "train.jsonl"
-    with data.open("w") as f:
-        for _ in range(200):
-            f.write(json.dumps({"text": ids_to_text(rng.integers(4, VOCAB, size=int(rng.integers(3, 30))))}))
-            f.write("\n")
-    cache = f"file://{root}/cache"
-    args = ["cache", "build", "--teacher", str(teacher), "--data", str(data), "--window", str(W)]
-    args += ["--out", cache, "--max-windows", "48", "--top-k", "8", "--shard-size", "8KB"]
-    assert main(args) == 0
+    data = write_random_text(root / "train.jsonl", samples=200, vocab=VOCAB, lengths=(3, 30), seed=3)
+    flags = {"window": W, "max_windows": 48, "top_k": 8, "shard_size": "8KB"}
+    cache = build_cache(teacher, data, f"file://{root}/cache", **flags)
     one = root / "one"
     train(parse_config(run_config(cache, one)))
     half = root / "half"

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,6 +20,7 @@ from longkd.errors import LongkdError
 from longkd.trainer import checkpoint as ckpt
 from longkd.trainer.config import parse_config
 from longkd.trainer.loop import train
+from tests.helpers import build_cache, write_random_text
 
 VOCAB = 64
 W = 32
@@ -28,22 +28,11 @@ W = 32
 
 @pytest.fixture(scope="module")
 def cache(tiny_model_dir, tmp_path_factory):
-    from longkd.tools.tiny import ids_to_text
-
     root = tmp_path_factory.mktemp("resume")
-    rng = np.random.default_rng(0)
-    data = root / "train.jsonl"
-    with data.open("w") as f:
-        for _ in range(80):
-            f.write(
-                json.dumps({"text": ids_to_text(rng.integers(4, VOCAB, size=int(rng.integers(5, 40))))})
-                + "\n"
-            )
+    data = write_random_text(root / "train.jsonl", samples=80, vocab=VOCAB, lengths=(5, 40), seed=0)
     teacher = tiny_model_dir("llama", vocab_size=VOCAB, hidden_size=64, max_position_embeddings=256)
-    args = ["cache", "build", "--teacher", str(teacher), "--data", str(data), "--window", str(W)]
-    args += ["--out", str(root / "cache"), "--top-k", "8", "--max-windows", "24", "--batch-size", "8"]
-    assert main(args) == 0
-    return root / "cache"
+    flags = {"window": W, "top_k": 8, "max_windows": 24, "batch_size": 8}
+    return build_cache(teacher, data, root / "cache", **flags)
 
 
 def run_config(cache, out, **top):

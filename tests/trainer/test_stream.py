@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from longkd.cache.reader import CacheReader
-from longkd.cli import main
 from longkd.errors import LongkdError
-from longkd.tools.tiny import build_word_tokenizer, ids_to_text, tiny_config
+from longkd.tools.tiny import build_word_tokenizer, tiny_config
 from longkd.trainer.stream import IGNORE_INDEX, WindowBatch, WindowStream, check_student_compatible
+from tests.helpers import build_cache, write_random_text
 
 VOCAB = 96
 W = 32
@@ -25,20 +25,14 @@ W = 32
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
+    # ids below 90: the padded teacher's tokenizer has 90 entries
     path = tmp_path_factory.mktemp("stream-data") / "train.jsonl"
-    with path.open("w") as f:
-        for _ in range(140):
-            ids = rng.integers(4, 90, size=int(rng.integers(3, 30)))
-            f.write(json.dumps({"text": ids_to_text(ids)}) + "\n")
-    return path
+    return write_random_text(path, samples=140, vocab=90, lengths=(3, 30), seed=0)
 
 
 def build(teacher, data, out, *extra, window=W, windows=40):
-    args = ["cache", "build", "--teacher", str(teacher), "--data", str(data), "--window", str(window)]
-    args += ["--out", str(out), "--max-windows", str(windows), "--batch-size", "8", "--shard-size", "20KB"]
-    assert main([*args, *extra]) == 0
-    return str(out)
+    flags = {"window": window, "max_windows": windows, "batch_size": 8, "shard_size": "20KB"}
+    return str(build_cache(teacher, data, out, *extra, **flags))
 
 
 @pytest.fixture(scope="module")

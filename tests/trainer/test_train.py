@@ -24,20 +24,14 @@ from longkd.trainer.config import OptimizerConfig, parse_config
 from longkd.trainer.loop import prepare, train
 from longkd.trainer.rope import Phase
 from longkd.trainer.students import batch_losses, lr_at
+from tests.helpers import build_cache, write_random_text
 
 VOCAB = 64
 W = 32
 
 
 def write_data(path: Path, n: int, seed: int) -> Path:
-    from longkd.tools.tiny import ids_to_text
-
-    rng = np.random.default_rng(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            ids = rng.integers(4, VOCAB, size=int(rng.integers(5, 40)))
-            f.write(json.dumps({"text": ids_to_text(ids)}) + "\n")
-    return path
+    return write_random_text(path, samples=n, vocab=VOCAB, lengths=(5, 40), seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +59,16 @@ def teacher_dir(tmp_path_factory):
     return out
 
 
-def build_cache(teacher_dir, data, out, windows, *selection) -> Path:
-    args = ["cache", "build", "--teacher", str(teacher_dir), "--data", str(data), "--window", str(W)]
-    args += ["--out", str(out), "--max-windows", str(windows), "--batch-size", "8"]
-    args += list(selection) or ["--top-k", "8"]
-    assert main(args) == 0
-    return out
+def make_cache(teacher_dir, data, out, windows, *selection) -> Path:
+    selection = selection or ("--top-k", "8")
+    return build_cache(teacher_dir, data, out, *selection, window=W, max_windows=windows, batch_size=8)
 
 
 @pytest.fixture(scope="module")
 def caches(teacher_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("caches")
-    train_cache = build_cache(teacher_dir, write_data(root / "train.jsonl", 300, 0), root / "train", 96)
-    heldout = build_cache(teacher_dir, write_data(root / "heldout.jsonl", 40, 1), root / "heldout", 12)
+    train_cache = make_cache(teacher_dir, write_data(root / "train.jsonl", 300, 0), root / "train", 96)
+    heldout = make_cache(teacher_dir, write_data(root / "heldout.jsonl", 40, 1), root / "heldout", 12)
     return {"train": train_cache, "heldout": heldout}
 
 
@@ -407,7 +398,7 @@ def test_activation_checkpointing_and_bf16_autocast(caches, tmp_path):
 
 
 def test_sampled_cache_trains_with_the_sampled_loss(teacher_dir, tmp_path):
-    cache = build_cache(
+    cache = make_cache(
         teacher_dir, write_data(tmp_path / "d.jsonl", 40, 2), tmp_path / "c", 8, "--sample-draws", "16"
     )
     s = student()
