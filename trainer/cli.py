@@ -102,12 +102,15 @@ def format_summary(rows: list[dict]) -> str:
 def _cmd_train(args) -> int:
     from transformers.utils import logging as hf_logging
 
+    from longkd.cache.distributed import env_world
     from longkd.trainer.config import load_config
     from longkd.trainer.loop import train
 
     hf_logging.disable_progress_bar()  # one bar per checkpoint save would bury the training bar
     cfg = load_config(args.config, _overrides(args))
     result = train(cfg, resume=args.resume, progress=False if args.no_progress else None)
+    if env_world()[0] != 0:  # under torchrun every rank returns here; rank 0 reports for all
+        return 0
     print(f"trained {len(result.students)} student(s) to step {result.steps} in {result.seconds:.1f} s")
     print(format_summary(result.summary()))
     return 0

@@ -128,7 +128,8 @@ def assert_same_run(out: Path, one: Path, steps=range(1, STEPS + 1)):
 def test_ddp_two_ranks_equal_one_process(setup, tmp_path):
     cache, one, _, _ = setup
     out = tmp_path / "ddp"
-    torchrun_train(run_config(cache, out), tmp_path / "ddp.yaml")
+    stdout = torchrun_train(run_config(cache, out), tmp_path / "ddp.yaml")
+    assert stdout.count("trained 1 student(s)") == 1, "only rank 0 prints the end-of-run table"
     assert_same_run(out, one)
     assert sorted(p.name for p in (out / "s").iterdir()) == sorted(p.name for p in (one / "s").iterdir())
     assert ckpt.checkpoint_steps(out / "s" / "checkpoints") == [2, 4]
