@@ -15,7 +15,6 @@ import math
 from pathlib import Path
 
 from longkd.tools import report
-from longkd.tools.toy_models import precondition_failures
 
 ORDER = ("teacher", "kd-phasewise", "kd-static", "ce-phasewise", "kd-reset-control", "untrained")
 DESCRIPTIONS = {
@@ -112,6 +111,8 @@ def summarize(evals: dict, *, recipe, settings: dict, timings: dict, record: dic
             "summary": summary,
             "by_distance_mean": {d: _mean(r["by_distance"][d] for r in rows) for d in distances},
         }
+    from longkd.tools.toy_models import precondition_failures  # torch: not at `longkd --help`
+
     chance = recipe.world.chance
     teacher = models["teacher"]["per_seed"].values()
     student = models["untrained"]["per_seed"].values()

@@ -198,7 +198,8 @@ class _FactWriter:
         self.ids: list[int] = []
         self.facts: list[Fact] = []
         self.stated: dict[int, tuple[int, int]] = {}  # key -> (fact position, value)
-        self.unused = [int(k) for k in rng.permutation(world.key_ids) if int(k) not in set(exclude)]
+        excluded = {int(k) for k in exclude}
+        self.unused = [int(k) for k in rng.permutation(world.key_ids) if int(k) not in excluded]
 
     def fact(self, key: int, value: int) -> None:
         self.stated[key] = (len(self.ids), value)
