@@ -3,6 +3,7 @@
     longkd eval MODEL --task passkey|needle|toy|cache-kl [--lengths ... --depths ... --out DIR]
     longkd analyze perturb MODEL [--length L --repeats R --deltas 0,1,16,256 --windows N]
     longkd analyze qdrift BEFORE AFTER [--train-length L]
+    longkd demo [--quick] [--out DIR] [--models-dir DIR] [--recipe w256|w512] [--device cuda]
 
 Each command has a ``register_*`` function below; :func:`register` calls them all, so a new
 command is one more function and one more line there. Heavy imports (torch, transformers)
@@ -26,8 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add this folder's subcommands to the top-level parser."""
     register_eval(sub)
     register_analyze(sub)
-    from longkd.tools.demo import register as register_demo
-
     register_demo(sub)
 
 
@@ -327,4 +326,83 @@ def _cmd_qdrift(args) -> int:
         report, args.out, "qdrift", table, lambda r, path: analyze.plot_qdrift(r, path, title)
     )
     _print(json.dumps(report, indent=2) if args.json else f"{table}\n\n(wrote {args.out})")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+
+def register_demo(sub: argparse._SubParsersAction) -> None:
+    """``longkd demo``: the whole pipeline on the toy world (tools/demo.py)."""
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on a toy world (CPU, no downloads): does KD give a student long context?",
+        description="Pre-train (or reuse) a tiny long-context teacher and a short-context student, build "
+        "teacher-logit caches from short packed documents, distil students under phase-wise and static RoPE "
+        "scaling, train a cross-entropy baseline and a reset-positions control, and evaluate retrieval by "
+        "distance and KL by position. Writes OUT/results.md, OUT/results.json and OUT/retrieval.png.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the small preset: 1 seed, 150 steps, 1,200 documents (about 2.5 minutes cold on 2 CPU "
+        "cores; the default is the full demo: 3 seeds, about 5 minutes)",
+    )
+    p.add_argument("--out", default="demo-out", metavar="DIR", help="output directory (default: ./demo-out)")
+    p.add_argument("--device", default="cpu", help="torch device for every stage: cpu (default) or cuda")
+    p.add_argument("--seeds", type=int, help="repetitions for the headline spread (default: 3 full, 1 quick)")
+    p.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        help="where the pre-trained teacher and student are kept and reused (default: OUT/models)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--no-checks", action="store_true",
+                   help="go on when the teacher or student misses its precondition (results marked FAILED)")
+    g = p.add_argument_group("sizes (override the preset)")
+    g.add_argument("--recipe", help="toy model recipe: w256 (default, W=256) or w512 (W=512: a longer "
+                   "window, about 3 minutes more pre-training; docs/toy.md)")
+    g.add_argument("--steps", type=int, help="optimizer steps per student")
+    g.add_argument("--batch-size", type=int, help="windows per step")
+    g.add_argument("--lr", type=float, help="students' peak learning rate")
+    g.add_argument("--train-docs", type=int, help="short documents per seed in the main cache")
+    g.add_argument("--heldout-docs", type=int, help="short documents in the held-out cache")
+    g.add_argument("--top-k", type=int, help="teacher entries stored per position")
+    g.add_argument("--per-distance", type=int, help="retrieval probes per distance")
+    p.set_defaults(func=_cmd_demo)
+
+
+def demo_settings_from_args(args):
+    """The demo preset of ``--quick`` (or the full one) with every size flag given applied."""
+    from longkd.tools.demo import PRESETS, DemoSettings
+
+    base = dataclasses.asdict(PRESETS["quick" if args.quick else "full"])
+    for key in base:
+        value = getattr(args, key, None)
+        if value is not None:
+            base[key] = value
+    for key in ("steps", "batch_size", "train_docs", "heldout_docs", "top_k", "per_distance", "seeds"):
+        if base[key] < 1:
+            raise LongkdError(f"--{key.replace('_', '-')} must be at least 1, got {base[key]}")
+    return DemoSettings(**base)
+
+
+def _cmd_demo(args) -> int:
+    from longkd.tools.demo import run_demo
+
+    settings = demo_settings_from_args(args)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LongkdError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    else:
+        import torch
+
+        # Tiny models gain nothing from a second thread, and a busy 2-core machine loses a lot
+        # to oversubscription (docs/toy.md measures 6x).
+        torch.set_num_threads(args.threads)
+    run_demo(args.out, settings=settings, device=args.device, models_dir=args.models_dir,
+             checks=not args.no_checks)  # fmt: skip
     return 0

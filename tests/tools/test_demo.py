@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from longkd.errors import LongkdError
+from longkd.tools import cli as tools_cli
 from longkd.tools import demo, demo_report
 from longkd.tools.toy_models import RECIPES
 
@@ -52,13 +53,13 @@ def test_out_dir_not_made_by_the_demo_is_refused(tmp_path):
 def test_size_flags_override_the_preset():
     args = argparse.Namespace(quick=True, steps=7, seeds=None, lr=None, recipe=None, batch_size=None,
                               train_docs=None, heldout_docs=None, top_k=None, per_distance=5)  # fmt: skip
-    s = demo.settings_from_args(args)
+    s = tools_cli.demo_settings_from_args(args)
     assert (s.steps, s.per_distance, s.seeds, s.recipe) == (7, 5, 1, "w256")
     args.quick, args.steps = False, None
-    assert demo.settings_from_args(args).seeds == 3
+    assert tools_cli.demo_settings_from_args(args).seeds == 3
     args.steps = 0
     with pytest.raises(LongkdError, match="--steps"):
-        demo.settings_from_args(args)
+        tools_cli.demo_settings_from_args(args)
 
 
 def test_train_config_is_valid_and_schedules_grow_from_s_to_w(tmp_path):
