@@ -60,7 +60,7 @@ def make_targets(N, V, K, mode, gen, pad_frac=0.2):
     teacher = torch.randn(N, V, generator=gen) * 2.0
     logp = torch.log_softmax(teacher, -1)
     if mode == "sampled":
-        draws = 3 * K
+        draws = K  # at most K distinct ids: every row keeps all its draws and sums to 1
         ids = torch.full((N, K), -1, dtype=torch.int64)
         tlp = torch.full((N, K), float("-inf"))
         for n in range(N):
