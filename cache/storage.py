@@ -17,19 +17,13 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from longkd.errors import LongkdError
+from longkd.errors import LongkdError, one_line
 
 _HASH_BLOCK = 1 << 20
 
 
 def _is_uri(text: str) -> bool:
     return "://" in text
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line, cut to ``limit`` characters (cloud SDKs are wordy)."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Location:
@@ -52,7 +46,7 @@ class Location:
                 # rather than a traceback from the first read or write.
                 self.fs.get_file_info(self.root.rstrip("/") or "/")
             except (pa.ArrowException, OSError, ValueError) as err:
-                raise LongkdError(f"cannot open {self.uri}: {_one_line(err)}") from err
+                raise LongkdError(f"cannot open {self.uri}: {one_line(err)}") from err
         else:
             path = self.uri[len("file://") :] if self.uri.startswith("file://") else self.uri
             self.fs = pafs.LocalFileSystem()

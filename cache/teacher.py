@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from longkd.errors import LongkdError
+from longkd.errors import LongkdError, one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DRAWS = 65535  # counts are stored as uint16
@@ -220,11 +220,6 @@ def _embedding_size(model) -> int:
     return int(model.config.get_text_config().vocab_size)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
-
-
 class Teacher:
     """A loaded causal LM and its tokenizer, in eval mode without gradients.
 
@@ -294,7 +289,7 @@ class Teacher:
         try:
             config = AutoConfig.from_pretrained(name, **hub)
         except Exception as exc:  # transformers raises OSError, ValueError, ... for unloadable configs
-            raise LongkdError(f"cannot load the teacher config from {name}: {_one_line(exc)}") from exc
+            raise LongkdError(f"cannot load the teacher config from {name}: {one_line(exc)}") from exc
         if not _is_causal_lm(config, trust_remote_code):
             raise LongkdError(
                 f"teacher {name} is a {config.model_type!r} model, which has no causal-LM class; "
@@ -304,7 +299,7 @@ class Teacher:
             tokenizer = AutoTokenizer.from_pretrained(name, **hub)
         except Exception as exc:
             raise LongkdError(
-                f"cannot load the teacher tokenizer from {name} ({_one_line(exc)}); "
+                f"cannot load the teacher tokenizer from {name} ({one_line(exc)}); "
                 "the model directory needs its tokenizer files"
             ) from exc
         if tokenizer is None or isinstance(tokenizer, bool):
@@ -315,7 +310,7 @@ class Teacher:
             model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=DTYPES[dtype], **hub)
             model = model.to(device)
         except Exception as exc:
-            raise LongkdError(f"cannot load the teacher model from {name}: {_one_line(exc)}") from exc
+            raise LongkdError(f"cannot load the teacher model from {name}: {one_line(exc)}") from exc
         model.eval()
         model.requires_grad_(False)
         teacher = cls(model, tokenizer, name_or_path=str(name_or_path), dtype=dtype, revision=revision)

@@ -8,3 +8,10 @@ traceback. Messages name the thing that is wrong and what to do about it.
 
 class LongkdError(Exception):
     """A user-facing error with a one-line message."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """Another library's exception message on one line, cut to ``limit`` characters, for
+    quoting inside a :class:`LongkdError` (loaders and cloud SDKs are wordy)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -29,3 +29,18 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_one_line_flattens_and_cuts_foreign_messages():
+    import random
+
+    from longkd.errors import one_line
+
+    rng = random.Random()
+    words = ["".join(rng.choice("abcxyz") for _ in range(rng.randint(1, 9))) for _ in range(200)]
+    message = "\n".join(" \t".join(words[i : i + 7]) for i in range(0, 200, 7))
+    flat = " ".join(words)
+    assert one_line(ValueError(message), limit=10**6) == flat
+    cut = one_line(ValueError(message), limit=50)
+    assert len(cut) == 50 and cut.endswith("...") and flat.startswith(cut[:-3])
+    assert one_line(OSError("short\nmessage")) == "short message"

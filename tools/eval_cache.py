@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longkd.errors import LongkdError
+from longkd.errors import LongkdError, one_line
 
 # One definition of a model's position limit and of the one-line error text for all the evals
 # (evals.py does not import this module, so there is no cycle).
-from longkd.tools.evals import _one_line, position_limit
+from longkd.tools.evals import position_limit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,7 +68,7 @@ def load_student(path: str | os.PathLike, *, device: str = "cpu", dtype: str = "
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=True)
     except Exception as exc:  # transformers raises OSError, ValueError, ... for unloadable configs
-        raise LongkdError(f"cannot load a model config from {name}: {_one_line(exc)}") from exc
+        raise LongkdError(f"cannot load a model config from {name}: {one_line(exc)}") from exc
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise LongkdError(
             f"{name} is a {config.model_type!r} model, not a causal LM; pass a decoder-only model"
@@ -78,7 +78,7 @@ def load_student(path: str | os.PathLike, *, device: str = "cpu", dtype: str = "
             name, config=config, dtype=DTYPES[dtype], local_files_only=True
         )
     except Exception as exc:
-        raise LongkdError(f"cannot load the model from {name}: {_one_line(exc)}") from exc
+        raise LongkdError(f"cannot load the model from {name}: {one_line(exc)}") from exc
     return model.to(device).eval().requires_grad_(False)
 
 

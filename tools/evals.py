@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from longkd.errors import LongkdError
+from longkd.errors import LongkdError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -347,11 +347,6 @@ def position_limit(config) -> int | None:
     return int(limit) if limit is not None else None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
-
-
 def resolve_dtype(dtype: str, device: str) -> str:
     """``auto`` -> bfloat16 on CUDA, float32 elsewhere; other names are checked and returned."""
     if dtype == "auto":
@@ -398,7 +393,7 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: str = "auto", t
     try:
         config = AutoConfig.from_pretrained(name, **kw)
     except Exception as exc:  # transformers raises OSError, ValueError, ... for unloadable configs
-        raise LongkdError(f"cannot load the model config from {name}: {_one_line(exc)}") from exc
+        raise LongkdError(f"cannot load the model config from {name}: {one_line(exc)}") from exc
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise LongkdError(
             f"{name} is a {config.model_type!r} model, not a causal LM; pass a decoder-only model"
@@ -408,13 +403,13 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: str = "auto", t
         try:
             tok = AutoTokenizer.from_pretrained(name, **kw)
         except Exception as exc:
-            raise LongkdError(f"cannot load the tokenizer from {name}: {_one_line(exc)}") from exc
+            raise LongkdError(f"cannot load the tokenizer from {name}: {one_line(exc)}") from exc
     try:
         model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtypes[dtype], **kw).to(
             device
         )
     except Exception as exc:
-        raise LongkdError(f"cannot load the model from {name}: {_one_line(exc)}") from exc
+        raise LongkdError(f"cannot load the model from {name}: {one_line(exc)}") from exc
     model.eval().requires_grad_(False)
     return model, tok
 

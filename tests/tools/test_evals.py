@@ -201,7 +201,7 @@ def test_position_limit_reads_rope_scaling():
                            rope_parameters={"rope_type": "yarn", "factor": factor})  # fmt: skip
     assert evals.position_limit(yarn) == round(original * factor)
     # eval_cache (cache-kl) uses this same definition, not a copy.
-    assert eval_cache.position_limit is evals.position_limit and eval_cache._one_line is evals._one_line
+    assert eval_cache.position_limit is evals.position_limit
 
 
 def test_bad_input(tmp_path):
