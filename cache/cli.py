@@ -6,7 +6,7 @@
 
 Build flags may also come from ``--config FILE`` (YAML or TOML, keys as the flags); flags
 typed on the command line override the file, so build options default to "not given" here
-and the real defaults live in :class:`longkd.cache.build.BuildSettings`.
+and the real defaults live in :class:`longkd.cache.build_settings.BuildSettings`.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from longkd.cache.build import build_cache, load_config_file, resolve_settings
+    from longkd.cache.build import build_cache
+    from longkd.cache.build_settings import load_config_file, resolve_settings
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "cache_command", "verbose")}
     config_path = given.pop("config", None)

@@ -13,7 +13,8 @@ selected values cross to the host, once per chunk.
     rows = teacher.run(input_ids, position_ids, [0, 1], SelectionConfig("topk", k=64))
 
 :func:`lm_head_logits` is shared with the trainer so that teacher and student logits go
-through the same head code.
+through the same head code. The teacher's identity hashes live in cache/identity.py and the
+checkpoint probes used while loading in cache/teacher_loading.py.
 """
 
 from __future__ import annotations
@@ -23,18 +24,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from longkd.cache.identity import canonical_json, config_sha256, tokenizer_fingerprint, weights_sha256
+from longkd.cache.teacher_loading import embedding_size, is_causal_lm, looks_local, max_positions
 from longkd.errors import LongkdError, one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DRAWS = 65535  # counts are stored as uint16
-# Config keys that change with the software or the loading call, not with the model.
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype", "use_cache"}
-_HASH_CHUNK = 1 << 24  # elements converted to fp32 at a time while hashing weights
 
 
 @dataclass(frozen=True)
@@ -124,102 +123,6 @@ def lm_head_logits(model, hidden: torch.Tensor, *, float32: bool = False) -> tor
     return logits
 
 
-# ----------------------------------------------------------------------------- identity
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode()
-
-
-def _stable_config(obj: Any) -> Any:
-    """A config dict without keys that change with the software or the loading call."""
-    if isinstance(obj, dict):
-        return {
-            k: _stable_config(v)
-            for k, v in obj.items()
-            if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS
-        }
-    if isinstance(obj, (list, tuple)):
-        return [_stable_config(v) for v in obj]
-    return obj
-
-
-def config_sha256(config) -> str:
-    """sha256 of the config's ``to_dict()`` as canonical JSON, volatile keys removed."""
-    return hashlib.sha256(_canonical(_stable_config(config.to_dict()))).hexdigest()
-
-
-def weights_sha256(model) -> str:
-    """sha256 over the state dict: for each name in sorted order, the name, the shape and the
-    tensor's values as little-endian fp32 bytes. One streaming pass over the weights; at most
-    ``2**24`` elements are converted at a time, so no second copy of a large tensor is made.
-    """
-    digest = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach()
-        digest.update(_canonical([name, list(tensor.shape)]))
-        flat = tensor.reshape(-1)
-        for start in range(0, flat.numel(), _HASH_CHUNK):
-            part = flat[start : start + _HASH_CHUNK].to(device="cpu", dtype=torch.float32)
-            digest.update(part.numpy().astype("<f4", copy=False).tobytes())
-    return digest.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the canonical JSON of the vocabulary, the special tokens map and the added
-    tokens (content and special flag per id). Equal fingerprints mean equal token ids."""
-    added = {
-        str(i): {"content": str(tok), "special": bool(getattr(tok, "special", False))}
-        for i, tok in tokenizer.added_tokens_decoder.items()
-    }
-    payload = {
-        "vocab": dict(sorted(tokenizer.get_vocab().items())),
-        "special_tokens": tokenizer.special_tokens_map,
-        "added_tokens": added,
-    }
-    return hashlib.sha256(_canonical(payload)).hexdigest()
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def _looks_local(name: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything else is meant as a filesystem path."""
-    return (
-        name.startswith(("/", ".", "~"))
-        or name.count("/") > 1
-        or "\\" in name
-        or Path(name).expanduser().exists()
-    )
-
-
-def _is_causal_lm(config, trust_remote_code: bool) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return True
-    auto_map = getattr(config, "auto_map", None) or {}
-    return trust_remote_code and "AutoModelForCausalLM" in auto_map
-
-
-def _max_positions(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def _embedding_size(model) -> int:
-    head = model.get_output_embeddings()
-    if isinstance(getattr(head, "out_features", None), int):
-        return int(head.out_features)
-    if getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(model.config.get_text_config().vocab_size)
-
-
 class Teacher:
     """A loaded causal LM and its tokenizer, in eval mode without gradients.
 
@@ -238,8 +141,8 @@ class Teacher:
         self.revision = revision
         self.device = next(model.parameters()).device
         self.text_config = model.config.get_text_config()
-        self.embedding_size = _embedding_size(model)
-        self.max_positions = _max_positions(self.text_config)
+        self.embedding_size = embedding_size(model)
+        self.max_positions = max_positions(self.text_config)
         self._identity: dict | None = None
         self._host: dict = {}  # reusable (pinned, on CUDA) host buffers, keyed by shape
 
@@ -274,7 +177,7 @@ class Teacher:
         name = str(name_or_path)
         if dtype not in DTYPES:
             raise LongkdError(f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-        if _looks_local(name):
+        if looks_local(name):
             path = Path(name).expanduser()
             if not path.exists():
                 raise LongkdError(
@@ -290,7 +193,7 @@ class Teacher:
             config = AutoConfig.from_pretrained(name, **hub)
         except Exception as exc:  # transformers raises OSError, ValueError, ... for unloadable configs
             raise LongkdError(f"cannot load the teacher config from {name}: {one_line(exc)}") from exc
-        if not _is_causal_lm(config, trust_remote_code):
+        if not is_causal_lm(config, trust_remote_code):
             raise LongkdError(
                 f"teacher {name} is a {config.model_type!r} model, which has no causal-LM class; "
                 "pass a decoder-only language model"
@@ -332,7 +235,7 @@ class Teacher:
                 "revision": self.revision,
                 "max_position_embeddings": self.max_positions,
                 "dtype": self.dtype,
-                "rope_parameters": json.loads(_canonical(rope)) if rope is not None else None,
+                "rope_parameters": json.loads(canonical_json(rope)) if rope is not None else None,
             }
         return dict(self._identity)
 

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from longkd.cache.build import build_cache, resolve_settings
+    from longkd.cache.build import build_cache
+    from longkd.cache.build_settings import resolve_settings
     from longkd.tools.tiny import save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:

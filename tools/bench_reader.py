@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from longkd.cache.build import build_cache, resolve_settings
+    from longkd.cache.build import build_cache
+    from longkd.cache.build_settings import resolve_settings
     from longkd.cache.reader import CacheReader
     from longkd.tools.bench_build import _make_data
     from longkd.tools.tiny import save_tiny_model

@@ -68,7 +68,8 @@ def _print(text: str) -> None:
 
 def register_eval(sub: argparse._SubParsersAction) -> None:
     """``longkd eval``: long-context retrieval scores of a model."""
-    from longkd.tools.evals import NEEDLE_TYPES, NEEDLE_VARIANTS, TASKS
+    from longkd.tools.eval_prompts import NEEDLE_TYPES, NEEDLE_VARIANTS
+    from longkd.tools.evals import TASKS
 
     p = sub.add_parser(
         "eval",
@@ -119,7 +120,7 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from longkd.tools import evals
+    from longkd.tools import eval_prompts, evals
 
     if args.task not in evals.TASKS:
         raise LongkdError(f"--task {args.task!r} is unknown; use one of {', '.join(evals.TASKS)}")
@@ -163,8 +164,8 @@ def _cmd_eval(args) -> int:
         if limit is None:
             raise LongkdError("the model config has no max_position_embeddings; pass --lengths")
         lengths = sorted({max(limit // 4, 1), max(limit // 2, 1), limit})
-    needle = evals.NeedleConfig(args.needle_variant, args.key_type, args.value_type, args.needle_keys,
-                                args.needle_values)  # fmt: skip
+    needle = eval_prompts.NeedleConfig(args.needle_variant, args.key_type, args.value_type,
+                                       args.needle_keys, args.needle_values)  # fmt: skip
     result = evals.run_retrieval(
         model, tokenizer, args.task, lengths, args.depths, samples=args.samples, seed=args.seed,
         max_new_tokens=args.max_new_tokens, needle=needle, max_positions=limit, progress=True,

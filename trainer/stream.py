@@ -196,7 +196,7 @@ def check_student_compatible(reader_or_manifest, student_config, tokenizer=None)
     """
     manifest = _manifest_of(reader_or_manifest)
     if tokenizer is not None:
-        from longkd.cache.teacher import tokenizer_fingerprint
+        from longkd.cache.identity import tokenizer_fingerprint
 
         if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
             raise LongkdError(

@@ -13,14 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from longkd.cache.teacher import (
-    SelectionConfig,
-    Teacher,
-    config_sha256,
-    lm_head_logits,
-    tokenizer_fingerprint,
-    weights_sha256,
-)
+from longkd.cache.identity import config_sha256, tokenizer_fingerprint, weights_sha256
+from longkd.cache.teacher import SelectionConfig, Teacher, lm_head_logits
 from longkd.errors import LongkdError
 
 VOCAB = 96

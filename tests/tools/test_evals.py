@@ -14,7 +14,7 @@ import torch
 
 from longkd.cli import main
 from longkd.errors import LongkdError
-from longkd.tools import eval_cache, evals
+from longkd.tools import eval_cache, eval_prompts, evals
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +71,10 @@ class ScriptedModel:
 
 
 NEEDLES = [
-    evals.NeedleConfig("single", "word", "number"),
-    evals.NeedleConfig("single", "number", "uuid"),
-    evals.NeedleConfig("multikey", "uuid", "word", num_keys=3),
-    evals.NeedleConfig("multivalue", "word", "number", num_values=4),
+    eval_prompts.NeedleConfig("single", "word", "number"),
+    eval_prompts.NeedleConfig("single", "number", "uuid"),
+    eval_prompts.NeedleConfig("multikey", "uuid", "word", num_keys=3),
+    eval_prompts.NeedleConfig("multivalue", "word", "number", num_values=4),
 ]
 
 
@@ -97,13 +97,13 @@ def test_half_the_depths_scores_50(char_tokenizer):
     assert res.score == [[100.0, 100.0, 0.0, 0.0]]
     assert res.mean == 50.0
     res = evals.run_retrieval(model, char_tokenizer, "needle", [3000], [10, 40, 60, 90],
-                              needle=evals.NeedleConfig("multikey"))  # fmt: skip
+                              needle=eval_prompts.NeedleConfig("multikey"))  # fmt: skip
     assert res.score == [[100.0, 100.0, 0.0, 0.0]]
 
 
 def test_multivalue_scores_the_fraction_found(char_tokenizer):
     model = ScriptedModel(char_tokenizer, "first2")
-    cfg = evals.NeedleConfig("multivalue", value_type="uuid", num_values=4)
+    cfg = eval_prompts.NeedleConfig("multivalue", value_type="uuid", num_values=4)
     res = evals.run_retrieval(
         model, char_tokenizer, "needle", [1500], [0, 50], needle=cfg, max_new_tokens=120
     )
@@ -111,20 +111,20 @@ def test_multivalue_scores_the_fraction_found(char_tokenizer):
 
 
 def test_scorers():
-    assert evals.score_passkey(" 4821. The pass key", "4821") == 100.0
-    assert evals.score_passkey(" 54821", "4821") == 0.0  # not a different, longer number
-    assert evals.score_passkey(" 48210", "4821") == 0.0
-    assert evals.string_match_all("Alpha and GAMMA", ["alpha", "beta", "gamma", "delta"]) == 50.0
-    assert evals.string_match_all("", ["x"]) == 0.0
+    assert eval_prompts.score_passkey(" 4821. The pass key", "4821") == 100.0
+    assert eval_prompts.score_passkey(" 54821", "4821") == 0.0  # not a different, longer number
+    assert eval_prompts.score_passkey(" 48210", "4821") == 0.0
+    assert eval_prompts.string_match_all("Alpha and GAMMA", ["alpha", "beta", "gamma", "delta"]) == 50.0
+    assert eval_prompts.string_match_all("", ["x"]) == 0.0
 
 
 def test_prompts_are_the_published_templates():
     import random
 
-    probe = evals.passkey_probe(0.5, random.Random(0))
+    probe = eval_prompts.passkey_probe(0.5, random.Random(0))
     text = probe.build(10)
     key = probe.answers[0]
-    assert text.startswith(evals.PASSKEY_INTRO + "\n") and text.endswith(
+    assert text.startswith(eval_prompts.PASSKEY_INTRO + "\n") and text.endswith(
         "\nWhat is the pass key? The pass key is"
     )
     assert f"The pass key is {key}. Remember it. {key} is the pass key." in text
@@ -132,8 +132,8 @@ def test_prompts_are_the_published_templates():
     # Depth 50% of 10 sentences: the needle after the 5th filler sentence.
     hay = text.split("\n")[1]
     assert hay.split(" The pass key")[0].count(".") == 5
-    probe = evals.needle_probe(
-        0.0, random.Random(1), evals.NeedleConfig("multivalue", "uuid", "uuid", num_values=3)
+    probe = eval_prompts.needle_probe(
+        0.0, random.Random(1), eval_prompts.NeedleConfig("multivalue", "uuid", "uuid", num_values=3)
     )
     text = probe.build(20)
     assert text.startswith("Some special magic uuids are hidden within the following text.")
@@ -150,12 +150,12 @@ def test_fit_prompt_is_the_longest_that_fits(length):
     from longkd.tools.tiny import build_word_tokenizer
 
     tok = build_word_tokenizer(64)  # every whitespace word is one token (mostly <unk>)
-    probe = evals.passkey_probe(0.3, random.Random(length))
-    ids, n = evals.fit_prompt(tok, probe.build, length)
+    probe = eval_prompts.passkey_probe(0.3, random.Random(length))
+    ids, n = eval_prompts.fit_prompt(tok, probe.build, length)
     assert len(ids) <= length < len(tok(probe.build(n + 1)).input_ids)
     assert ids == tok(probe.build(n)).input_ids
     with pytest.raises(LongkdError, match="too short"):
-        evals.fit_prompt(tok, probe.build, 10)
+        eval_prompts.fit_prompt(tok, probe.build, 10)
 
 
 def test_extrapolation_marked_and_outputs_written(char_tokenizer, tmp_path, caplog):
@@ -208,7 +208,7 @@ def test_bad_input(tmp_path):
     with pytest.raises(LongkdError, match="not a model directory"):
         evals.load_model(str(tmp_path))
     with pytest.raises(LongkdError, match="needle-variant"):
-        evals.NeedleConfig("triple")
+        eval_prompts.NeedleConfig("triple")
     with pytest.raises(LongkdError, match="depths"):
         evals.parse_depths([50, 120])
     with pytest.raises(LongkdError, match="not a text retrieval task"):
