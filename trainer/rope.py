@@ -25,53 +25,42 @@ config's ``max_position_embeddings``), phase i has window w_i:
   windows still grow as listed).
 - ``none``: windows as listed, the rope never changes (every ``rope_parameters`` is None).
 
-Rope dicts are built as transformers 5 keeps them in ``config.rope_parameters``: ``rope_type``,
-``rope_theta`` and any ``partial_rotary_factor`` copied from the base config, ``factor``, and
-``original_max_position_embeddings`` = S for yarn / llama3 / longrope. Type-specific defaults
-(any key given in the spec wins):
-
-- ``llama3``: ``low_freq_factor`` 1.0, ``high_freq_factor`` 4.0 (Llama 3.1's values).
-- ``longrope``: ``short_factor`` all 1.0 (no change within S); ``long_factor`` a geometric ramp
-  over the d/2 rotary frequencies (d = rotated head dims) from 1.0 at the highest frequency to
-  ``factor`` at the lowest, so fine positional detail is kept and the slow dimensions are
-  interpolated by the full factor. Both lists have length d/2.
-- ``yarn``: transformers' own defaults (beta_fast 32, beta_slow 1, attention factor from the
-  factor).
+Each scaled phase's rope dict comes from :func:`~longkd.trainer.rope_params.make_rope_parameters`
+(trainer/rope_params.py: the dict layout, the type-specific defaults for llama3 / longrope /
+yarn, and the check against the student's architecture with transformers' own
+``validate_rope``, which :func:`build_schedule` and :func:`apply_rope` run before anything
+changes).
 
 ``Phase.max_position_embeddings`` is the value written to the config with the phase's rope:
-round(S * factor) (the length the scaled rope is made for; with ``phasewise`` the phase window),
-except ``dynamic``, where it stays S because dynamic NTK scales relative to
-``max_position_embeddings`` at run time. ``None`` (with ``rope_parameters`` None) means the
-student's initial value.
+round(S * factor) (with ``phasewise`` the phase window), or S for ``dynamic``
+(:func:`~longkd.trainer.rope_params.max_positions_for`). ``None`` (with ``rope_parameters``
+None) means the student's initial value.
 
 A user-written schedule is a list of dicts ``{"until": N, "window": W, "rope": {...} | None,
 "lr": x | None, "name": str (optional), "until_unit": "steps" | "tokens" (optional)}``; ``rope``
-holds ``rope_type`` (or ``type``) plus any keys above, completed the same way (S from its
+holds ``rope_type`` (or ``type``) plus any rope keys, completed the same way (S from its
 ``original_max_position_embeddings`` or the base config).
-
-Every rope dict is checked with transformers' own ``validate_rope`` on a copy of the student's
-config (its warnings count as errors here), so a type the student's architecture refuses (Phi-3
-takes only default and longrope) fails before training starts.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from longkd.errors import LongkdError
+from longkd.trainer.rope_params import (
+    ROPE_TYPES,
+    make_rope_parameters,
+    max_positions_for,
+    set_rope_config,
+    validate_rope_parameters,
+)
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 PRESETS = ("none", "static", "phasewise")
 UNITS = ("steps", "tokens")
-_NEEDS_ORIGINAL = ("yarn", "llama3", "longrope")
-# layer types whose attention never spans more than a local window: scaling them would only
-# blur their positions, so nested (per layer type) rope settings leave them alone
-_LOCAL_LAYER_TYPES = ("sliding_attention", "chunked_attention")
 
 
 @dataclass
@@ -97,155 +86,6 @@ class Phase:
     rope_parameters: dict | None
     lr: float | None = None
     max_position_embeddings: int | None = None
-
-
-# ----------------------------------------------------------------------------- rope dicts
-
-
-def _rope_base(config) -> dict:
-    """The student's flat rope dict (for nested configs: the full-attention entry)."""
-    params = getattr(config, "rope_parameters", None)
-    if not params:
-        raise LongkdError(
-            f"model type {getattr(config, 'model_type', '?')!r} has no rope_parameters; "
-            "RoPE schedules need a rotary-embedding model"
-        )
-    nested = _nested_keys(config, params)
-    if nested:
-        key = "full_attention" if "full_attention" in nested else nested[-1]
-        return dict(params[key] or {})
-    return dict(params)
-
-
-def _nested_keys(config, params: dict) -> list[str]:
-    """The layer-type keys of a per-layer-type rope dict (all of them, also types no layer of
-    this config uses), or [] for a flat dict."""
-    if not hasattr(config, "nested_rope_parameter_keys") or not config.nested_rope_parameter_keys(params):
-        return []
-    return [key for key, value in params.items() if value is None or isinstance(value, dict)]
-
-
-def _rotary_dim(config, base: dict) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return int(head_dim * base.get("partial_rotary_factor", 1.0))
-
-
-def make_rope_parameters(
-    rope_type: str, factor: float, *, base_config, original: int, extra: dict | None = None
-) -> dict:
-    """A complete rope dict for ``base_config`` scaled by ``factor`` over ``original`` positions.
-
-    Args:
-        rope_type: one of :data:`ROPE_TYPES`.
-        factor: the scaling factor (>= 1; ignored for ``default``).
-        base_config: the student's config; its ``rope_theta`` and ``partial_rotary_factor``
-            are kept.
-        original: S, the context length the student was trained for.
-        extra: keys that override or add to the result (e.g. ``beta_fast``, ``rope_theta``).
-
-    Returns:
-        A flat dict in transformers 5's ``rope_parameters`` layout.
-
-    Raises:
-        LongkdError: unknown rope type.
-    """
-    if rope_type not in ROPE_TYPES:
-        raise LongkdError(f"unknown rope type {rope_type!r}; choose one of {', '.join(ROPE_TYPES)}")
-    base = _rope_base(base_config)
-    params: dict[str, Any] = {"rope_type": rope_type, "rope_theta": base.get("rope_theta", 10000.0)}
-    if "partial_rotary_factor" in base:
-        params["partial_rotary_factor"] = base["partial_rotary_factor"]
-    if rope_type != "default":
-        params["factor"] = float(factor)
-    if rope_type in _NEEDS_ORIGINAL:
-        params["original_max_position_embeddings"] = int(original)
-    if rope_type == "llama3":
-        params.update(low_freq_factor=1.0, high_freq_factor=4.0)
-    extra = dict(extra or {})
-    if rope_type == "longrope":
-        half = _rotary_dim(base_config, {**params, **extra}) // 2
-        params["short_factor"] = [1.0] * half
-        f = float(extra.get("factor", factor))
-        params["long_factor"] = [f ** (i / (half - 1)) if half > 1 else f for i in range(half)]
-    params.update(extra)
-    params["rope_type"] = rope_type
-    return params
-
-
-def _max_positions(params: dict, original: int) -> int:
-    if params["rope_type"] in ("default", "dynamic"):
-        return int(original)
-    return int(round(original * float(params.get("factor", 1.0))))
-
-
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def validate_rope_parameters(config, rope_parameters: dict, max_position_embeddings: int) -> None:
-    """Check a rope dict against a model config with transformers' own ``validate_rope``.
-
-    The check runs on a deep copy of ``config`` with ``rope_parameters`` and
-    ``max_position_embeddings`` set; transformers' validation warnings (unknown keys, a factor
-    below 1, factor lists of the wrong length) are raised like its errors.
-
-    Raises:
-        LongkdError: the parameters are invalid or the architecture does not take them.
-    """
-    nested = _nested_keys(config, rope_parameters)
-    entries = [rope_parameters[k] for k in nested if rope_parameters[k]] if nested else [rope_parameters]
-    for entry in entries:
-        rope_type = entry.get("rope_type", entry.get("type"))
-        if rope_type not in ROPE_TYPES:
-            raise LongkdError(f"unknown rope type {rope_type!r}; choose one of {', '.join(ROPE_TYPES)}")
-        factor = entry.get("factor")
-        if rope_type != "default" and (not isinstance(factor, int | float) or factor < 1):
-            raise LongkdError(f"rope factor must be >= 1 for rope type {rope_type!r}, got {factor!r}")
-    cfg = copy.deepcopy(config)
-    _set_config(cfg, rope_parameters, max_position_embeddings)
-    names = ("transformers.modeling_rope_utils", type(cfg).__module__)
-    loggers = [logging.getLogger(n) for n in names]
-    handler = _Collect()
-    saved = [(lg, lg.level) for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.WARNING)  # collect even when transformers' verbosity is lower
-    try:
-        cfg.standardize_rope_params()
-        cfg.validate_rope()
-    except (KeyError, ValueError, TypeError) as err:
-        msg = str(err).strip("\"'").splitlines()[0]
-        raise LongkdError(f"rope {rope_type!r} is not valid for {cfg.model_type}: {msg}") from err
-    finally:
-        for lg, level in saved:
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-    if handler.messages:
-        raise LongkdError(f"rope {rope_type!r} is not valid for {cfg.model_type}: {handler.messages[0]}")
-
-
-def _set_config(config, rope_parameters: dict, max_position_embeddings: int) -> None:
-    params = copy.deepcopy(rope_parameters)
-    current = getattr(config, "rope_parameters", None) or {}
-    nested = _nested_keys(config, current)
-    if nested and not _nested_keys(config, params):
-        # a flat dict for a per-layer-type config scales the global layers only
-        params = {
-            key: copy.deepcopy(current[key] if key in _LOCAL_LAYER_TYPES or current[key] is None else params)
-            for key in nested
-        }
-    config.rope_parameters = params
-    config.max_position_embeddings = int(max_position_embeddings)
-    flat = params if not nested else params.get("full_attention", {})
-    # Phi-3 keeps the pre-training length outside rope_parameters and lets it win over the
-    # dict's value during standardisation, so both have to agree
-    if "original_max_position_embeddings" in flat and hasattr(config, "original_max_position_embeddings"):
-        config.original_max_position_embeddings = int(flat["original_max_position_embeddings"])
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -344,7 +184,7 @@ def _preset(spec: dict, base_config, total_steps: int | None) -> list[Phase]:
                 window=window,
                 rope_parameters=params,
                 lr=None if lr is None else float(lr),
-                max_position_embeddings=None if params is None else _max_positions(params, original),
+                max_position_embeddings=None if params is None else max_positions_for(params, original),
             )
         )
     return phases
@@ -390,7 +230,7 @@ def _user_phases(spec, base_config, total_steps: int | None) -> list[Phase]:
             params = make_rope_parameters(
                 rope_type, factor, base_config=base_config, original=original, extra=rope
             )
-            max_pos = _max_positions(params, original)
+            max_pos = max_positions_for(params, original)
         lr = item.get("lr")
         phases.append(
             Phase(
@@ -514,7 +354,7 @@ def apply_rope(model, rope_parameters: dict, max_position_embeddings: int) -> No
             validate_rope_parameters(cfg, rope_parameters, max_position_embeddings)
     for cfg in configs.values():
         if getattr(cfg, "rope_parameters", None) is not None:
-            _set_config(cfg, rope_parameters, max_position_embeddings)
+            set_rope_config(cfg, rope_parameters, max_position_embeddings)
             cfg.standardize_rope_params()
     for parent, name, module in modules:
         cls = type(module)

@@ -18,7 +18,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from longkd.errors import LongkdError
 from longkd.tools.tiny import build_tiny_model, tiny_config
 from longkd.trainer.rope import (
-    ROPE_TYPES,
     Phase,
     active_phase,
     apply_phase,
@@ -28,6 +27,7 @@ from longkd.trainer.rope import (
     initial_rope,
     rotary_modules,
 )
+from longkd.trainer.rope_params import ROPE_TYPES
 
 S = 32  # the tiny students' original context
 LONG = 80  # a length beyond it
