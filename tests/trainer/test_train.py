@@ -414,6 +414,8 @@ def test_sampled_cache_trains_with_the_sampled_loss(teacher_dir, tmp_path):
 
 
 @pytest.mark.slow
+# torch's own compile stack still calls its deprecated torch.jit.script_method internally.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_student_trains_like_eager(caches, tmp_path):
     """``compile: true`` changes how the decoder runs, not what it computes.
 
