@@ -183,15 +183,15 @@ def stage_models(demo: Demo) -> tuple[Path, Path]:
     from longkd.tools.toy_models import (
         KINDS,
         RECIPES,
-        cached_model_dir,
         check_precondition,
         get_or_train_both,
+        is_trained,
         load_metrics,
     )
 
     recipe = RECIPES[demo.settings.recipe]
     demo.path("toy_world.json").write_text(json.dumps(recipe.world.to_dict()) + "\n")
-    cached = {k: (cached_model_dir(k, recipe, demo.models_dir) / "metrics.json").is_file() for k in KINDS}
+    cached = {k: is_trained(k, recipe, demo.models_dir) for k in KINDS}
     verb = "loading" if all(cached.values()) else "training (cached for later runs)"
     with _stage(
         demo, "pretrain", f"1/5 {verb} the toy teacher (context {recipe.window}) and student "

@@ -111,14 +111,14 @@ def summarize(evals: dict, *, recipe, settings: dict, timings: dict, record: dic
             "summary": summary,
             "by_distance_mean": {d: _mean(r["by_distance"][d] for r in rows) for d in distances},
         }
-    from longkd.tools.toy_models import precondition_failures  # torch: not at `longkd --help`
+    from longkd.tools import toy_models  # torch: not at `longkd --help`
 
     chance = recipe.world.chance
     teacher = models["teacher"]["per_seed"].values()
     student = models["untrained"]["per_seed"].values()
 
     def misses(kind, rows):
-        return [m for r in rows for m in precondition_failures(
+        return [m for r in rows for m in toy_models.precondition_failures(
             kind, recipe, {int(d): a for d, a in r["by_distance"].items()})]
 
     beyond = [a for r in student for d, a in r["by_distance"].items() if int(d) > short]
@@ -128,6 +128,10 @@ def summarize(evals: dict, *, recipe, settings: dict, timings: dict, record: dic
         "student_within_S": min(r["within"] for r in student),
         "student_max_beyond_S": max(beyond) if beyond else None,
         "student_ok": not misses("student", student),
+        # the rule's bounds, so the report states what was checked
+        "teacher_floor": toy_models.TEACHER_FLOOR,
+        "student_floor": toy_models.STUDENT_FLOOR,
+        "student_ceiling_chances": toy_models.STUDENT_CEILING_CHANCES,
     }
     inspect = {}
     for cache, rep in record.get("inspect", {}).items():
@@ -233,9 +237,11 @@ def markdown(results: dict) -> str:
         "## Preconditions (measured in this run)",
         "",
         f"- teacher: lowest retrieval over all distances {_pct(p['teacher_min_accuracy'])}% "
-        f"(needs >= 90): {'ok' if p['teacher_ok'] else 'FAILED'}",
-        f"- student: lowest within S {_pct(p['student_within_S'])}% (needs >= 90), highest beyond S "
-        f"{_pct(p['student_max_beyond_S'])}% (needs <= 3 x chance = {300 * r['chance']:.1f}%): "
+        f"(needs >= {100 * p['teacher_floor']:.0f}): {'ok' if p['teacher_ok'] else 'FAILED'}",
+        f"- student: lowest within S {_pct(p['student_within_S'])}% "
+        f"(needs >= {100 * p['student_floor']:.0f}), highest beyond S {_pct(p['student_max_beyond_S'])}% "
+        f"(needs <= {p['student_ceiling_chances']:g} x chance = "
+        f"{100 * p['student_ceiling_chances'] * r['chance']:.1f}%): "
         f"{'ok' if p['student_ok'] else 'FAILED'}",
         "",
         "## Timings (s)",

@@ -405,7 +405,7 @@ def get_or_train(kind: str, recipe: ToyRecipe, cache_dir: str | Path, progress: 
     _check_kind(kind)
     final = cached_model_dir(kind, recipe, cache_dir)
     root = final.parent
-    if (final / "metrics.json").is_file():
+    if is_trained(kind, recipe, cache_dir):
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
@@ -423,6 +423,12 @@ def get_or_train(kind: str, recipe: ToyRecipe, cache_dir: str | Path, progress: 
 def cached_model_dir(kind: str, recipe: ToyRecipe, cache_dir: str | Path) -> Path:
     """Where :func:`get_or_train` keeps ``kind`` of ``recipe`` under ``cache_dir``."""
     return Path(cache_dir).expanduser() / f"{kind}-{recipe_hash(kind, recipe)}"
+
+
+def is_trained(kind: str, recipe: ToyRecipe, cache_dir: str | Path) -> bool:
+    """Whether :func:`get_or_train` would load ``kind`` instead of training it: its
+    ``metrics.json``, written last, exists."""
+    return (cached_model_dir(kind, recipe, cache_dir) / "metrics.json").is_file()
 
 
 def _train_in_subprocess(kind: str, recipe: ToyRecipe, cache_dir: str, device: str) -> str:
@@ -444,7 +450,7 @@ def get_or_train_both(recipe: ToyRecipe, cache_dir: str | Path, progress: bool =
     Returns:
         ``{"teacher": dir, "student": dir}``.
     """
-    missing = [k for k in KINDS if not (cached_model_dir(k, recipe, cache_dir) / "metrics.json").is_file()]
+    missing = [k for k in KINDS if not is_trained(k, recipe, cache_dir)]
     if len(missing) < 2 or device != "cpu" or (os.cpu_count() or 1) < 2:
         return {k: get_or_train(k, recipe, cache_dir, progress, device) for k in KINDS}
     import multiprocessing
