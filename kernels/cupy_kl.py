@@ -180,14 +180,7 @@ def launch_forward(
     if grad is not None:
         scale_stride = _scale_stride(grad_scale, N)
     fn = _function(logits.device.index, "fwd", logits.dtype)
-    args = (
-        _ptr(logits),
-        _ptr(ids),
-        _ptr(target_logprobs),
-        _ptr(_as_u8(mask)),
-        np.int32(V),
-        np.int32(K),
-        np.float32(1.0 / temperature),
+    args = _row_args(logits, ids, target_logprobs, mask, temperature) + (
         np.int32(MODES[mode]),
         _ptr(loss_rows),
         _ptr(stats),
@@ -214,20 +207,27 @@ def launch_backward(logits, ids, target_logprobs, mask, stats, grad, grad_scale,
         return
     K = ids.shape[1]
     fn = _function(logits.device.index, "bwd", logits.dtype)
-    args = (
-        _ptr(logits),
-        _ptr(ids),
-        _ptr(target_logprobs),
-        _ptr(_as_u8(mask)),
-        np.int32(V),
-        np.int32(K),
-        np.float32(1.0 / temperature),
+    args = _row_args(logits, ids, target_logprobs, mask, temperature) + (
         _ptr(stats),
         _ptr(grad),
         _ptr(grad_scale),
         np.int64(_scale_stride(grad_scale, N)),
     )
     _launch(fn, logits, N, V, K, args)
+
+
+def _row_args(logits, ids, target_logprobs, mask, temperature) -> tuple:
+    """The arguments both kernels take first, in sparse_kl.cu's order:
+    ``logits, ids, tlp, mask, V, K, inv_T``."""
+    return (
+        _ptr(logits),
+        _ptr(ids),
+        _ptr(target_logprobs),
+        _ptr(_as_u8(mask)),
+        np.int32(logits.shape[1]),
+        np.int32(ids.shape[1]),
+        np.float32(1.0 / temperature),
+    )
 
 
 def _as_u8(mask):
