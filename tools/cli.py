@@ -80,7 +80,7 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="Hugging Face model directory (or hub id when online)")
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: ./longkd-eval-TASK)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: ./longkd-out/eval-TASK)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16 or float16")
@@ -125,7 +125,7 @@ def _cmd_eval(args) -> int:
     if args.task not in evals.TASKS:
         raise LongkdError(f"--task {args.task!r} is unknown; use one of {', '.join(evals.TASKS)}")
     device = _device(args.device)
-    out = Path(args.out or f"longkd-eval-{args.task}")
+    out = Path(args.out or f"longkd-out/eval-{args.task}")
     if args.task == "cache-kl":
         if not args.cache:
             raise LongkdError("--task cache-kl needs --cache DIR (a teacher-logit cache)")
@@ -253,7 +253,7 @@ def register_analyze(sub: argparse._SubParsersAction) -> None:
     )
     pert.add_argument("--windows", type=int, default=4, help="windows per measurement (default: 4)")
     pert.add_argument("--seed", type=int, default=0, help="window draw (default: 0)")
-    _analyze_common(pert, "longkd-perturb")
+    _analyze_common(pert, "longkd-out/analyze-perturb")
     pert.set_defaults(func=_cmd_perturb)
 
     qd = asub.add_parser(
@@ -266,7 +266,7 @@ def register_analyze(sub: argparse._SubParsersAction) -> None:
     qd.add_argument("after", metavar="AFTER", help="model directory after training")
     qd.add_argument("--train-length", type=int,
                     help="mark the pair of this wavelength (default: AFTER's max positions)")  # fmt: skip
-    _analyze_common(qd, "longkd-qdrift")
+    _analyze_common(qd, "longkd-out/analyze-qdrift")
     qd.set_defaults(func=_cmd_qdrift)
 
 

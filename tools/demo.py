@@ -1,6 +1,6 @@
 """``longkd demo``: the project's central claim, end to end, on a toy world that fits a CPU.
 
-The claim (docs/demo.md, DESIGN.md): a student trained only on short documents packed into a
+The claim (README.md, docs/demo.md): a student trained only on short documents packed into a
 long window, with forward-KL distillation from a long-context teacher, gains retrieval beyond
 its own context, because the teacher's logits carry long-range positional information that
 next-token labels on the same packed data do not. This module runs the real pipeline to
