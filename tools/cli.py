@@ -181,7 +181,7 @@ def _cmd_eval(args) -> int:
 
 def _toy_world(spec: str | None, model_dir: Path, vocab_size: int):
     """The toy world from --toy-world, from files beside the model, or the defaults at the model's vocab."""
-    from longkd.tools.toy import ToyWorld
+    from longkd.tools.toy_world import ToyWorld
 
     data = None
     if spec:

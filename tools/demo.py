@@ -239,8 +239,8 @@ def _build(demo: Demo, teacher: Path, data: Path, out: Path, mode: str, seed: in
 
 def stage_caches(demo: Demo, teacher: Path, seed: int) -> dict[str, Path]:
     """Write short documents and build the main, reset-positions and held-out caches (stage 2)."""
-    from longkd.tools.toy import save_documents, short_documents
     from longkd.tools.toy_models import RECIPES
+    from longkd.tools.toy_world import save_documents, short_documents
 
     recipe, st = RECIPES[demo.settings.recipe], demo.settings
     caches = {

@@ -1,10 +1,10 @@
 """The ``toy`` task of ``longkd eval``: retrieval accuracy by fact-query distance for toy-world models.
 
-Models trained on the toy world (:mod:`longkd.tools.toy`, :mod:`longkd.tools.toy_models`) speak
+Models trained on the toy world (:mod:`longkd.tools.toy_world`, :mod:`longkd.tools.toy_models`) speak
 no natural language, so the text tasks of :mod:`longkd.tools.evals` (passkey, needle) cannot
 prompt them. This module scores them at the token level instead: a probe holds a fact
 ``FACT key value`` and, ``d`` tokens later, ``QUERY key``; the model is right when its greedy
-next token is ``value``. The probes and their scoring live in :mod:`longkd.tools.toy`; here they
+next token is ``value``. The probes and their scoring live in :mod:`longkd.tools.toy_world`; here they
 are run over a grid of distances, marked where a probe exceeds the model's position limit, and
 written out as a table and a plot:
 
@@ -39,13 +39,13 @@ def run_toy(
 ) -> dict:
     """The toy world's token-level retrieval probe: accuracy (x100) by fact-query distance.
 
-    Uses :func:`longkd.tools.toy.make_probes` and :func:`longkd.tools.toy.retrieval_accuracy`,
+    Uses :func:`longkd.tools.toy_world.make_probes` and :func:`longkd.tools.toy_world.retrieval_accuracy`,
     so it needs no natural-language tokenizer. A probe at distance d is ``d + 2 + lead``
     tokens long; distances whose probes exceed ``max_positions`` are marked ``extrapolation``.
 
     Args:
         model: a causal LM trained on ``world``.
-        world: the :class:`longkd.tools.toy.ToyWorld` the model was trained on.
+        world: the :class:`longkd.tools.toy_world.ToyWorld` the model was trained on.
         max_positions: the model's position limit.
         distances: fact-query distances (default :func:`toy_distances`).
         per_distance: probes per distance.
@@ -55,7 +55,7 @@ def run_toy(
     Returns:
         A JSON-ready dict with ``by_distance`` rows ``{distance, length, score, extrapolation}``.
     """
-    from longkd.tools.toy import make_probes, retrieval_accuracy
+    from longkd.tools.toy_world import make_probes, retrieval_accuracy
 
     distances = list(distances) if distances else toy_distances(max_positions, lead)
     probes = make_probes(world, distances, per_distance, lead=lead, seed=seed)

@@ -3,7 +3,7 @@
 The demo needs a teacher that retrieves facts across its whole window W and a student that
 retrieves within its short context S but not beyond it, so that distillation has something
 to add. Both are tiny Llamas (``tools/tiny.py``) trained from scratch here with a plain
-torch loop (AdamW, linear warmup then cosine decay) on documents of ``tools/toy.py``:
+torch loop (AdamW, linear warmup then cosine decay) on documents of ``tools/toy_world.py``:
 
 - teacher: first S-token documents (induction forms fast there), then W-token documents
   (facts queried up to W tokens later), ``max_position_embeddings = W``, RoPE base 10,000;
@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM
 
 from longkd.errors import LongkdError
 from longkd.tools.tiny import tiny_config
-from longkd.tools.toy import ProbeSet, ToyWorld, document, make_probes, retrieval_accuracy
+from longkd.tools.toy_world import ProbeSet, ToyWorld, document, make_probes, retrieval_accuracy
 
 KINDS = ("teacher", "student")
 RECIPE_VERSION = 2  # bump when training code changes what a recipe produces

@@ -31,7 +31,7 @@ class ToyOracle(torch.nn.Module):
 
 
 def test_toy_task_scores_by_distance():
-    from longkd.tools.toy import ToyWorld
+    from longkd.tools.toy_world import ToyWorld
 
     world = ToyWorld()
     res = eval_toy.run_toy(ToyOracle(world), world, max_positions=64, distances=[8, 40, 100], per_distance=6)

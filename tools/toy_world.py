@@ -17,7 +17,7 @@ retrieval in a few hundred steps instead of never (docs/toy.md).
 Everything is token ids over the word tokenizer of ``tools/tiny.py`` (id ``i`` is the word
 ``t{i}``), deterministic for a seed:
 
-    from longkd.tools.toy import ToyWorld, make_probes, retrieval_accuracy, short_documents
+    from longkd.tools.toy_world import ToyWorld, make_probes, retrieval_accuracy, short_documents
     world = ToyWorld()
     docs = short_documents(world, 1000, max_length=64, seed=0)   # for a cache build
     probes = make_probes(world, [8, 32, 128, 500], per_distance=64, seed=1)

@@ -12,7 +12,7 @@ import torch
 
 from longkd.errors import LongkdError
 from longkd.tools import toy_models
-from longkd.tools.toy import (
+from longkd.tools.toy_world import (
     ToyWorld,
     long_documents,
     make_probes,
