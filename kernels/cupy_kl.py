@@ -25,11 +25,10 @@ import numpy as np
 import torch
 
 from longkd.errors import LongkdError
-from longkd.kernels.reference import validate_inputs
+from longkd.kernels.loss_modes import MODES
+from longkd.kernels.validation import validate_loss_args
 
 SOURCE_PATH = Path(__file__).with_name("sparse_kl.cu")
-MODES = {"bucket": 0, "renorm": 1, "sampled": 2}
-REDUCTIONS = ("mean", "sum", "none")
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # Dynamic shared memory holds K fp32 values per block; 48 KiB is the limit without opting in.
 MAX_K = 48 * 1024 // 4
@@ -114,16 +113,20 @@ def _ptr(t: torch.Tensor | None) -> np.uint64:
 
 
 def check_inputs(logits, ids, target_logprobs, mask, mode, temperature, reduction="mean"):
-    """Validate the kernel's contract; raise LongkdError naming the offending argument.
+    """Validate the kernel's whole contract; raise LongkdError naming the offending argument.
 
-    The loss's shared contract (shapes, dtypes, options, devices) is the reference's
-    ``validate_inputs``; this adds what only the kernel needs: K within MAX_K, CUDA tensors,
-    contiguous memory.
+    The loss's shared contract (shapes, dtypes, options, devices) is ``validate_loss_args``
+    (kernels/validation.py); ``check_kernel_inputs`` adds what only the kernel needs.
     """
-    validate_inputs(
+    validate_loss_args(
         logits, ids, target_logprobs, mode=mode, temperature=temperature, mask=mask,
         reduction=reduction, chunk_size=1, name="sparse_kl",
     )  # fmt: skip
+    check_kernel_inputs(logits, ids, target_logprobs, mask)
+
+
+def check_kernel_inputs(logits, ids, target_logprobs, mask):
+    """Check what only the kernel needs, on validated arguments: K <= MAX_K, CUDA, contiguity."""
     if ids.shape[1] > MAX_K:
         raise LongkdError(
             f"sparse_kl: K={ids.shape[1]} exceeds the kernel's limit {MAX_K}; use impl='reference'"
@@ -181,7 +184,7 @@ def launch_forward(
         scale_stride = _scale_stride(grad_scale, N)
     fn = _function(logits.device.index, "fwd", logits.dtype)
     args = _row_args(logits, ids, target_logprobs, mask, temperature) + (
-        np.int32(MODES[mode]),
+        np.int32(MODES[mode].code),
         _ptr(loss_rows),
         _ptr(stats),
         _ptr(grad),
@@ -323,7 +326,7 @@ def sparse_kl_cupy(
         ids: int64 [N, K] teacher token ids; < 0 = padding; distinct within a row.
         target_logprobs: float32 [N, K] teacher log-probs over the full vocabulary (-inf pad);
             for sampled caches log(counts / draws).
-        mode: "bucket" | "renorm" | "sampled" (math in DESIGN.md, "The loss").
+        mode: "bucket" | "renorm" | "sampled" (math in docs/loss.md).
         temperature: T > 0; the student is softmax(z / T).
         mask: bool [N] or None; False rows give zero loss and zero gradient.
         reduction: "mean" (over unmasked rows, 0 when none) | "sum" | "none" ([N]).
@@ -338,8 +341,27 @@ def sparse_kl_cupy(
     Raises:
         LongkdError: on bad shapes, dtypes, devices, non-contiguous inputs, or K > MAX_K.
     """
+    validate_loss_args(
+        logits, ids, target_logprobs, mode=mode, temperature=temperature, mask=mask,
+        reduction=reduction, chunk_size=1, name="sparse_kl",
+    )  # fmt: skip
     del chunk_size
-    check_inputs(logits, ids, target_logprobs, mask, mode, temperature, reduction)
+    return cupy_on_validated(
+        logits, ids, target_logprobs, mode=mode, temperature=temperature, mask=mask,
+        reduction=reduction, inplace_grad=inplace_grad,
+    )  # fmt: skip
+
+
+def cupy_on_validated(
+    logits, ids, target_logprobs, *, mode, temperature, mask, reduction, inplace_grad=False
+):
+    """``sparse_kl_cupy`` after ``validate_loss_args`` has passed (each public path validates once).
+
+    Raises:
+        LongkdError: what only the kernel needs is missing (``check_kernel_inputs``), or the
+            kernel cannot run here.
+    """
+    check_kernel_inputs(logits, ids, target_logprobs, mask)
     if not is_available():
         raise LongkdError(f"CuPy sparse-KL kernel unavailable ({unavailable_reason()}); use impl='reference'")
     return SparseKLCupyFunction.apply(
@@ -359,7 +381,7 @@ def loss_and_grad_chunk(z, ids, target_logprobs, mask, *, mode, temperature, gra
     Returns:
         (loss_rows float32 [n], dz [n, V] aliasing ``z``, or None without ``grad_scale``).
     """
-    check_inputs(z, ids, target_logprobs, mask, mode, temperature)
+    check_kernel_inputs(z, ids, target_logprobs, mask)  # the fused path validated the rest
     grad = z if grad_scale is not None else None
     loss_rows, _ = launch_forward(
         z,

@@ -22,7 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from longkd.errors import LongkdError
+from longkd.kernels.reference import CHUNK_SIZE, reference_on_validated
+from longkd.kernels.validation import validate_loss_args
 
 # loss_impl(z [n, V], ids [n, K], target_logprobs [n, K], mask [n] | None, *, mode, temperature,
 #           grad_scale float32 (1 element or [n]) | None) -> (loss_rows float32 [n], dz [n, V] | None)
@@ -33,6 +34,8 @@ ChunkLoss = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 def reference_chunk_loss(z, ids, target_logprobs, mask, *, mode, temperature, grad_scale=None):
     """``ChunkLoss`` through the torch reference (kernels/reference.py) and autograd.
 
+    Runs on arguments ``fused_linear_sparse_kl`` has validated.
+
     Args:
         z: [n, V] logits chunk.
         ids: int64 [n, K]; target_logprobs: float32 [n, K]; mask: bool [n] or None.
@@ -42,15 +45,13 @@ def reference_chunk_loss(z, ids, target_logprobs, mask, *, mode, temperature, gr
     Returns:
         (loss_rows float32 [n], dz [n, V] in z's dtype or None).
     """
-    from longkd.kernels.reference import sparse_kl_reference
-
-    kwargs = dict(mode=mode, temperature=temperature, mask=mask, reduction="none")
+    kwargs = dict(mode=mode, temperature=temperature, mask=mask, reduction="none", chunk_size=CHUNK_SIZE)
     if grad_scale is None:
         with torch.no_grad():
-            return sparse_kl_reference(z, ids, target_logprobs, **kwargs).float(), None
+            return reference_on_validated(z, ids, target_logprobs, **kwargs).float(), None
     leaf = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        rows = sparse_kl_reference(leaf, ids, target_logprobs, **kwargs)
+        rows = reference_on_validated(leaf, ids, target_logprobs, **kwargs)
         weights = grad_scale.to(rows.dtype).reshape(-1).expand(rows.shape[0])
         (dz,) = torch.autograd.grad(rows, leaf, grad_outputs=weights)
     return rows.detach().float(), dz
@@ -244,48 +245,18 @@ def fused_linear_sparse_kl(
     Raises:
         LongkdError: on mismatched shapes, dtypes or devices, or bad options.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise LongkdError(
-            f"fused_linear_sparse_kl: need hidden [N, d] and weight [V, d], got {tuple(hidden.shape)} "
-            f"and {tuple(weight.shape)}"
-        )
-    if hidden.dtype != weight.dtype or hidden.device != weight.device:
-        raise LongkdError(
-            f"fused_linear_sparse_kl: hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, "
-            f"{weight.device}) must share dtype and device; cast one of them"
-        )
-    N, V = hidden.shape[0], weight.shape[0]
-    if bias is not None and (bias.shape != (V,) or bias.dtype != weight.dtype):
-        raise LongkdError(
-            f"fused_linear_sparse_kl: bias must be [{V}] in {weight.dtype}, got {tuple(bias.shape)}"
-        )
-    if ids.dim() != 2 or ids.shape[0] != N or ids.dtype != torch.int64:
-        raise LongkdError(
-            f"fused_linear_sparse_kl: ids must be int64 [N={N}, K], got {ids.dtype} {tuple(ids.shape)}"
-        )
-    if target_logprobs.shape != ids.shape:
-        raise LongkdError(
-            f"fused_linear_sparse_kl: target_logprobs shape {tuple(target_logprobs.shape)} "
-            f"!= ids shape {tuple(ids.shape)}"
-        )
-    if mask is not None and (mask.shape != (N,) or mask.dtype != torch.bool):
-        raise LongkdError(
-            f"fused_linear_sparse_kl: mask must be bool [N={N}], got {mask.dtype} {tuple(mask.shape)}"
-        )
-    if mode not in ("bucket", "renorm", "sampled"):
-        raise LongkdError(f"fused_linear_sparse_kl: unknown mode {mode!r}; use bucket, renorm or sampled")
-    if reduction not in ("mean", "sum", "none"):
-        raise LongkdError(f"fused_linear_sparse_kl: unknown reduction {reduction!r}; use mean, sum or none")
-    if not float(temperature) > 0:
-        raise LongkdError(f"fused_linear_sparse_kl: temperature must be > 0, got {temperature}")
-    if int(chunk_size) < 1:
-        raise LongkdError(f"fused_linear_sparse_kl: chunk_size must be >= 1, got {chunk_size}")
+    # Sparse-KL targets may come as float16 or float64: they are used in float32.
+    tlp = target_logprobs.float() if isinstance(target_logprobs, torch.Tensor) else target_logprobs
+    validate_loss_args(
+        None, ids, tlp, mode=mode, temperature=temperature, mask=mask, reduction=reduction,
+        chunk_size=chunk_size, name="fused_linear_sparse_kl", head=(hidden, weight, bias),
+    )  # fmt: skip
     return FusedLinearSparseKLFunction.apply(
         hidden.contiguous(),
         weight,
         bias,
         ids.contiguous(),
-        target_logprobs.float().contiguous(),
+        tlp.contiguous(),
         None if mask is None else mask.contiguous(),
         mode,
         float(temperature),

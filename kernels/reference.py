@@ -20,63 +20,14 @@ import warnings
 import torch
 
 from longkd.errors import LongkdError
+from longkd.kernels.loss_modes import MODES
+from longkd.kernels.validation import validate_loss_args
 
-MODES = ("bucket", "renorm", "sampled")
-REDUCTIONS = ("mean", "sum", "none")
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Sampled targets are log(counts / draws): their probabilities sum to 1 up to the rounding of
 # the stored float32 (or float16) log-probs; more than this means a truncated or wrong row.
 SAMPLED_SUM_TOL = 1e-3
-
-
-def validate_inputs(logits, ids, target_logprobs, *, mode, temperature, mask, reduction, chunk_size, name):
-    """Check the loss's argument contract, raising LongkdError naming the offending argument.
-
-    Args:
-        logits: [N, V] float tensor.
-        ids: int64 [N, K].
-        target_logprobs: float32 [N, K].
-        mode, temperature, mask, reduction, chunk_size: as for ``sparse_kl_reference``.
-        name: the function name that prefixes each message.
-
-    Raises:
-        LongkdError: on any mismatch of shape, dtype, device or option.
-    """
-    if mode not in MODES:
-        raise LongkdError(f"{name}: unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    if reduction not in REDUCTIONS:
-        raise LongkdError(f"{name}: unknown reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
-    if not float(temperature) > 0:
-        raise LongkdError(f"{name}: temperature must be > 0, got {temperature}")
-    if int(chunk_size) < 1:
-        raise LongkdError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise LongkdError(f"{name}: logits must be a [N, V] tensor, got {shape}; flatten batch and time")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise LongkdError(f"{name}: logits dtype {logits.dtype} unsupported; use float32, bfloat16, float16")
-    N, V = logits.shape
-    if V < 1:
-        raise LongkdError(f"{name}: logits have an empty vocabulary dimension (V=0)")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != N:
-        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise LongkdError(f"{name}: ids must be [N={N}, K], got {shape}")
-    if ids.dtype != torch.int64:
-        raise LongkdError(f"{name}: ids must be int64, got {ids.dtype}; convert with ids.long()")
-    if not isinstance(target_logprobs, torch.Tensor) or target_logprobs.shape != ids.shape:
-        shape = tuple(target_logprobs.shape) if isinstance(target_logprobs, torch.Tensor) else None
-        raise LongkdError(f"{name}: target_logprobs must have the ids' shape {tuple(ids.shape)}, got {shape}")
-    if target_logprobs.dtype != torch.float32:
-        raise LongkdError(
-            f"{name}: target_logprobs must be float32, got {target_logprobs.dtype}; convert with .float()"
-        )
-    bad_mask = not isinstance(mask, torch.Tensor) or mask.shape != (N,) or mask.dtype != torch.bool
-    if mask is not None and bad_mask:
-        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise LongkdError(f"{name}: mask must be a bool [N={N}] tensor (True = row trained), got {got}")
-    for arg, t in (("ids", ids), ("target_logprobs", target_logprobs), ("mask", mask)):
-        if t is not None and t.device != logits.device:
-            raise LongkdError(f"{name}: {arg} is on {t.device} but logits are on {logits.device}; move it")
+# Rows per chunk unless the caller says otherwise.
+CHUNK_SIZE = 2048
 
 
 def has_duplicate_ids(ids: torch.Tensor) -> bool:
@@ -94,49 +45,49 @@ def has_duplicate_ids(ids: torch.Tensor) -> bool:
     return bool(((s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)).any())
 
 
-def _row_targets(ids, target_logprobs, mode, V, compute_dtype):
+def _row_targets(ids, target_logprobs, spec, compute_dtype):
     """Per-row teacher quantities shared by forward and backward (all [N, K] or [N]).
+
+    ``spec`` is the mode's row of kernels/loss_modes.py: its target scale c (taken in log
+    space, log c = -log P with log P a logsumexp over the row's entries) and tail mass r.
 
     Returns:
         idx: int64 [N, K], ids with padding pointed at column 0 (its weights are zero there).
         fill: [N, K], -inf at real entries and +inf at padding, for masking K columns out of a
             row with ``scatter_reduce(amin)`` (padding leaves column 0 untouched).
-        w: [N, K] the teacher weight on each entry: p (bucket) or p~ (renorm, sampled);
-            0 at padding and at entries with log-prob -inf.
+        w: [N, K] the teacher weight on each entry, c * p: p (bucket) or p~ (renorm,
+            sampled); 0 at padding and at entries with log-prob -inf.
         logw: [N, K] log w where w > 0, else 0 (finite, so 0 * logw never makes NaN).
-        r: [N] teacher tail mass max(1 - P_K, 0) (bucket), else zeros.
-        has: bool [N], the row carries some target mass (renorm/sampled: else it trains nothing).
+        r: [N] teacher tail mass: max(1 - P_K, 0) (bucket), else zeros.
+        has: bool [N], the row carries some target mass (without a tail category it trains
+            nothing otherwise).
     """
     valid = ids >= 0
     t = target_logprobs.to(compute_dtype)
     live = valid & (t > float("-inf"))
     t = torch.where(live, t, torch.zeros_like(t))
-    if mode == "bucket":
-        w = torch.where(live, t.exp(), torch.zeros_like(t))
-        logw = t
-        r = (1 - w.sum(1)).clamp_min(0)
-    else:
-        # p~ = softmax of the teacher's log-probs over its own entries.
-        masked = torch.where(live, t, torch.full_like(t, float("-inf")))
-        log_z = torch.logsumexp(masked, dim=1, keepdim=True)
-        log_z = torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z))
-        logw = torch.where(live, t - log_z, torch.zeros_like(t))
-        w = torch.where(live, logw.exp(), torch.zeros_like(t))
-        r = torch.zeros(ids.shape[0], dtype=compute_dtype, device=ids.device)
+    # log P over the row's own entries (0 for a row without any); log w = t + log c, so with
+    # c = 1 / P, w is the softmax of the teacher's log-probs over its entries.
+    masked = torch.where(live, t, torch.full_like(t, float("-inf")))
+    log_p = torch.logsumexp(masked, dim=1, keepdim=True)
+    log_p = torch.where(torch.isfinite(log_p), log_p, torch.zeros_like(log_p))
+    logw = torch.where(live, t + spec.log_target_scale(log_p), torch.zeros_like(t))
+    w = torch.where(live, logw.exp(), torch.zeros_like(t))
+    r = spec.tail_mass(w.sum(1))
     has = live.any(1)
     idx = ids.clamp_min(0)
     fill = torch.where(valid, float("-inf"), float("inf")).to(compute_dtype)
     return idx, fill, w, logw, r, has
 
 
-def _warn_unnormalised_sampled(target_logprobs, ids):
+def _warn_unnormalised(target_logprobs, ids, spec):
     live = (ids >= 0) & (target_logprobs > float("-inf"))
     sums = torch.where(live, target_logprobs.double().exp(), torch.zeros((), dtype=torch.float64)).sum(1)
     if bool((live.any(1) & ((sums - 1).abs() > SAMPLED_SUM_TOL)).any()):
         # A fixed message, so Python's warning filter shows it once per call site instead of
         # once per training step.
         warnings.warn(
-            "sparse_kl(mode='sampled'): some rows' target probabilities do not sum to 1; pass "
+            f"sparse_kl(mode={spec.name!r}): some rows' target probabilities do not sum to 1; pass "
             "log(counts / draws) with every sampled id, or use mode='renorm' for truncated rows",
             RuntimeWarning,
             stacklevel=4,
@@ -154,12 +105,13 @@ class SparseKLReferenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, ids, target_logprobs, mask, mode, temperature, reduction, chunk_size):
-        N, V = logits.shape
+        N, _ = logits.shape
+        spec = MODES[mode]
         cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        idx, fill, w, logw, r, has = _row_targets(ids, target_logprobs, mode, V, cdt)
+        idx, fill, w, logw, r, has = _row_targets(ids, target_logprobs, spec, cdt)
         rows = torch.zeros(N, dtype=cdt, device=logits.device)
         lse = torch.empty(N, dtype=cdt, device=logits.device)
-        lse_c = torch.empty(N, dtype=cdt, device=logits.device) if mode == "bucket" else None
+        lse_c = torch.empty(N, dtype=cdt, device=logits.device) if spec.keeps_tail else None
         for s in range(0, N, chunk_size):
             e = min(s + chunk_size, N)
             z = _chunk_logits(logits, s, e, temperature, cdt)  # [n, V]
@@ -167,7 +119,7 @@ class SparseKLReferenceFunction(torch.autograd.Function):
             logq = z.gather(1, idx[s:e]) - lse[s:e, None]  # [n, K]
             # sum_K w (log w - log q); entries with w = 0 (padding, -inf) add exactly 0.
             rows[s:e] = torch.where(w[s:e] > 0, w[s:e] * (logw[s:e] - logq), 0).sum(1)
-            if mode == "bucket":
+            if spec.keeps_tail:
                 # log(1 - Q_K) taken as log of the student's mass OUTSIDE K, i.e. the logsumexp
                 # over the non-K logits minus lse. Forming 1 - Q_K from the sum of q over K
                 # cancels catastrophically when the student puts nearly all its mass on K
@@ -177,7 +129,7 @@ class SparseKLReferenceFunction(torch.autograd.Function):
                 z.scatter_reduce_(1, idx[s:e], fill[s:e], reduce="amin")
                 lse_c[s:e] = torch.logsumexp(z, dim=1)
             del z
-        if mode == "bucket":
+        if spec.keeps_tail:
             log_omq = lse_c - lse  # log(1 - Q_K), -inf when the student has no mass off K
             # The tail category exists when the teacher leaves mass off K (r > 0) and the student
             # can put mass there (finite lse_c). r > 0 with an empty complement (K = V) is the
@@ -204,17 +156,18 @@ class SparseKLReferenceFunction(torch.autograd.Function):
         N, _ = logits.shape
         cdt = lse.dtype
         T = ctx.temperature
+        keeps_tail = MODES[ctx.mode].keeps_tail
         # Row scale: grad_output (scalar, or [N] for reduction "none") / count for a mean, / T
         # for the chain rule through z / T, zero for masked-out rows and (renorm) empty rows.
         scale = grad_output.detach().to(cdt).reshape(-1).expand(N)
         if ctx.reduction == "mean":
             scale = scale / count.clamp_min(1)
         scale = scale / T
-        keep = has if ctx.mode != "bucket" else torch.ones_like(has)
+        keep = torch.ones_like(has) if keeps_tail else has
         if mask is not None:
             keep = keep & mask
         scale = torch.where(keep, scale, 0)
-        if ctx.mode == "bucket":
+        if keeps_tail:
             # p~ off K is r * q_j / (1 - Q_K) = r * exp(z_j - lse_c). When the complement is
             # empty (lse_c = -inf) there is no j off K and the tail weight is 0, not NaN.
             tail_on = torch.isfinite(lse_c)
@@ -224,11 +177,11 @@ class SparseKLReferenceFunction(torch.autograd.Function):
         for s in range(0, N, ctx.chunk_size):
             e = min(s + ctx.chunk_size, N)
             z = _chunk_logits(logits, s, e, T, cdt)  # [n, V]
-            if ctx.mode == "bucket":
+            if keeps_tail:
                 tail = z.clone().scatter_reduce_(1, idx[s:e], fill[s:e], reduce="amin")
                 tail.sub_(lse_c_safe[s:e, None]).exp_().mul_(r_eff[s:e, None])  # 0 on K
             g = z.sub_(lse[s:e, None]).exp_()  # q, in place over z
-            if ctx.mode == "bucket":
+            if keeps_tail:
                 g.sub_(tail)
                 del tail
             g.scatter_add_(1, idx[s:e], -w[s:e])  # - p (bucket) or - p~ on K; padding adds 0
@@ -247,7 +200,7 @@ def sparse_kl_reference(
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
-    chunk_size: int = 2048,
+    chunk_size: int = CHUNK_SIZE,
 ) -> torch.Tensor:
     """Sparse KL(teacher || student) from cached teacher entries, in token chunks.
 
@@ -275,7 +228,7 @@ def sparse_kl_reference(
     Raises:
         LongkdError: on bad shapes, dtypes, devices, options, or ids >= V.
     """
-    validate_inputs(
+    validate_loss_args(
         logits,
         ids,
         target_logprobs,
@@ -293,7 +246,7 @@ def sparse_kl_reference(
 
 
 def reference_on_validated(logits, ids, target_logprobs, *, mode, temperature, mask, reduction, chunk_size):
-    """``sparse_kl_reference`` after ``validate_inputs`` has passed (the dispatcher validates once).
+    """``sparse_kl_reference`` after ``validate_loss_args`` has passed (each public path validates once).
 
     Still checks what validation cannot see without reading values: ids within V (an
     out-of-range id would otherwise fail deep inside a scatter).
@@ -303,8 +256,9 @@ def reference_on_validated(logits, ids, target_logprobs, *, mode, temperature, m
             f"sparse_kl: ids reach {int(ids.max())} but the logits have V={logits.shape[1]} columns; "
             "the cache's vocabulary does not match the student's"
         )
-    if mode == "sampled":
-        _warn_unnormalised_sampled(target_logprobs, ids)
+    spec = MODES[mode]
+    if spec.targets_sum_to_one:
+        _warn_unnormalised(target_logprobs, ids, spec)
     return SparseKLReferenceFunction.apply(
         logits, ids, target_logprobs, mask, mode, float(temperature), reduction, int(chunk_size)
     )

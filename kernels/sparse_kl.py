@@ -2,10 +2,10 @@
 a chunked cross-entropy, and the conversion of cached rows into loss targets.
 
 Why it exists: the trainer should not care which implementation runs. ``sparse_kl`` checks
-the arguments once, then runs the CuPy CUDA kernel (kernels/cupy_kl.py) for CUDA logits when
-it is available and the chunked torch reference (kernels/reference.py) otherwise. The CE term
-and the target conversion live here because they share the same memory rule: never build an
-fp32 [N, V] tensor whole. The math is in docs/loss.md.
+the arguments once (kernels/validation.py), then runs the CuPy CUDA kernel (kernels/cupy_kl.py)
+for CUDA logits when it is available and the chunked torch reference (kernels/reference.py)
+otherwise. The CE term and the target conversion live here because they share the same memory
+rule: never build an fp32 [N, V] tensor whole. The math is in docs/loss.md.
 
     from longkd.kernels.sparse_kl import sparse_kl, targets_from_cache
     ids, tlp = targets_from_cache(window.ids, window.logprobs)
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from longkd.errors import LongkdError
-from longkd.kernels.reference import has_duplicate_ids, reference_on_validated, validate_inputs
+from longkd.kernels.reference import has_duplicate_ids, reference_on_validated
+from longkd.kernels.validation import validate_loss_args
 
 IMPLS = ("auto", "reference", "cupy")
 CUPY_MISSING = "--loss-impl cupy needs a CUDA device and the `cupy` package (pip install longkd[gpu])"
@@ -109,7 +110,7 @@ def sparse_kl(
         LongkdError: on bad shapes, dtypes, devices, options, duplicate ids (with
             ``check_ids``), or ``impl="cupy"`` where the kernel cannot run.
     """
-    validate_inputs(
+    validate_loss_args(
         logits,
         ids,
         target_logprobs,
@@ -124,9 +125,9 @@ def sparse_kl(
         raise LongkdError("sparse_kl: some row of ids repeats a token id; each row's ids must be distinct")
     kwargs = dict(mode=mode, temperature=float(temperature), mask=mask, reduction=reduction)
     if resolve_impl(impl, logits, ids.shape[1]) == "cupy":
-        from longkd.kernels.cupy_kl import sparse_kl_cupy
+        from longkd.kernels.cupy_kl import cupy_on_validated
 
-        return sparse_kl_cupy(
+        return cupy_on_validated(
             logits.contiguous(),
             ids.contiguous(),
             target_logprobs.contiguous(),

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from longkd.errors import LongkdError
+from longkd.kernels.loss_modes import MODE_NAMES as LOSS_MODES
 
-LOSS_MODES = ("bucket", "renorm", "sampled")
 LOSS_IMPLS = ("auto", "reference", "cupy")
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
