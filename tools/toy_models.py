@@ -2,7 +2,7 @@
 
 The demo needs a teacher that retrieves facts across its whole window W and a student that
 retrieves within its short context S but not beyond it, so that distillation has something
-to add. Both are tiny Llamas (``tools/tiny.py``) trained from scratch here with a plain
+to add. Both are tiny Llamas (``longkd/models.py``) trained from scratch here with a plain
 torch loop (AdamW, linear warmup then cosine decay) on documents of ``tools/toy_world.py``:
 
 - teacher: first S-token documents (induction forms fast there), then W-token documents
@@ -40,7 +40,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from longkd.errors import LongkdError
-from longkd.tools.tiny import tiny_config
+from longkd.models import tiny_config
 from longkd.tools.toy_world import ProbeSet, ToyWorld, document, make_probes, retrieval_accuracy
 
 KINDS = ("teacher", "student")

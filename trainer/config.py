@@ -81,7 +81,7 @@ class StudentConfig:
     """One student.
 
     ``init`` is a Hugging Face model directory (or hub name), or a mapping describing a fresh
-    model: ``{arch: llama|qwen2|gemma2|phi3, seed: 0, <any tools/tiny.py tiny_config keyword>}``
+    model: ``{arch: llama|qwen2|gemma2|phi3, seed: 0, <any longkd/models.py tiny_config keyword>}``
     (``vocab_size`` defaults to the cache's embedding size). ``schedule`` is a rope schedule
     (trainer/rope.py: a preset mapping or a list of phases); None trains on the full cache
     window with the student's own rope. ``seed`` seeds the student's private RNG (dropout);
@@ -254,7 +254,7 @@ def _check_student(s: StudentConfig, where: str) -> None:
             f"{where}.name: {s.name!r} must be letters, digits, '.', '_' or '-' (it names the output folder)"
         )
     if isinstance(s.init, dict):
-        from longkd.tools.tiny import ARCHITECTURES
+        from longkd.models import ARCHITECTURES
 
         arch = s.init.get("arch")
         if arch not in ARCHITECTURES:

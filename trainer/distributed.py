@@ -50,7 +50,7 @@ class _Logits(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """long [B, P] ids and positions -> logits [B, P, V] (the model's dtype / autocast)."""
-        from longkd.cache.teacher import lm_head_logits
+        from longkd.models import lm_head_logits
 
         out = self._body(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -69,7 +69,7 @@ def build_model(init, *, vocab_size: int | None):
 
     Args:
         init: a path or name for ``AutoModelForCausalLM.from_pretrained``, or
-            ``{"arch": ..., "seed": 0, **tiny_config keywords}`` for a fresh tools/tiny.py model.
+            ``{"arch": ..., "seed": 0, **tiny_config keywords}`` for a fresh longkd/models.py model.
         vocab_size: default ``vocab_size`` of a fresh model (the cache's embedding size).
 
     Returns:
@@ -81,7 +81,7 @@ def build_model(init, *, vocab_size: int | None):
     from transformers import AutoModelForCausalLM
 
     if isinstance(init, dict):
-        from longkd.tools.tiny import build_tiny_model, tiny_config
+        from longkd.models import build_tiny_model, tiny_config
 
         kwargs = dict(init)
         arch, seed = kwargs.pop("arch"), kwargs.pop("seed", 0)
@@ -300,8 +300,8 @@ def batch_losses(student: Student, batch, *, mode: str, temperature: float, amp:
         kl and ce detached scalars (each computed without a graph when its weight is 0), tokens
         the number of rows trained on.
     """
-    from longkd.cache.teacher import lm_head_logits
     from longkd.kernels.sparse_kl import cross_entropy_chunked, sparse_kl
+    from longkd.models import lm_head_logits
 
     lc = student.cfg.loss
     b, p = batch.input_ids.shape
