@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longkd.errors import LongkdError
+from longkd.errors import LongkdError, one_line
 
 LOSS_MODES = ("bucket", "renorm", "sampled")
 LOSS_IMPLS = ("auto", "reference", "cupy")
@@ -311,8 +311,7 @@ def read_config_file(path: str | Path) -> dict:
 
             raw = yaml.safe_load(text)
     except Exception as err:  # noqa: BLE001 (any parse error is the user's file)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LongkdError(f"config file {p} could not be parsed: {first}") from err
+        raise LongkdError(f"config file {p} could not be parsed: {one_line(err)}") from err
     if not isinstance(raw, dict):
         raise LongkdError(f"config file {p} must hold a mapping (cache, out, students, ...)")
     return raw

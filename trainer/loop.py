@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from longkd.devices import resolve_device
 from longkd.errors import LongkdError
 from longkd.trainer import checkpoint as ckpt
 from longkd.trainer.config import RunConfig, StudentConfig, to_dict
@@ -35,23 +36,6 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; an explicit device must exist.
-
-    Raises:
-        LongkdError: CUDA asked for but not available, or an unknown device string.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise LongkdError(f"device: {name!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LongkdError(f"device: {name!r} asked for but CUDA is not available; use --device cpu")
-    return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -110,7 +94,7 @@ def prepare(cfg: RunConfig, *, resume: bool = False) -> Run:
     from longkd.trainer.stream import check_student_compatible
 
     parallel = from_config(cfg.distributed, cfg.device)  # None in a single process
-    device = parallel.device if parallel is not None else resolve_device(cfg.device)
+    device = parallel.device if parallel is not None else torch.device(resolve_device(cfg.device, check=True))
     stream = _make_stream(cfg, parallel)  # opens every cache and checks they agree, before any model is built
     reader = stream.readers[0]
     out = Path(cfg.out)

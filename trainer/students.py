@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from longkd.errors import LongkdError
+from longkd.errors import LongkdError, one_line
 from longkd.trainer import checkpoint as ckpt
 from longkd.trainer.config import OptimizerConfig, StudentConfig
 from longkd.trainer.rope import Phase
@@ -97,8 +97,7 @@ def build_model(init, *, vocab_size: int | None):
         try:
             model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
         except (OSError, ValueError) as err:
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise LongkdError(f"student model {init!r} could not be loaded: {msg}") from err
+            raise LongkdError(f"student model {init!r} could not be loaded: {one_line(err)}") from err
     return model.float().train()
 
 
