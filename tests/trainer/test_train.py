@@ -22,8 +22,9 @@ from longkd.cli import main
 from longkd.errors import LongkdError
 from longkd.trainer.config import OptimizerConfig, parse_config
 from longkd.trainer.loop import prepare, train
+from longkd.trainer.losses import batch_losses
+from longkd.trainer.lr_schedule import lr_at
 from longkd.trainer.rope import Phase
-from longkd.trainer.students import batch_losses, lr_at
 from tests.helpers import build_cache, write_random_text
 
 VOCAB = 64
