@@ -36,7 +36,7 @@ import numpy as np
 
 from longkd.cache import format as fmt
 from longkd.cache.build_settings import DEFAULT_TOP_K, BuildSettings
-from longkd.cache.distributed import Group, env_world, merge_shards, rank_device
+from longkd.cache.distributed import merge_shards
 from longkd.cache.manifest import (
     build_manifest,
     compare_build_record,
@@ -46,6 +46,8 @@ from longkd.cache.manifest import (
 )
 from longkd.cache.storage import Location
 from longkd.cache.writer import ShardWriter
+from longkd.devices import resolve_device
+from longkd.distributed import Group, env_world
 from longkd.errors import LongkdError
 
 log = logging.getLogger(__name__)
@@ -121,7 +123,7 @@ def build_cache(settings: BuildSettings, *, progress: bool | None = None, echo=p
             ranks started with different settings. No manifest is written then.
     """
     _, world, local_rank = env_world()
-    device = rank_device(settings.device, local_rank, world)
+    device = resolve_device(settings.device, local_rank=local_rank, world=world)
     group = Group(device)
     settings.rank, settings.world = group.rank, group.world
     try:

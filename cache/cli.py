@@ -16,8 +16,13 @@ import json
 import sys
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add this folder's subcommands to the top-level parser."""
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add this folder's subcommands to the top-level parser.
+
+    Returns:
+        The subcommands of ``longkd cache``, where the front door adds ``inspect`` (which
+        lives in tools/, as it draws plots and reports).
+    """
     cache = sub.add_parser("cache", help="build, verify and inspect teacher-logit caches")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="SUBCOMMAND")
     cache_sub.required = True
@@ -40,11 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.add_argument("cache", metavar="DIR", help="cache directory or URI")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(func=_cmd_info)
-
-    # The fuller inspection lives in tools/ (plots, reports); it is a `cache` subcommand for users.
-    from longkd.tools.inspect import register_inspect
-
-    register_inspect(cache_sub)
+    return cache_sub
 
 
 def _add_build_flags(p: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from longkd.errors import LongkdError
+from longkd.errors import LongkdError, one_line
 
 # Builder of `datasets.load_dataset` per file extension (compressed variants are read by
 # datasets transparently, so the extension below the compression suffix decides).
@@ -238,7 +238,7 @@ def _open(datasets, source: str, streaming: bool, data_files_format: str | None)
             except Exception as e:  # a damaged save_to_disk directory, or an empty one
                 if _saved_without_data(path):
                     raise LongkdError(f"dataset {source} is empty: the saved dataset holds no rows") from e
-                raise LongkdError(f"could not load the saved dataset {source}: {_one_line(e)}") from e
+                raise LongkdError(f"could not load the saved dataset {source}: {one_line(e)}") from e
         # Hidden files (.DS_Store, editor swap files, datasets' own lock files) are never data.
         files = sorted(
             str(p)
@@ -268,7 +268,7 @@ def _open(datasets, source: str, streaming: bool, data_files_format: str | None)
         return "hub", datasets.load_dataset(source, streaming=streaming)
     except Exception as e:
         raise LongkdError(
-            f"could not load {source} as a hub dataset ({_one_line(e)}); if it is a local path, it "
+            f"could not load {source} as a hub dataset ({one_line(e)}); if it is a local path, it "
             "does not exist; hub datasets need network access"
         ) from e
 
@@ -296,7 +296,7 @@ def _load_files(datasets, source, files, streaming, data_files_format, check=Tru
     except Exception as e:
         if "corresponds to no data" in str(e):
             raise LongkdError(empty) from e
-        raise LongkdError(f"could not read {source} as {builder} files: {_one_line(e)}") from e
+        raise LongkdError(f"could not read {source} as {builder} files: {one_line(e)}") from e
 
 
 def _pick_split(datasets, loaded, split: str, source: str):
@@ -362,8 +362,3 @@ def _missing_field(source: str, field: str, columns) -> str:
         f"{source} has no column '{field}'; available columns: {', '.join(map(str, columns)) or '(none)'}; "
         "pick one with text_field / input_ids_field"
     )
-
-
-def _one_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")

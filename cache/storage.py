@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from longkd.errors import LongkdError, one_line
+from longkd.fileio import write_bytes_atomic
 
 _HASH_BLOCK = 1 << 20
 
@@ -125,11 +126,16 @@ class Location:
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         """Write ``data`` to a temporary name in the same directory, make it durable, rename.
 
-        A reader therefore sees either the old file or the complete new one.
+        A reader therefore sees either the old file or the complete new one. Local paths go
+        through :func:`longkd.fileio.write_bytes_atomic` (fsync of the file and of the
+        directory); object stores get their own "move".
         """
         parent = posixpath.dirname(rel)
         if parent:
             self.makedirs(parent)
+        if self.is_local:
+            write_bytes_atomic(self.path(rel), data)
+            return
         tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(rel)}")
         handle = self.open_output(tmp)
         try:
@@ -140,13 +146,6 @@ class Location:
             self.delete(tmp)
             raise
         self.move(tmp, rel)
-        if self.is_local:
-            # Make the rename itself durable.
-            fd = os.open(self.path(parent), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
     def write_text_atomic(self, rel: str, text: str) -> None:
         self.write_bytes_atomic(rel, text.encode("utf-8"))

@@ -12,8 +12,8 @@ selected values cross to the host, once per chunk.
     teacher = Teacher.load("path/or/hub-id", dtype="bfloat16", device="cuda")
     rows = teacher.run(input_ids, position_ids, [0, 1], SelectionConfig("topk", k=64))
 
-:func:`lm_head_logits` is shared with the trainer so that teacher and student logits go
-through the same head code. The teacher's identity hashes live in cache/identity.py and the
+:func:`longkd.models.lm_head_logits` is shared with the trainer so that teacher and student
+logits go through the same head code. The teacher's identity hashes live in cache/identity.py and the
 checkpoint probes used while loading in cache/teacher_loading.py.
 """
 
@@ -31,6 +31,7 @@ import torch
 from longkd.cache.identity import canonical_json, config_sha256, tokenizer_fingerprint, weights_sha256
 from longkd.cache.teacher_loading import embedding_size, is_causal_lm, looks_local, max_positions
 from longkd.errors import LongkdError, one_line
+from longkd.models import lm_head_logits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DRAWS = 65535  # counts are stored as uint16
@@ -85,42 +86,6 @@ class TeacherRows:
     logprobs: np.ndarray | None = None
     counts: np.ndarray | None = None
     row_splits: np.ndarray | None = None
-
-
-# ----------------------------------------------------------------------------- head
-
-
-def lm_head_logits(model, hidden: torch.Tensor, *, float32: bool = False) -> torch.Tensor:
-    """The model's LM head followed by its own logit post-processing.
-
-    Reproduces what ``model.forward`` does after the decoder body, per architecture family:
-    Cohere ``logits * logit_scale``; Granite ``logits / logits_scaling`` (HyperCLOVA X
-    multiplies instead, MiniCPM3 divides the hidden states, the same for a bias-free head);
-    Gemma 2/3 and others ``tanh(logits / cap) * cap`` with ``final_logit_softcapping``.
-
-    Args:
-        model: a transformers causal LM.
-        hidden: [..., d] final hidden states (after the decoder's last norm).
-        float32: cast the head's output to fp32 before post-processing (the teacher does, so
-            softcapping and scaling are computed in fp32; the model itself uses its dtype).
-
-    Returns:
-        [..., V] logits.
-    """
-    logits = model.get_output_embeddings()(hidden)
-    if float32:
-        logits = logits.float()
-    config = model.config.get_text_config()
-    scale = getattr(model, "logit_scale", None)  # Cohere keeps a plain number on the model
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
-        logits = logits * scale
-    scaling = getattr(config, "logits_scaling", None)
-    if isinstance(scaling, (int, float)) and scaling != 1:
-        logits = logits * scaling if config.model_type == "hyperclovax" else logits / scaling
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 class Teacher:

@@ -2,7 +2,9 @@
 
 Every folder registers its own subcommands (``cache/cli.py``, ``trainer/cli.py``,
 ``tools/cli.py``), so this file only builds the top-level parser and turns
-:class:`~longkd.errors.LongkdError` into a one-line message and exit status 2.
+:class:`~longkd.errors.LongkdError` into a one-line message and exit status 2. The one
+command that crosses folders is joined here: ``longkd cache inspect`` is a ``cache``
+subcommand for users but lives in tools/ (plots, reports), and cache/ never imports tools/.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from longkd.cache.cli import register as register_cache
     from longkd.tools.cli import register as register_tools
+    from longkd.tools.inspect import register_inspect
     from longkd.trainer.cli import register as register_trainer
 
-    register_cache(sub)
+    register_inspect(register_cache(sub))
     register_trainer(sub)
     register_tools(sub)
     return parser

@@ -12,6 +12,7 @@ class LongkdError(Exception):
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """Another library's exception message on one line, cut to ``limit`` characters, for
-    quoting inside a :class:`LongkdError` (loaders and cloud SDKs are wordy)."""
-    text = " ".join(str(exc).split())
+    quoting inside a :class:`LongkdError` (loaders and cloud SDKs are wordy). An exception
+    without a message is named by its type."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -28,7 +28,7 @@ def tiny_model_dir(tmp_path_factory):
 
     Models with the same arguments are built once per test session.
     """
-    from longkd.tools.tiny import save_tiny_model
+    from longkd.tools.random_models import save_tiny_model
 
     made: dict = {}
 

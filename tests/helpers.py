@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# longkd.cli and longkd.tools.tiny import transformers (seconds): they are imported where used,
+# longkd.cli and longkd.tools.random_models import transformers (seconds): they are imported where used,
 # so the kernel tests, which only need reduce_rows, do not pay for them.
 
 
@@ -47,7 +47,7 @@ def write_random_text(
     Returns:
         ``path``.
     """
-    from longkd.tools.tiny import ids_to_text
+    from longkd.tools.random_models import ids_to_text
 
     rng = np.random.default_rng(seed)
     with path.open("w") as f:

@@ -44,3 +44,4 @@ def test_one_line_flattens_and_cuts_foreign_messages():
     cut = one_line(ValueError(message), limit=50)
     assert len(cut) == 50 and cut.endswith("...") and flat.startswith(cut[:-3])
     assert one_line(OSError("short\nmessage")) == "short message"
+    assert one_line(KeyError()) == "KeyError" and one_line(ValueError(" \n ")) == "ValueError"

@@ -27,7 +27,7 @@ import torch
 
 def _make_data(path: Path, tokens: int, vocab: int, seed: int) -> None:
     """JSONL of random word-token samples (50..500 tokens) holding at least ``tokens`` tokens."""
-    from longkd.tools.tiny import ids_to_text
+    from longkd.tools.random_models import ids_to_text
 
     rng = np.random.default_rng(seed)
     written = 0
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from longkd.cache.build import build_cache
     from longkd.cache.build_settings import resolve_settings
-    from longkd.tools.tiny import save_tiny_model
+    from longkd.tools.random_models import save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)

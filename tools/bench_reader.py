@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from longkd.cache.build_settings import resolve_settings
     from longkd.cache.reader import CacheReader
     from longkd.tools.bench_build import _make_data
-    from longkd.tools.tiny import save_tiny_model
+    from longkd.tools.random_models import save_tiny_model
     from longkd.trainer.stream import WindowStream
 
     with tempfile.TemporaryDirectory() as tmp:

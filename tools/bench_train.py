@@ -42,7 +42,7 @@ LOSSES = ("ce", "kd", "kd+ce")
 def _make_cache(root: Path, args) -> Path:
     """A tiny teacher (random Llama) and a cache of ``args.windows`` windows, through the real CLI."""
     from longkd.cli import main
-    from longkd.tools.tiny import ids_to_text, save_tiny_model
+    from longkd.tools.random_models import ids_to_text, save_tiny_model
 
     teacher = save_tiny_model(
         root / "teacher",
@@ -89,7 +89,7 @@ def _make_cache(root: Path, args) -> Path:
 
 
 def _student(args, vocab: int):
-    from longkd.tools.tiny import build_tiny_model, tiny_config
+    from longkd.models import build_tiny_model, tiny_config
 
     config = tiny_config(
         "llama",
@@ -104,8 +104,8 @@ def _student(args, vocab: int):
 
 def _step_fn(model, batch, loss_name: str, amp: torch.dtype | None):
     """A closure doing one full optimizer step of ``model`` on ``batch`` with the named loss."""
-    from longkd.cache.teacher import lm_head_logits
     from longkd.kernels.sparse_kl import sparse_kl
+    from longkd.models import lm_head_logits
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     body = model.get_decoder()

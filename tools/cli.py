@@ -18,6 +18,7 @@ import json
 import logging
 from pathlib import Path
 
+from longkd.devices import resolve_device
 from longkd.errors import LongkdError
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,6 @@ def _float_list(text: str) -> list[float]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values
-
-
-def _device(name: str | None) -> str:
-    import torch
-
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _print(text: str) -> None:
@@ -124,7 +119,7 @@ def _cmd_eval(args) -> int:
 
     if args.task not in evals.TASKS:
         raise LongkdError(f"--task {args.task!r} is unknown; use one of {', '.join(evals.TASKS)}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     out = Path(args.out or f"longkd-out/eval-{args.task}")
     if args.task == "cache-kl":
         if not args.cache:
@@ -282,7 +277,8 @@ def _analyze_common(p: argparse.ArgumentParser, default_out: str) -> None:
 def _cmd_perturb(args) -> int:
     from longkd.tools import analyze, evals
 
-    model, _ = evals.load_model(args.model, device=_device(args.device), dtype=args.dtype, tokenizer=False)
+    device = resolve_device(args.device)
+    model, _ = evals.load_model(args.model, device=device, dtype=args.dtype, tokenizer=False)
     vocab = model.config.get_text_config().vocab_size
     tokenizer = _optional_tokenizer(args.model)
     if tokenizer is not None:
@@ -316,7 +312,7 @@ def _optional_tokenizer(path: str):
 def _cmd_qdrift(args) -> int:
     from longkd.tools import analyze, evals
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     before, _ = evals.load_model(args.before, device=device, dtype=args.dtype, tokenizer=False)
     after, _ = evals.load_model(args.after, device=device, dtype=args.dtype, tokenizer=False)
     report = analyze.qdrift(before, after, train_length=args.train_length)

@@ -115,7 +115,7 @@ def _score_batch(model, batch, *, prefix, mode, temperature, chunk_size, sparse_
     Returns:
         Arrays over the R valid rows: ``row``, ``position_id``, ``kl``, ``ce``, ``teacher_nll``.
     """
-    from longkd.cache.teacher import lm_head_logits
+    from longkd.models import lm_head_logits
 
     device = next(model.parameters()).device
     ids = torch.from_numpy(np.stack([w.input_ids[:prefix] for w in batch]).astype(np.int64)).to(device)

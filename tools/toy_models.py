@@ -2,7 +2,7 @@
 
 The demo needs a teacher that retrieves facts across its whole window W and a student that
 retrieves within its short context S but not beyond it, so that distillation has something
-to add. Both are tiny Llamas (``tools/tiny.py``) trained from scratch here with a plain
+to add. Both are tiny Llamas (``longkd/models.py``) trained from scratch here with a plain
 torch loop (AdamW, linear warmup then cosine decay) on documents of ``tools/toy_world.py``:
 
 - teacher: first S-token documents (induction forms fast there), then W-token documents
@@ -29,8 +29,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +38,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from longkd.errors import LongkdError
-from longkd.tools.tiny import tiny_config
+from longkd.fileio import atomic_dir
+from longkd.models import tiny_config
 from longkd.tools.toy_world import ProbeSet, ToyWorld, document, make_probes, retrieval_accuracy
 
 KINDS = ("teacher", "student")
@@ -374,16 +373,6 @@ def check_precondition(kind: str, recipe: ToyRecipe, acc: dict[int, float]) -> N
         )
 
 
-def train_teacher(recipe: ToyRecipe, out_dir: str | Path, progress: bool = True) -> dict:
-    """Train the recipe's long-context teacher into ``out_dir`` (see :func:`train`)."""
-    return train("teacher", recipe, out_dir, progress)
-
-
-def train_student(recipe: ToyRecipe, out_dir: str | Path, progress: bool = True) -> dict:
-    """Train the recipe's short-context student into ``out_dir`` (see :func:`train`)."""
-    return train("student", recipe, out_dir, progress)
-
-
 def get_or_train(kind: str, recipe: ToyRecipe, cache_dir: str | Path, progress: bool = True,
                  device: str = "cpu") -> Path:
     """The model directory for ``kind`` under ``cache_dir``, training it first if absent.
@@ -404,19 +393,10 @@ def get_or_train(kind: str, recipe: ToyRecipe, cache_dir: str | Path, progress: 
     """
     _check_kind(kind)
     final = cached_model_dir(kind, recipe, cache_dir)
-    root = final.parent
     if is_trained(kind, recipe, cache_dir):
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    try:
+    with atomic_dir(final) as tmp:  # replaces a stale partial directory (no metrics.json)
         train(kind, recipe, tmp, progress, device)
-        if final.exists():  # a stale partial directory (no metrics.json)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -14,7 +14,7 @@ model can use its context. Repeat documents teach the same induction step densel
 token after the first period is predictable), which is what lets a tiny model learn
 retrieval in a few hundred steps instead of never (docs/toy.md).
 
-Everything is token ids over the word tokenizer of ``tools/tiny.py`` (id ``i`` is the word
+Everything is token ids over the word tokenizer of ``tools/random_models.py`` (id ``i`` is the word
 ``t{i}``), deterministic for a seed:
 
     from longkd.tools.toy_world import ToyWorld, make_probes, retrieval_accuracy, short_documents
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from longkd.errors import LongkdError
-from longkd.tools.tiny import SPECIAL_TOKENS, build_word_tokenizer, ids_to_text
+from longkd.tools.random_models import SPECIAL_TOKENS, build_word_tokenizer, ids_to_text
 
 FACT_LEN = 3  # FACT k v
 QUERY_LEN = 3  # QUERY k v
@@ -124,7 +124,7 @@ class ToyWorld:
         return 1.0 / self.num_values
 
     def tokenizer(self):
-        """The word tokenizer for this vocabulary (``tools/tiny.py``)."""
+        """The word tokenizer for this vocabulary (``tools/random_models.py``)."""
         return build_word_tokenizer(self.vocab_size)
 
     def to_dict(self) -> dict:

@@ -24,7 +24,6 @@ run finished saving.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from longkd.errors import LongkdError
+from longkd.fileio import atomic_dir, atomic_file, write_text_atomic
 
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 _STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
@@ -44,22 +44,6 @@ LATEST = "latest"
 def step_name(step: int) -> str:
     """``step-0000042`` for step 42 (sorts by name up to 10^7 steps, still parses beyond)."""
     return f"step-{step:07d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_latest(root: Path) -> str | None:
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    return pointer.read_text().strip() or None
 
 
 def checkpoint_steps(root: Path) -> list[int]:
@@ -94,17 +78,10 @@ def write_step_dir(root: Path, step: int, fill: Callable[[Path], None], keep: in
     Returns:
         The final directory ``root/step-XXXXXXX``.
     """
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
-    tmp = root / f".tmp-{step_name(step)}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    fill(tmp)
-    if final.exists():  # a re-run of the same step after a resume: replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_atomic(root / LATEST, final.name + "\n")
+    with atomic_dir(final) as tmp:  # a re-run of the same step after a resume replaces it whole
+        fill(tmp)
+    write_text_atomic(root / LATEST, final.name + "\n")
     for old in checkpoint_steps(root)[:-keep]:
         shutil.rmtree(root / step_name(old), ignore_errors=True)
     return final
@@ -115,7 +92,6 @@ def save_run_state(out: Path, step: int, reader_state: Any, students: list[str],
     root = out / "run_state"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{step_name(step)}.pt"
-    tmp = root / f".tmp-{final.name}"
     state = {
         "step": step,
         "students": list(students),
@@ -123,9 +99,9 @@ def save_run_state(out: Path, step: int, reader_state: Any, students: list[str],
         "python_rng": __import__("random").getstate(),
         "numpy_rng": np.random.get_state(),
     }
-    torch.save(state, tmp)
-    os.replace(tmp, final)
-    _write_atomic(root / LATEST, final.stem + "\n")
+    with atomic_file(final, "wb") as f:
+        torch.save(state, f)
+    write_text_atomic(root / LATEST, final.stem + "\n")
     for old in run_state_steps(out)[:-keep]:
         (root / f"{step_name(old)}.pt").unlink(missing_ok=True)
     return final
@@ -248,4 +224,4 @@ def truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by the kill
-    _write_atomic(path, "".join(k + "\n" for k in kept))
+    write_text_atomic(path, "".join(k + "\n" for k in kept))

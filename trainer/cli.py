@@ -102,7 +102,7 @@ def format_summary(rows: list[dict]) -> str:
 def _cmd_train(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from longkd.cache.distributed import env_world
+    from longkd.distributed import env_world
     from longkd.trainer.config import load_config
     from longkd.trainer.loop import train
 

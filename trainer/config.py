@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longkd.errors import LongkdError
+from longkd.errors import LongkdError, one_line
 from longkd.kernels.loss_modes import MODE_NAMES as LOSS_MODES
 
 LOSS_IMPLS = ("auto", "reference", "cupy")
@@ -81,7 +81,7 @@ class StudentConfig:
     """One student.
 
     ``init`` is a Hugging Face model directory (or hub name), or a mapping describing a fresh
-    model: ``{arch: llama|qwen2|gemma2|phi3, seed: 0, <any tools/tiny.py tiny_config keyword>}``
+    model: ``{arch: llama|qwen2|gemma2|phi3, seed: 0, <any longkd/models.py tiny_config keyword>}``
     (``vocab_size`` defaults to the cache's embedding size). ``schedule`` is a rope schedule
     (trainer/rope.py: a preset mapping or a list of phases); None trains on the full cache
     window with the student's own rope. ``seed`` seeds the student's private RNG (dropout);
@@ -254,7 +254,7 @@ def _check_student(s: StudentConfig, where: str) -> None:
             f"{where}.name: {s.name!r} must be letters, digits, '.', '_' or '-' (it names the output folder)"
         )
     if isinstance(s.init, dict):
-        from longkd.tools.tiny import ARCHITECTURES
+        from longkd.models import ARCHITECTURES
 
         arch = s.init.get("arch")
         if arch not in ARCHITECTURES:
@@ -311,8 +311,7 @@ def read_config_file(path: str | Path) -> dict:
 
             raw = yaml.safe_load(text)
     except Exception as err:  # noqa: BLE001 (any parse error is the user's file)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LongkdError(f"config file {p} could not be parsed: {first}") from err
+        raise LongkdError(f"config file {p} could not be parsed: {one_line(err)}") from err
     if not isinstance(raw, dict):
         raise LongkdError(f"config file {p} must hold a mapping (cache, out, students, ...)")
     return raw

@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from longkd.cache.distributed import Group, rank_device
+from longkd.devices import resolve_device
+from longkd.distributed import Group, env_world
 from longkd.errors import LongkdError
 
 MODES = ("ddp", "fsdp")
@@ -50,7 +51,7 @@ class _Logits(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """long [B, P] ids and positions -> logits [B, P, V] (the model's dtype / autocast)."""
-        from longkd.cache.teacher import lm_head_logits
+        from longkd.models import lm_head_logits
 
         out = self._body(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -73,7 +74,7 @@ class Parallel:
             ``cuda:LOCAL_RANK`` and nccl, CPU ranks gloo.
 
     Attributes:
-        group: the :class:`~longkd.cache.distributed.Group` (rank, world).
+        group: the :class:`~longkd.distributed.Group` (rank, world).
         device: this rank's torch device.
 
     Raises:
@@ -84,11 +85,8 @@ class Parallel:
         if mode not in MODES:
             raise LongkdError(f"distributed: {mode!r} is not one of {', '.join(MODES)}")
         self.mode = mode
-        name = None if device == "auto" else device
-        from longkd.cache.distributed import env_world
-
         _, world, local_rank = env_world()
-        self.device = torch.device(rank_device(name, local_rank, world))
+        self.device = torch.device(resolve_device(device, local_rank=local_rank, world=world))
         self.group = Group(str(self.device))
         self.wrapped: dict[str, nn.Module] = {}
 
@@ -245,8 +243,6 @@ def from_config(mode: str | None, device: str) -> Parallel | None:
         mode: the config's ``distributed`` (None: ``ddp``).
         device: the config's ``device``.
     """
-    from longkd.cache.distributed import env_world
-
     if env_world()[1] == 1:
         if mode is not None and mode not in MODES:
             raise LongkdError(f"distributed: {mode!r} is not one of {', '.join(MODES)}")

@@ -26,32 +26,17 @@ from pathlib import Path
 
 import torch
 
+from longkd.devices import resolve_device
 from longkd.errors import LongkdError
 from longkd.trainer import checkpoint as ckpt
 from longkd.trainer.config import RunConfig, StudentConfig, to_dict
-from longkd.trainer.students import StepMetrics, Student, build_model, load_tokenizer, train_step
+from longkd.trainer.student_init import build_model, load_tokenizer
+from longkd.trainer.students import StepMetrics, Student, train_step
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; an explicit device must exist.
-
-    Raises:
-        LongkdError: CUDA asked for but not available, or an unknown device string.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise LongkdError(f"device: {name!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LongkdError(f"device: {name!r} asked for but CUDA is not available; use --device cpu")
-    return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -106,73 +91,25 @@ def prepare(cfg: RunConfig, *, resume: bool = False) -> Run:
         LongkdError: the first problem found, on one line.
     """
     from longkd.trainer.distributed import from_config
-    from longkd.trainer.rope import build_schedule, check_schedule_against_cache, initial_rope
-    from longkd.trainer.stream import check_student_compatible
 
     parallel = from_config(cfg.distributed, cfg.device)  # None in a single process
-    device = parallel.device if parallel is not None else resolve_device(cfg.device)
+    device = parallel.device if parallel is not None else torch.device(resolve_device(cfg.device, check=True))
     stream = _make_stream(cfg, parallel)  # opens every cache and checks they agree, before any model is built
     reader = stream.readers[0]
     out = Path(cfg.out)
     if not resume:
-        for s in cfg.students:
-            if ckpt.checkpoint_steps(out / s.name / "checkpoints"):
-                raise LongkdError(
-                    f"out: {out / s.name} already holds checkpoints; "
-                    "pass --resume to continue it or choose another --out"
-                )
-    embedding = int(reader.manifest["vocab"]["embedding_size"])
+        _refuse_existing_checkpoints(cfg, out)
     students, modes, temps = [], {}, {}
     for i, s in enumerate(cfg.students):
-        where = f"students[{i}] ({s.name})"
-        model = build_model(s.init, vocab_size=embedding)
-        tokenizer = load_tokenizer(s)
-        try:
-            check_student_compatible(reader, model.config, tokenizer)
-        except LongkdError as err:
-            raise LongkdError(f"{where}: {err}") from err
-        spec = s.schedule
-        if spec is None:
-            if cfg.steps is None:
-                raise LongkdError(f"steps: not given and {where} has no schedule to take it from; set steps")
-            spec = {"preset": "none", "windows": [reader.window], "until": [cfg.steps]}
-        try:
-            schedule = build_schedule(spec, base_config=model.config, total_steps=cfg.steps)
-            check_schedule_against_cache(schedule, reader.window)
-        except LongkdError as err:
-            raise LongkdError(f"{where}.schedule: {err}") from err
-        modes[s.name] = _loss_mode(s, reader.selection, where)
-        temps[s.name] = s.loss.temperature if s.loss.temperature is not None else reader.temperature
-        students.append(
-            Student(
-                s,
-                model=model,
-                tokenizer=tokenizer,
-                schedule=schedule,
-                initial_rope=initial_rope(model.config),
-                run_seed=cfg.seed,
-                device=device,
-                out_dir=out / s.name,
-            )
-        )
-    total = cfg.steps
-    if total is None:
-        ends = []
-        for st in students:
-            last = st.schedule[-1]
-            if last.until_unit != "steps":
-                raise LongkdError(
-                    f"steps: not given and student {st.name!r}'s schedule counts tokens; set steps"
-                )
-            ends.append(last.until)
-        total = max(ends)
+        student, modes[s.name], temps[s.name] = _make_student(cfg, i, reader, device, out)
+        students.append(student)
     run = Run(
         cfg=cfg,
         out=out,
         device=device,
         stream=stream,
         students=students,
-        total_steps=total,
+        total_steps=_total_steps(cfg, students),
         modes=modes,
         temperatures=temps,
         amp=autocast_dtype(cfg.precision, device),
@@ -186,6 +123,77 @@ def prepare(cfg: RunConfig, *, resume: bool = False) -> Run:
             parallel.wrap(s)
             s.parallel = parallel
     return run
+
+
+def _refuse_existing_checkpoints(cfg: RunConfig, out: Path) -> None:
+    """A fresh run must not mix its checkpoints into an earlier run's."""
+    for s in cfg.students:
+        if ckpt.checkpoint_steps(out / s.name / "checkpoints"):
+            raise LongkdError(
+                f"out: {out / s.name} already holds checkpoints; "
+                "pass --resume to continue it or choose another --out"
+            )
+
+
+def _make_student(
+    cfg: RunConfig, index: int, reader, device: torch.device, out: Path
+) -> tuple[Student, str, float]:
+    """Build ``cfg.students[index]`` and check it against the cache.
+
+    Returns:
+        ``(student, loss_mode, temperature)``.
+
+    Raises:
+        LongkdError: a model or tokenizer that does not fit the cache, a bad schedule, or a
+            loss mode the cache cannot serve; naming the student.
+    """
+    from longkd.trainer.rope import build_schedule, check_schedule_against_cache, initial_rope
+    from longkd.trainer.stream import check_student_compatible
+
+    s = cfg.students[index]
+    where = f"students[{index}] ({s.name})"
+    model = build_model(s.init, vocab_size=int(reader.manifest["vocab"]["embedding_size"]))
+    tokenizer = load_tokenizer(s)
+    try:
+        check_student_compatible(reader, model.config, tokenizer)
+    except LongkdError as err:
+        raise LongkdError(f"{where}: {err}") from err
+    spec = s.schedule
+    if spec is None:
+        if cfg.steps is None:
+            raise LongkdError(f"steps: not given and {where} has no schedule to take it from; set steps")
+        spec = {"preset": "none", "windows": [reader.window], "until": [cfg.steps]}
+    try:
+        schedule = build_schedule(spec, base_config=model.config, total_steps=cfg.steps)
+        check_schedule_against_cache(schedule, reader.window)
+    except LongkdError as err:
+        raise LongkdError(f"{where}.schedule: {err}") from err
+    mode = _loss_mode(s, reader.selection, where)
+    temperature = s.loss.temperature if s.loss.temperature is not None else reader.temperature
+    student = Student(
+        s,
+        model=model,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        initial_rope=initial_rope(model.config),
+        run_seed=cfg.seed,
+        device=device,
+        out_dir=out / s.name,
+    )
+    return student, mode, temperature
+
+
+def _total_steps(cfg: RunConfig, students: list[Student]) -> int:
+    """``cfg.steps``, else the longest schedule's end (every schedule must then count steps)."""
+    if cfg.steps is not None:
+        return cfg.steps
+    ends = []
+    for st in students:
+        last = st.schedule[-1]
+        if last.until_unit != "steps":
+            raise LongkdError(f"steps: not given and student {st.name!r}'s schedule counts tokens; set steps")
+        ends.append(last.until)
+    return max(ends)
 
 
 def _make_stream(cfg: RunConfig, parallel=None):
@@ -214,8 +222,6 @@ def _restore(run: Run) -> None:
 
     import numpy as np
 
-    from longkd.trainer.rope import apply_phase
-
     step = ckpt.resume_step(run.out, [s.name for s in run.students])
     state = ckpt.load_run_state(run.out, step)
     for s in run.students:
@@ -226,25 +232,7 @@ def _restore(run: Run) -> None:
                 f"--resume: student {s.name!r}'s checkpoint at step {step} was taken at a different reader "
                 "position than the run's; the run directory is inconsistent"
             )
-        c = saved["counters"]
-        s.phase = -1
-        if c["phase"] >= 0:
-            phase = s.schedule[c["phase"]]
-            if phase.rope_parameters is not None:
-                apply_phase(s.model, phase, s.initial_rope)
-            s.phase = c["phase"]
-        missing, unexpected = s.model.load_state_dict(weights, strict=False)
-        tied = bool(getattr(s.model.config, "tie_word_embeddings", False))
-        if unexpected or (missing and not tied):
-            raise LongkdError(
-                f"checkpoint {path} does not match student {s.name!r}'s model ({(missing + unexpected)[0]})"
-            )
-        if missing:
-            s.model.tie_weights()
-        s.optimizer.load_state_dict(optim)
-        s.load_rng_state(saved["rng"])
-        s.step, s.tokens = c["step"], c["tokens"]
-        s.phase_start_step, s.phase_start_tokens = c["phase_start_step"], c["phase_start_tokens"]
+        s.restore_from(path, weights=weights, optimizer_state=optim, trainer_state=saved)
         if run.is_main:
             ckpt.truncate_metrics(s.out_dir / "metrics.jsonl", step)
     run.stream.load_state_dict(state["reader"])

@@ -1,10 +1,12 @@
-"""One student of a run: its model, optimizer, LR schedule, phase state and private RNG.
+"""One student of a run: its model, optimizer, phase state, counters and private RNG.
 
 Several students share one window stream (trainer/loop.py), so everything a student's result
 depends on lives here and nowhere global: its weights, its AdamW state, the phase it is in,
 and its torch RNG state (dropout), which is swapped in around every step it takes. A student
 trained next to others therefore gives bitwise the same weights as one trained alone.
-:func:`train_step` is one optimizer step of one student on the batches the loop hands it.
+:func:`train_step` is one optimizer step of one student on the batches the loop hands it;
+its learning rate comes from trainer/lr_schedule.py, its loss from trainer/losses.py, and a
+student's starting model and tokenizer from trainer/student_init.py.
 """
 
 from __future__ import annotations
@@ -20,103 +22,12 @@ import torch
 
 from longkd.errors import LongkdError
 from longkd.trainer import checkpoint as ckpt
-from longkd.trainer.config import OptimizerConfig, StudentConfig
+from longkd.trainer.config import StudentConfig
+from longkd.trainer.losses import batch_losses
+from longkd.trainer.lr_schedule import lr_at
 from longkd.trainer.rope import Phase
 
 log = logging.getLogger(__name__)
-
-
-def lr_at(
-    opt: OptimizerConfig,
-    phase: Phase,
-    *,
-    step: int,
-    tokens: int,
-    total_steps: int,
-    phase_start_step: int,
-    phase_start_tokens: int,
-) -> float:
-    """The learning rate for optimizer step ``step`` (0-based: the step about to be taken).
-
-    Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` x the base
-    (or constant). The base is the phase's ``lr`` when it has one, else ``opt.lr``. With
-    ``per_phase`` the warmup and the decay restart at each phase, the decay measured in the
-    phase's own unit (steps or tokens) from where the phase started to its ``until``.
-
-    Returns:
-        The learning rate (a float).
-    """
-    base = phase.lr if phase.lr is not None else opt.lr
-    if opt.per_phase:
-        since = step - phase_start_step
-        if phase.until_unit == "steps":
-            span, done = phase.until - phase_start_step, step - phase_start_step
-        else:
-            span, done = phase.until - phase_start_tokens, tokens - phase_start_tokens
-    else:
-        since, span, done = step, total_steps, step
-    if opt.warmup_steps and since < opt.warmup_steps:
-        return base * (since + 1) / opt.warmup_steps
-    if opt.lr_schedule == "constant":
-        return base
-    progress = min(max(done / max(span, 1), 0.0), 1.0)
-    floor = base * opt.min_lr_ratio
-    return floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_model(init, *, vocab_size: int | None):
-    """A transformers causal LM in fp32 from a model directory / hub name or a fresh-model mapping.
-
-    Args:
-        init: a path or name for ``AutoModelForCausalLM.from_pretrained``, or
-            ``{"arch": ..., "seed": 0, **tiny_config keywords}`` for a fresh tools/tiny.py model.
-        vocab_size: default ``vocab_size`` of a fresh model (the cache's embedding size).
-
-    Returns:
-        The model (fp32, train mode).
-
-    Raises:
-        LongkdError: a model directory that does not load.
-    """
-    from transformers import AutoModelForCausalLM
-
-    if isinstance(init, dict):
-        from longkd.tools.tiny import build_tiny_model, tiny_config
-
-        kwargs = dict(init)
-        arch, seed = kwargs.pop("arch"), kwargs.pop("seed", 0)
-        if vocab_size is not None:
-            kwargs.setdefault("vocab_size", vocab_size)
-        try:
-            config = tiny_config(arch, **kwargs)
-        except (TypeError, ValueError) as err:
-            raise LongkdError(f"student init mapping {init!r} is not a valid model config: {err}") from err
-        # torch.manual_seed inside build_tiny_model is harmless: students get private RNGs later
-        model = build_tiny_model(config, seed)
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
-        except (OSError, ValueError) as err:
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise LongkdError(f"student model {init!r} could not be loaded: {msg}") from err
-    return model.float().train()
-
-
-def load_tokenizer(cfg: StudentConfig):
-    """The student's tokenizer: ``cfg.tokenizer``, else the one in its init directory, else None."""
-    from transformers import AutoTokenizer
-
-    source = cfg.tokenizer or (cfg.init if isinstance(cfg.init, str) else None)
-    if source is None:
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError) as err:
-        if cfg.tokenizer:  # asked for explicitly: failing is the user's problem to hear about
-            raise LongkdError(
-                f"student {cfg.name!r}: tokenizer {cfg.tokenizer!r} could not be loaded: {err}"
-            ) from err
-        return None
 
 
 @dataclass
@@ -249,6 +160,43 @@ class Student:
         if self.cuda_rng is not None and state.get("cuda") is not None:
             self.cuda_rng = state["cuda"].clone()
 
+    # ------------------------------------------------------------------ resume
+
+    def restore_from(self, path: Path, *, weights: dict, optimizer_state: dict, trainer_state: dict) -> None:
+        """Put this student back where its checkpoint left it: the phase's rope, the weights,
+        the AdamW state, its RNG state and its counters.
+
+        Args:
+            path: the checkpoint directory (for messages).
+            weights: the model's state dict; tied weights may be missing from it.
+            optimizer_state: the AdamW state dict.
+            trainer_state: ``trainer_state.pt``: ``counters`` (step, tokens, phase, phase
+                starts) and ``rng``.
+
+        Raises:
+            LongkdError: weights that do not match the model.
+        """
+        from longkd.trainer.rope import apply_phase
+
+        c = trainer_state["counters"]
+        self.phase = -1
+        if c["phase"] >= 0:
+            phase = self.schedule[c["phase"]]
+            if phase.rope_parameters is not None:
+                apply_phase(self.model, phase, self.initial_rope)
+            self.phase = c["phase"]
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        if unexpected or (missing and not tied):
+            first = (missing + unexpected)[0]
+            raise LongkdError(f"checkpoint {path} does not match student {self.name!r}'s model ({first})")
+        if missing:
+            self.model.tie_weights()
+        self.optimizer.load_state_dict(optimizer_state)
+        self.load_rng_state(trainer_state["rng"])
+        self.step, self.tokens = c["step"], c["tokens"]
+        self.phase_start_step, self.phase_start_tokens = c["phase_start_step"], c["phase_start_tokens"]
+
     # ------------------------------------------------------------------ phases
 
     def enter_phase(self, index: int) -> bool:
@@ -286,55 +234,6 @@ class Student:
 # ----------------------------------------------------------------------------- one step
 
 
-def batch_losses(student: Student, batch, *, mode: str, temperature: float, amp: torch.dtype | None):
-    """Forward one (already prefix-cut) batch and compute the loss terms.
-
-    Args:
-        student: the student.
-        batch: a ``WindowBatch`` of B windows of P tokens on the student's device.
-        mode, temperature: sparse-KL settings.
-        amp: autocast dtype or None.
-
-    Returns:
-        ``(loss, kl, ce, tokens)``: loss a scalar with a graph (kd_weight * kl + ce_weight * ce),
-        kl and ce detached scalars (each computed without a graph when its weight is 0), tokens
-        the number of rows trained on.
-    """
-    from longkd.cache.teacher import lm_head_logits
-    from longkd.kernels.sparse_kl import cross_entropy_chunked, sparse_kl
-
-    lc = student.cfg.loss
-    b, p = batch.input_ids.shape
-    mask = batch.loss_mask(skip_first_tokens=lc.skip_first_tokens).reshape(b * p)
-    device_type = batch.input_ids.device.type
-    with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
-        if student.parallel is not None:  # through DDP / FSDP, so gradients sync (trainer/distributed.py)
-            logits = student.parallel.logits(student, batch.input_ids, batch.position_ids)
-        else:
-            out = student.body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            logits = lm_head_logits(student.model, hidden)  # [B, P, V]
-    logits = logits.reshape(b * p, -1)
-    ids = batch.ids.reshape(b * p, -1).long()
-    target = batch.target_logprobs.reshape(b * p, -1).float()
-    loss = logits.new_zeros((), dtype=torch.float32)
-    kl_args = dict(mode=mode, temperature=temperature, mask=mask, impl=lc.impl, chunk_size=lc.chunk_size)
-    if lc.kd_weight > 0:
-        kl = sparse_kl(logits, ids, target, **kl_args)
-        loss = loss + lc.kd_weight * kl
-    else:
-        with torch.no_grad():  # logged only, so a CE-only student's distance to the teacher shows
-            kl = sparse_kl(logits.detach(), ids, target, **kl_args)
-    targets = batch.next_tokens().reshape(b * p).long().masked_fill(~mask, -100)
-    if lc.ce_weight > 0:
-        ce = cross_entropy_chunked(logits, targets, chunk_size=lc.chunk_size)
-        loss = loss + lc.ce_weight * ce
-    else:
-        with torch.no_grad():  # logged only: no graph, no effect on the weights
-            ce = cross_entropy_chunked(logits.detach(), targets, chunk_size=lc.chunk_size)
-    return loss, kl.detach(), ce.detach(), int(mask.sum())
-
-
 def _nan_error(student: Student, step: int, what: str) -> LongkdError:
     steps = ckpt.checkpoint_steps(student.out_dir / "checkpoints")
     kept = (
@@ -346,6 +245,28 @@ def _nan_error(student: Student, step: int, what: str) -> LongkdError:
         f"student {student.name!r}: {what} at step {step}; stopped ({kept}); "
         "lower the learning rate or check the cache"
     )
+
+
+def _clip_and_step(student: Student, step_no: int) -> torch.Tensor:
+    """Clip the accumulated gradients, then take the optimizer step.
+
+    Returns:
+        The gradient norm before clipping (a scalar tensor).
+
+    Raises:
+        LongkdError: a non-finite gradient norm (the gradients are dropped, no step is taken).
+    """
+    opt = student.cfg.optimizer
+    params = [p for g in student.optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, opt.clip_grad_norm or math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor
+        norm = norm.full_tensor()
+    if not torch.isfinite(norm):
+        student.optimizer.zero_grad(set_to_none=True)
+        raise _nan_error(student, step_no, f"gradient norm is {float(norm)}")
+    student.optimizer.step()
+    student.optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def train_step(
@@ -371,9 +292,8 @@ def train_step(
     index = active_phase(student.schedule, student.step, student.tokens)
     student.enter_phase(index)
     phase = student.schedule[index]
-    opt = student.cfg.optimizer
     lr = lr_at(
-        opt,
+        student.cfg.optimizer,
         phase,
         step=student.step,
         tokens=student.tokens,
@@ -405,15 +325,7 @@ def train_step(
             tokens += int(cut.lengths.clamp(max=cut.input_ids.shape[1]).sum())
         if student.parallel is not None:
             tokens = student.parallel.sum_int(tokens)  # schedules counting tokens see the global count
-        params = [p for g in student.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, opt.clip_grad_norm or math.inf)
-        if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor
-            norm = norm.full_tensor()
-        if not torch.isfinite(norm):
-            student.optimizer.zero_grad(set_to_none=True)
-            raise _nan_error(student, step_no, f"gradient norm is {float(norm)}")
-        student.optimizer.step()
-        student.optimizer.zero_grad(set_to_none=True)
+        norm = _clip_and_step(student, step_no)
     seconds = time.perf_counter() - start
     student.train_seconds += seconds
     student.step = step_no

@@ -16,7 +16,7 @@ import pytest
 from longkd.cache.data import load_samples
 from longkd.cache.packing import Packer, PackingConfig
 from longkd.errors import LongkdError
-from longkd.tools.tiny import build_word_tokenizer, ids_to_text
+from longkd.tools.random_models import build_word_tokenizer, ids_to_text
 
 VOCAB = 64
 

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from longkd.cache.distributed import Group, env_world, merge_shards
+from longkd.cache.distributed import merge_shards
 from longkd.cache.reader import CacheReader, WindowIndex
 from longkd.cli import main
+from longkd.distributed import Group, env_world
 from longkd.errors import LongkdError
 from tests.helpers import cache_build_argv, one_torch_thread, write_random_text
 

@@ -1,6 +1,6 @@
 """Tests for the teacher run: chunked head + selection against one plain full forward.
 
-Every check builds a tiny real transformers model (tools/tiny.py), runs ``Teacher.run`` on
+Every check builds a tiny real transformers model (tools/random_models.py), runs ``Teacher.run`` on
 fresh random windows, and compares with ``log_softmax(model(input_ids, position_ids).logits
 / T)`` computed in one piece.
 """
@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from longkd.cache.identity import config_sha256, tokenizer_fingerprint, weights_sha256
-from longkd.cache.teacher import SelectionConfig, Teacher, lm_head_logits
+from longkd.cache.teacher import SelectionConfig, Teacher
 from longkd.errors import LongkdError
+from longkd.models import lm_head_logits
 
 VOCAB = 96
 TOL = 1e-5
@@ -234,7 +235,7 @@ def test_selection_validation(teachers):
 def test_load_errors(tmp_path, tiny_model_dir):
     from transformers import AutoConfig
 
-    from longkd.tools.tiny import build_tiny_model, tiny_config
+    from longkd.models import build_tiny_model, tiny_config
 
     missing = tmp_path / "nope"
     with pytest.raises(LongkdError, match=f"teacher path {missing} does not exist; pass a local model"):
@@ -253,7 +254,7 @@ def test_load_errors(tmp_path, tiny_model_dir):
 
 
 def test_identity_and_tokenizer_info(teachers, tiny_model_dir):
-    from longkd.tools.tiny import build_word_tokenizer
+    from longkd.tools.random_models import build_word_tokenizer
 
     path = tiny_model_dir("llama", vocab_size=VOCAB, tokenizer_size=90)
     a, b = teachers["llama"], Teacher.load(str(path))

@@ -12,8 +12,8 @@ import torch
 
 from longkd.cli import main
 from longkd.errors import LongkdError
+from longkd.models import build_tiny_model, tiny_config
 from longkd.tools import analyze
-from longkd.tools.tiny import build_tiny_model, tiny_config
 
 
 def _model(arch="llama", **overrides):

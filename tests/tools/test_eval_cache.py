@@ -58,7 +58,7 @@ def sampled_reset_cache(teacher_dir, data_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
     """A different random model, saved like a trainer checkpoint with scaled (linear x2) RoPE."""
-    from longkd.tools.tiny import save_tiny_model
+    from longkd.tools.random_models import save_tiny_model
 
     rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     out = tmp_path_factory.mktemp("student")

@@ -147,7 +147,7 @@ def test_prompts_are_the_published_templates():
 def test_fit_prompt_is_the_longest_that_fits(length):
     import random
 
-    from longkd.tools.tiny import build_word_tokenizer
+    from longkd.tools.random_models import build_word_tokenizer
 
     tok = build_word_tokenizer(64)  # every whitespace word is one token (mostly <unk>)
     probe = eval_prompts.passkey_probe(0.3, random.Random(length))
@@ -182,7 +182,7 @@ def test_extrapolation_marked_and_outputs_written(char_tokenizer, tmp_path, capl
 
 
 def test_position_limit_reads_rope_scaling():
-    from longkd.tools.tiny import tiny_config
+    from longkd.models import tiny_config
 
     assert evals.position_limit(tiny_config("llama", max_position_embeddings=256)) == 256
     rope = {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 256}

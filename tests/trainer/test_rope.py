@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from longkd.errors import LongkdError
-from longkd.tools.tiny import build_tiny_model, tiny_config
+from longkd.models import build_tiny_model, tiny_config
 from longkd.trainer.rope import (
     Phase,
     active_phase,

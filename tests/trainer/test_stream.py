@@ -15,7 +15,8 @@ import torch
 
 from longkd.cache.reader import CacheReader
 from longkd.errors import LongkdError
-from longkd.tools.tiny import build_word_tokenizer, tiny_config
+from longkd.models import tiny_config
+from longkd.tools.random_models import build_word_tokenizer
 from longkd.trainer.stream import IGNORE_INDEX, WindowBatch, WindowStream, check_student_compatible
 from tests.helpers import build_cache, write_random_text
 

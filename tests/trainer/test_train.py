@@ -22,8 +22,9 @@ from longkd.cli import main
 from longkd.errors import LongkdError
 from longkd.trainer.config import OptimizerConfig, parse_config
 from longkd.trainer.loop import prepare, train
+from longkd.trainer.losses import batch_losses
+from longkd.trainer.lr_schedule import lr_at
 from longkd.trainer.rope import Phase
-from longkd.trainer.students import batch_losses, lr_at
 from tests.helpers import build_cache, write_random_text
 
 VOCAB = 64
@@ -43,7 +44,8 @@ def teacher_dir(tmp_path_factory):
     student can learn in a few dozen steps. With live random attention the teacher is chaotic
     in its context and a CPU-sized run cannot show learning on held-out windows.
     """
-    from longkd.tools.tiny import build_tiny_model, build_word_tokenizer, tiny_config
+    from longkd.models import build_tiny_model, tiny_config
+    from longkd.tools.random_models import build_word_tokenizer
 
     config = tiny_config(
         "llama", vocab_size=VOCAB, hidden_size=64, max_position_embeddings=256, initializer_range=0.3
