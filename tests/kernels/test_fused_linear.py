@@ -269,7 +269,7 @@ def test_default_loss_impl_uses_reference(mode):
         mask=mask,
         reduction="mean",
         grad_out=torch.tensor(0.9),
-        loss_impl=None,
+        loss_impl="auto",
         chunk_size=5,
     )
     assert_close_all(fused, unfused)
