@@ -86,18 +86,21 @@ def resolve_chunk_loss(loss_impl, chunk: torch.Tensor, k: int | None) -> ChunkLo
     return None
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32 or fp64) += a @ b without rounding the product to a's (bf16/fp16) dtype."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda:
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:
+    """acc (fp32 or fp64) += a @ b (``first``: acc = a @ b, so acc needs no zero fill) without
+    rounding the product to a's (bf16/fp16) dtype."""
+    if a.dtype != acc.dtype and a.is_cuda:
         try:  # cuBLAS writes fp32 straight from its fp32 accumulators
-            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+            prod = torch.mm(a, b, out_dtype=acc.dtype)
+            acc.copy_(prod) if first else acc.add_(prod)
             return
         except (TypeError, RuntimeError, NotImplementedError):
             pass
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    a, b = a.to(acc.dtype), b.to(acc.dtype)
+    if first:
+        torch.mm(a, b, out=acc)
+    else:
+        acc.addmm_(a, b)
 
 
 @dataclass
@@ -167,7 +170,8 @@ def _run_chunks(hidden, weight, bias, t: _Terms, kd_scale, ce_scale, need):
     kl_rows = None if t.kd is None else torch.zeros(N, dtype=F64, device=dev)
     ce_rows = None if t.targets is None else torch.zeros(N, dtype=F64, device=dev)
     dx = torch.empty_like(hidden) if grads and need[0] else None
-    dw = torch.zeros(V, d, dtype=cdt, device=dev) if grads and need[1] else None
+    dw = torch.empty(V, d, dtype=cdt, device=dev) if grads and need[1] else None
+    dw_first = True
     db = torch.zeros(V, dtype=cdt, device=dev) if grads and need[2] else None
     rows = min(t.chunk, N)
     zbuf = torch.empty(rows, V, dtype=weight.dtype, device=dev)  # reused: fresh pages cost
@@ -245,10 +249,13 @@ def _run_chunks(hidden, weight, bias, t: _Terms, kd_scale, ce_scale, need):
             if dx is not None:
                 torch.mm(dz, weight, out=dx[s:e])  # [n, V] @ [V, d]
             if dw is not None:
-                _accumulate_mm(dw, dz.t(), x)  # [V, n] @ [n, d]
+                _accumulate_mm(dw, dz.t(), x, first=dw_first)  # [V, n] @ [n, d]
+                dw_first = False
             if db is not None:
                 db.add_(dz.sum(0, dtype=db.dtype))
         del dz
+    if dw is not None and dw_first:  # no chunk had a gradient
+        dw.zero_()
     return kl_rows, ce_rows, dx, dw, db
 
 
