@@ -234,7 +234,13 @@ class Parallel:
         def full(v):
             return v.full_tensor().cpu() if isinstance(v, DTensor) else v
 
-        model_state = {k: full(v) for k, v in student.model.state_dict().items()}
+        # A tied weight (one parameter under two names) is written once, under its first name,
+        # as a single-process save_pretrained writes it.
+        model_state, seen = {}, set()
+        for k, v in student.model.state_dict(keep_vars=True).items():
+            if id(v) not in seen:
+                seen.add(id(v))
+                model_state[k] = full(v.detach())
         optim = student.optimizer.state_dict()
         optim["state"] = {i: {k: full(v) for k, v in s.items()} for i, s in optim["state"].items()}
         return model_state, optim
