@@ -168,6 +168,8 @@ class ChunkResult:
         kl: float64 [n] KL rows (0 where the row is not trained), or None.
         ce: float64 [n] CE rows (0 where the target is ignored), or None.
         lse: float64 [n], logsumexp of the KL's z / T (of z without KL).
+        shift: [n] in z's dtype, the max of z / T that the exponentials were taken from.
+        s: float64 [n], their sum: lse = shift + log s.
         a: float64 [n], the KL's dense multiplier, 1 on rows whose tail was recomputed.
         exact: bool [n], rows whose student tail mass underflowed the shared pass, recomputed
             with the complement's own logsumexp ``lse_c``.
@@ -178,6 +180,8 @@ class ChunkResult:
     kl: torch.Tensor | None
     ce: torch.Tensor | None
     lse: torch.Tensor
+    shift: torch.Tensor
+    s: torch.Tensor
     a: torch.Tensor | None
     exact: torch.Tensor | None
     lse_c: torch.Tensor | None
@@ -286,7 +290,7 @@ def head_chunk(
             grad.add_(ce_grad)
     elif ce_grad is not None:
         grad = ce_grad
-    return ChunkResult(kl=kl, ce=ce_rows, lse=lse, a=a, exact=exact, lse_c=lse_c, grad=grad)
+    return ChunkResult(kl=kl, ce=ce_rows, lse=lse, shift=m, s=s, a=a, exact=exact, lse_c=lse_c, grad=grad)
 
 
 def _kl_rows(kd: RowTargets, logq, ek, s, s_rest, lse, T, cdt, recompute):
@@ -348,6 +352,8 @@ class SparseKLReferenceFunction(torch.autograd.Function):
         kd = RowTargets.build(ids, target_logprobs, MODES[mode], mask, cdt)
         rows = torch.zeros(N, dtype=F64, device=logits.device)
         lse = torch.empty(N, dtype=F64, device=logits.device)
+        shift = torch.empty(N, dtype=cdt, device=logits.device)
+        sums = torch.empty(N, dtype=F64, device=logits.device)
         a = torch.empty(N, dtype=F64, device=logits.device)
         exact = torch.zeros(N, dtype=torch.bool, device=logits.device)
         lse_c = torch.zeros(N, dtype=F64, device=logits.device)
@@ -361,13 +367,13 @@ class SparseKLReferenceFunction(torch.autograd.Function):
                 temperature=temperature,
                 recompute=lambda r, s=s, e=e: logits[s:e][r],
             )
-            rows[s:e], lse[s:e], a[s:e] = res.kl, res.lse, res.a
+            rows[s:e], lse[s:e], shift[s:e], sums[s:e], a[s:e] = res.kl, res.lse, res.shift, res.s, res.a
             if res.exact is not None:
                 exact[s:e], lse_c[s:e] = res.exact, res.lse_c
         del work
         count = rows.new_tensor(float(N)) if mask is None else mask.sum().to(F64)
         ctx.save_for_backward(
-            logits, kd.idx, kd.valid, kd.fill, kd.w, kd.r, kd.trains, lse, a, exact, lse_c, count
+            logits, kd.idx, kd.valid, kd.fill, kd.w, kd.r, kd.trains, lse, shift, sums, a, exact, lse_c, count
         )
         ctx.temperature, ctx.reduction, ctx.chunk_size = temperature, reduction, chunk_size
         rows = rows.to(cdt)
@@ -378,7 +384,7 @@ class SparseKLReferenceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        logits, idx, valid, fill, w, r, trains, lse, a, exact, lse_c, count = ctx.saved_tensors
+        logits, idx, valid, fill, w, r, trains, lse, shift, sums, a, exact, lse_c, count = ctx.saved_tensors
         N, V = logits.shape
         cdt = _compute_dtype(logits)
         T = ctx.temperature
@@ -388,8 +394,7 @@ class SparseKLReferenceFunction(torch.autograd.Function):
         if ctx.reduction == "mean":
             scale = scale / count.clamp_min(1)
         scale = torch.where(trains, scale / T, 0.0)
-        dense = (a * scale).to(cdt)
-        lse_t = lse.to(cdt)
+        dense = (a * scale / sums).to(cdt)  # q_j = exp(z_j/T - shift) / s, as the forward had it
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         own = logits.dtype == cdt  # write straight into the gradient's rows
         work = None if own else torch.empty(min(ctx.chunk_size, N), V, dtype=cdt, device=logits.device)
@@ -400,7 +405,7 @@ class SparseKLReferenceFunction(torch.autograd.Function):
             if T != 1:
                 g.div_(T)
             g.scatter_reduce_(1, idx[s:e], fill[s:e], reduce="amin")  # K columns -> 0 after exp
-            g.sub_(lse_t[s:e, None]).exp_().mul_(dense[s:e, None])  # q * a * scale off K
+            g.sub_(shift[s:e, None]).exp_().mul_(dense[s:e, None])  # q * a * scale off K
             qk = (logits[s:e].gather(1, idx[s:e]).to(F64) / T - lse[s:e, None]).exp()
             fix = torch.where(valid[s:e], scale[s:e, None] * (qk - w[s:e]), 0.0)
             g.scatter_add_(1, idx[s:e], fix.to(cdt))  # (q - p~) * scale on K
