@@ -397,6 +397,7 @@ class SparseKLReferenceFunction(torch.autograd.Function):
         dense = (a * scale / sums).to(cdt)  # q_j = exp(z_j/T - shift) / s, as the forward had it
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         own = logits.dtype == cdt  # write straight into the gradient's rows
+        any_exact = bool(exact.any())  # one host sync, not one per chunk
         work = None if own else torch.empty(min(ctx.chunk_size, N), V, dtype=cdt, device=logits.device)
         for s in range(0, N, ctx.chunk_size):
             e = min(s + ctx.chunk_size, N)
@@ -409,7 +410,7 @@ class SparseKLReferenceFunction(torch.autograd.Function):
             qk = (logits[s:e].gather(1, idx[s:e]).to(F64) / T - lse[s:e, None]).exp()
             fix = torch.where(valid[s:e], scale[s:e, None] * (qk - w[s:e]), 0.0)
             g.scatter_add_(1, idx[s:e], fix.to(cdt))  # (q - p~) * scale on K
-            rows = exact[s:e].nonzero()[:, 0] if bool(exact[s:e].any()) else None
+            rows = exact[s:e].nonzero()[:, 0] if any_exact and bool(exact[s:e].any()) else None
             if rows is not None:  # tails too small for the shared pass: r q_j / (1 - Q) exactly
                 zc = (
                     logits[s:e][rows]
