@@ -18,8 +18,8 @@ import posixpath
 
 from longkd import __version__
 from longkd.cache import format as fmt
+from longkd.cache.ledger import ShardInfo, read_ledger, write_ledger
 from longkd.cache.storage import Location
-from longkd.cache.writer import ShardInfo, read_ledger, write_ledger
 from longkd.errors import LongkdError
 
 REQUIRED_KEYS = (

@@ -14,16 +14,15 @@ the next ``put`` or at ``close`` as a :class:`LongkdError` naming the shard and 
 from __future__ import annotations
 
 import hashlib
-import json
 import queue
 import re
 import threading
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from longkd.cache import format as fmt
+from longkd.cache.ledger import ShardInfo, write_ledger
 from longkd.cache.storage import Location
 from longkd.errors import LongkdError
 
@@ -54,23 +53,6 @@ def parse_size(value: int | str) -> int:
     if size <= 0:
         raise LongkdError(f"shard size must be positive, got {value!r}")
     return size
-
-
-@dataclass
-class ShardInfo:
-    """One completed shard, as the progress ledger and the manifest record it."""
-
-    path: str
-    rows: int
-    tokens: int
-    bytes: int
-    sha256: str
-    first_window: int
-    last_window: int
-    stride: int = 1  # window ids are first_window + stride * i (a build by N ranks: N)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _list_array(values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
@@ -356,22 +338,3 @@ class ShardWriter:
         self._next_index += 1
         write_ledger(self.location, self.rank, self.completed)
 
-
-def write_ledger(location: Location, rank: int, shards: list[ShardInfo]) -> None:
-    """Rewrite the rank's progress ledger atomically: one JSON line per completed shard."""
-    text = "".join(json.dumps(s.to_dict(), sort_keys=True) + "\n" for s in shards)
-    location.write_text_atomic(fmt.ledger_name(rank), text)
-
-
-def read_ledger(location: Location, rank: int) -> list[ShardInfo]:
-    """The rank's ledger entries in order; an unreadable trailing line ends the list."""
-    name = fmt.ledger_name(rank)
-    if not location.is_file(name):
-        return []
-    shards = []
-    for line in location.read_text(name).splitlines():
-        try:
-            shards.append(ShardInfo(**json.loads(line)))
-        except (ValueError, TypeError):
-            break
-    return shards
