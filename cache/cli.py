@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.set_defaults(func=_cmd_info)
 
     # The fuller inspection lives in tools/ (plots, reports); it is a `cache` subcommand for users.
-    from longkd.tools.inspect import register_inspect
+    from longkd.tools.inspect_cache import register_inspect
 
     register_inspect(cache_sub)
 

@@ -141,14 +141,12 @@ def validate_manifest(manifest, where: str) -> dict:
         raise LongkdError(f"{where}/manifest.json: window {window!r} is not a positive integer")
     selection = manifest["selection"]
     mode = selection.get("mode") if isinstance(selection, dict) else None
-    if mode == "topk":
-        size_key = "k"
-    elif mode == "sampled":
-        size_key = "draws"
-    else:
+    if mode not in fmt.SELECTION_MODES:
         raise LongkdError(
-            f"{where}/manifest.json: selection {selection!r} has no valid mode (topk or sampled)"
+            f"{where}/manifest.json: selection {selection!r} has no valid mode "
+            f"({' or '.join(fmt.SELECTION_MODES)})"
         )
+    size_key = fmt.SELECTIONS[mode].size_key
     if not isinstance(selection.get(size_key), int) or selection[size_key] <= 0:
         raise LongkdError(
             f"{where}/manifest.json: selection {size_key} {selection.get(size_key)!r} is not positive"
