@@ -1,4 +1,4 @@
-"""The cache ledger, ``manifest.json``: built, written last and atomically, loaded and validated.
+"""The cache's ``manifest.json``: built, written last and atomically, loaded and validated.
 
 A cache is finished exactly when its manifest exists, so the builder writes it only after
 every shard is complete, and readers refuse a directory without one. Loading validates the
@@ -6,8 +6,8 @@ structure (docs/format.md) and that every shard path stays inside the cache dire
 manifest cannot point a reader at arbitrary files.
 
 The producer's own bookkeeping lives here too: ``build.json`` (the settings a build started
-with, compared on every rerun) and recovery of the shards a progress ledger lists, which is
-what makes an interrupted build resumable.
+with, compared on every rerun) and recovery of the shards a progress ledger
+(cache/ledger.py) lists, which is what makes an interrupted build resumable.
 """
 
 from __future__ import annotations

@@ -9,10 +9,12 @@ with :func:`read_columns` and, where it needs the dense [W, K] view a loss uses,
 
 What differs between selection modes (how their columns are filled, their invariants, their
 dense view) is one :class:`SelectionRows` subclass per mode, next to the declaration of its
-columns in cache/format.py's ``SELECTIONS``; nothing else branches on the mode.
+columns in cache/format.py's ``SELECTIONS``; no other code that writes or reads shards
+branches on the mode.
 
     from longkd.cache.rows import ShardFile, dense_rows, read_columns
-    shard = ShardFile(location, "shards/shard-00000-000000.arrow")
+    from longkd.cache.storage import Location
+    shard = ShardFile(Location("runs/cache"), "shards/shard-00000-000000.arrow")
     batch, r = shard.locate(0)
     columns = read_columns(batch, r, "topk")        # flat arrays, as stored
     ids, logprobs, counts = dense_rows(columns, 4096, {"mode": "topk", "k": 64})   # [W, K]
