@@ -138,7 +138,7 @@ class _RawSizer:
 
     def __init__(self, reader):
         self.reader = reader
-        self._files: dict = {}
+        self._files: dict = {}  # shard index -> rows.ShardFile (one at a time)
 
     def row_bytes(self, index: int) -> int:
         from longkd.cache.rows import ShardFile
