@@ -1,4 +1,4 @@
-"""The cache ledger, ``manifest.json``: built, written last and atomically, loaded and validated.
+"""The cache's ``manifest.json``: built, written last and atomically, loaded and validated.
 
 A cache is finished exactly when its manifest exists, so the builder writes it only after
 every shard is complete, and readers refuse a directory without one. Loading validates the
@@ -6,8 +6,8 @@ structure (docs/format.md) and that every shard path stays inside the cache dire
 manifest cannot point a reader at arbitrary files.
 
 The producer's own bookkeeping lives here too: ``build.json`` (the settings a build started
-with, compared on every rerun) and recovery of the shards a progress ledger lists, which is
-what makes an interrupted build resumable.
+with, compared on every rerun) and recovery of the shards a progress ledger
+(cache/ledger.py) lists, which is what makes an interrupted build resumable.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import posixpath
 
 from longkd import __version__
 from longkd.cache import format as fmt
+from longkd.cache.ledger import ShardInfo, read_ledger, write_ledger
 from longkd.cache.storage import Location
-from longkd.cache.writer import ShardInfo, read_ledger, write_ledger
 from longkd.errors import LongkdError
 
 REQUIRED_KEYS = (
@@ -141,14 +141,12 @@ def validate_manifest(manifest, where: str) -> dict:
         raise LongkdError(f"{where}/manifest.json: window {window!r} is not a positive integer")
     selection = manifest["selection"]
     mode = selection.get("mode") if isinstance(selection, dict) else None
-    if mode == "topk":
-        size_key = "k"
-    elif mode == "sampled":
-        size_key = "draws"
-    else:
+    if mode not in fmt.SELECTION_MODES:
         raise LongkdError(
-            f"{where}/manifest.json: selection {selection!r} has no valid mode (topk or sampled)"
+            f"{where}/manifest.json: selection {selection!r} has no valid mode "
+            f"({' or '.join(fmt.SELECTION_MODES)})"
         )
+    size_key = fmt.SELECTIONS[mode].size_key
     if not isinstance(selection.get(size_key), int) or selection[size_key] <= 0:
         raise LongkdError(
             f"{where}/manifest.json: selection {size_key} {selection.get(size_key)!r} is not positive"

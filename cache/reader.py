@@ -5,8 +5,8 @@ Shards are Arrow IPC files, so a window is found by (shard, row) from the manife
 interleaves window ids, shard of rank r holding r, r+N, r+2N, ...) and read through
 ``pa.ipc.RecordBatchFileReader`` without scanning the file, so a cache on an object store is
 read with range requests, never downloaded whole.
-Sampled caches (ids + counts + row_splits) are expanded here into the same dense [W, K] view
-as top-k caches, so a trainer handles both alike.
+Sampled caches (ids + counts + row_splits) are expanded (cache/rows.py) into the same dense
+[W, K] view as top-k caches, so a trainer handles both alike.
 
     from longkd.cache.reader import CacheReader
     reader = CacheReader("runs/cache")
@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from longkd.cache import format as fmt
 from longkd.cache.manifest import load_manifest
+from longkd.cache.rows import ShardFile, dense_rows, read_columns
 from longkd.cache.storage import Location
 from longkd.errors import LongkdError
 
@@ -57,36 +58,6 @@ class CachedWindow:
     ids: np.ndarray
     logprobs: np.ndarray
     counts: np.ndarray | None
-
-
-def expand_sampled(
-    ids: np.ndarray, counts: np.ndarray, row_splits: np.ndarray, draws: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dense [W, Kmax] arrays from the ragged sampled encoding.
-
-    Args:
-        ids: int32[M] unique ids per row, concatenated.
-        counts: uint16[M] draws that hit each id.
-        row_splits: int32[W+1], row t owns entries [row_splits[t], row_splits[t+1]).
-        draws: N, the number of draws per row.
-
-    Returns:
-        ids int32[W, Kmax] (-1 padding), logprobs float32[W, Kmax] (log(counts / draws), -inf
-        padding), counts uint16[W, Kmax] (0 padding); Kmax is the largest row's entry count.
-    """
-    splits = np.asarray(row_splits, dtype=np.int64)
-    per_row = np.diff(splits)
-    w = per_row.shape[0]
-    kmax = int(per_row.max()) if w else 0
-    rows = np.repeat(np.arange(w), per_row)
-    cols = np.arange(splits[-1] - splits[0]) - np.repeat(splits[:-1] - splits[0], per_row)
-    out_ids = np.full((w, kmax), -1, dtype=np.int32)
-    out_counts = np.zeros((w, kmax), dtype=np.uint16)
-    out_ids[rows, cols] = ids
-    out_counts[rows, cols] = counts
-    with np.errstate(divide="ignore"):
-        out_logprobs = np.log(out_counts.astype(np.float64) / float(draws)).astype(np.float32)
-    return out_ids, out_logprobs, out_counts
 
 
 class WindowIndex:
@@ -199,7 +170,7 @@ class CacheReader:
         self.num_windows = self.index.total
         # Reading in window-id order cycles through `stride` shards; keep them all open.
         self._max_open = max(_OPEN_SHARDS, 2 * self.index.stride)
-        self._open: OrderedDict[int, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = OrderedDict()
+        self._open: OrderedDict[int, ShardFile] = OrderedDict()
 
     def __len__(self) -> int:
         return self.num_windows
@@ -226,32 +197,20 @@ class CacheReader:
         """Window ids of shard ``shard``'s rows in row order, int64 [rows]."""
         return self.index.shard_windows(shard)
 
-    def _shard(self, shard: int, scan: bool = False) -> tuple[pa.ipc.RecordBatchFileReader, list[int]]:
+    def _shard(self, shard: int, scan: bool = False) -> ShardFile:
+        """Shard ``shard``, open. Without ``scan`` row r is taken to be batch r when the batch
+        count allows it (:class:`ShardFile`); read_window checks the window id it gets and
+        rescans if a foreign writer broke that assumption."""
         if shard in self._open and not scan:
             self._open.move_to_end(shard)
             return self._open[shard]
-        path = self.shards[shard]["path"]
-        try:
-            reader = pa.ipc.open_file(self.location.open_input(path))
-        except (OSError, pa.ArrowException) as err:
-            raise LongkdError(
-                f"cannot read shard {path} of {self.location.uri}: {err}; run `longkd cache verify`"
-            ) from err
-        if not scan and reader.num_record_batches == int(self.shards[shard]["rows"]):
-            # longkd writes one batch per window: row r is batch r, known without reading any
-            # batch (on an object store that would fetch the whole shard). read_window checks
-            # the window id it gets and rescans if a foreign writer broke the assumption.
-            starts = list(range(reader.num_record_batches))
-        else:
-            starts, total = [], 0
-            for i in range(reader.num_record_batches):
-                starts.append(total)
-                total += reader.get_batch(i).num_rows
-        self._open[shard] = (reader, starts)
+        rows = None if scan else int(self.shards[shard]["rows"])
+        opened = ShardFile(self.location, self.shards[shard]["path"], rows)
+        self._open[shard] = opened
         self._open.move_to_end(shard)
         if len(self._open) > self._max_open:
             self._open.popitem(last=False)
-        return reader, starts
+        return opened
 
     def read_window(self, index: int) -> CachedWindow:
         """The window with global index ``index`` (equal to its window_id).
@@ -262,10 +221,7 @@ class CacheReader:
         """
         shard, row = self.shard_of(index)
         for scan in (False, True):
-            reader, starts = self._shard(shard, scan=scan)
-            b = bisect.bisect_right(starts, row) - 1
-            batch = reader.get_batch(b)
-            r = row - starts[b]
+            batch, r = self._shard(shard, scan=scan).locate(row)
             if r < batch.num_rows and batch.column(fmt.WINDOW_ID)[r].as_py() == index:
                 return self._decode(batch, r)
         raise LongkdError(
@@ -283,37 +239,27 @@ class CacheReader:
                 yield self.read_window(int(index))
             return
         for shard in range(len(self.shards)):
-            reader, _ = self._shard(shard)
-            for b in range(reader.num_record_batches):
-                batch = reader.get_batch(b)
+            file = self._shard(shard).file
+            for b in range(file.num_record_batches):
+                batch = file.get_batch(b)
                 for row in range(batch.num_rows):
                     yield self._decode(batch, row)
 
     def _decode(self, batch: pa.RecordBatch, row: int) -> CachedWindow:
-        def values(name: str) -> np.ndarray:
-            return batch.column(name)[row].values.to_numpy(zero_copy_only=False)
-
         from longkd.cache.packing import position_ids_for
 
-        w = self.window
-        segment_starts = values(fmt.SEGMENT_STARTS).astype(np.int32)
-        ids = values(fmt.IDS).astype(np.int32)
-        if self.selection["mode"] == "topk":
-            k = int(self.selection["k"])
-            ids = ids.reshape(w, k)
-            logprobs = values(fmt.LOGPROBS).astype(np.float32).reshape(w, k)
-            counts = None
-        else:
-            ids, logprobs, counts = expand_sampled(
-                ids, values(fmt.COUNTS), values(fmt.ROW_SPLITS), int(self.selection["draws"])
-            )
+        columns = read_columns(batch, row, self.selection["mode"])
+        segment_starts = columns.segment_starts.astype(np.int32)
+        ids, logprobs, counts = dense_rows(columns, self.window, self.selection)
         return CachedWindow(
-            window_id=int(batch.column(fmt.WINDOW_ID)[row].as_py()),
-            length=int(batch.column(fmt.LENGTH)[row].as_py()),
-            input_ids=values(fmt.INPUT_IDS).astype(np.int32),
+            window_id=columns.window_id,
+            length=columns.length,
+            input_ids=columns.input_ids.astype(np.int32),
             segment_starts=segment_starts,
-            position_ids=np.asarray(position_ids_for(w, segment_starts, self.position_mode), dtype=np.int64),
-            target_logprob=values(fmt.TARGET_LOGPROB).astype(np.float32),
+            position_ids=np.asarray(
+                position_ids_for(self.window, segment_starts, self.position_mode), dtype=np.int64
+            ),
+            target_logprob=columns.target_logprob.astype(np.float32),
             ids=ids,
             logprobs=logprobs,
             counts=counts,

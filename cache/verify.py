@@ -18,13 +18,17 @@ import pyarrow as pa
 
 from longkd.cache import format as fmt
 from longkd.cache.manifest import load_manifest
+from longkd.cache.rows import (
+    BadShard,
+    UnreadableShard,
+    WindowColumns,
+    check_schema,
+    open_shard,
+    read_columns,
+    selection_rows,
+)
 from longkd.cache.storage import Location
 from longkd.errors import LongkdError
-
-# Rounding allowances: log_softmax is <= 0 mathematically; fp16 storage rounds each log-prob
-# by up to 2^-11 relative, so exp-sums of the stored top-k may exceed 1 by a few 1e-4.
-LOGPROB_MAX = 1e-6
-TAIL_MIN = {"float32": -1e-4, "float16": -2e-3}
 
 
 @dataclass
@@ -35,10 +39,6 @@ class VerifyResult:
     shards: int
     windows: int
     problem: str | None = None
-
-
-class _Bad(Exception):
-    """A problem in one shard (message without the shard name)."""
 
 
 def verify_cache(uri) -> VerifyResult:
@@ -73,7 +73,7 @@ def verify_cache(uri) -> VerifyResult:
         residue = int(shard["first_window"]) % stride
         try:
             chain[residue] = _verify_shard(location, manifest, shard, chain[residue], stride)
-        except _Bad as bad:
+        except BadShard as bad:
             return VerifyResult(False, i, windows, f"shard {shard['path']}: {bad}")
         windows += int(shard["rows"])
     for residue, end in chain.items():
@@ -97,26 +97,23 @@ def verify_cache(uri) -> VerifyResult:
 
 
 def _verify_shard(location: Location, manifest: dict, shard: dict, first_window: int, stride: int = 1) -> int:
-    """Check one shard; return the window id expected next in its residue class. Raises _Bad."""
+    """Check one shard; return the window id expected next in its residue class. Raises BadShard."""
     path = shard["path"]
     size = location.size(path)
     if size < 0:
-        raise _Bad("missing (listed in manifest.json but not on disk)")
+        raise BadShard("missing (listed in manifest.json but not on disk)")
     if size != shard["bytes"]:
-        raise _Bad(f"size is {size} bytes, manifest says {shard['bytes']} (file truncated or changed)")
+        raise BadShard(f"size is {size} bytes, manifest says {shard['bytes']} (file truncated or changed)")
     if location.sha256(path) != shard["sha256"]:
-        raise _Bad("sha256 mismatch (file changed or corrupted)")
+        raise BadShard("sha256 mismatch (file changed or corrupted)")
     try:
-        reader = pa.ipc.open_file(location.open_input(path))
-    except (OSError, pa.ArrowException) as err:
-        raise _Bad(f"not a readable Arrow IPC file ({err})") from err
+        reader = open_shard(location, path)
+    except UnreadableShard as err:
+        raise BadShard(f"not a readable Arrow IPC file ({err.reason})") from err.reason
     mode = manifest["selection"]["mode"]
-    dtype = manifest["encoding"].get("logprobs", "float32")
-    schema = fmt.shard_schema(mode, dtype)
-    if not reader.schema.equals(schema, check_metadata=False):
-        raise _Bad(f"schema differs from format v{fmt.FORMAT_VERSION} {mode}/{dtype}: {reader.schema}")
+    check_schema(reader.schema, mode, manifest["encoding"].get("logprobs", "float32"))
     if shard["first_window"] != first_window:
-        raise _Bad(
+        raise BadShard(
             f"manifest first_window is {shard['first_window']}, expected {first_window} (ids not contiguous)"
         )
     checker = _RowChecker(manifest)
@@ -126,111 +123,63 @@ def _verify_shard(location: Location, manifest: dict, shard: dict, first_window:
         try:
             batch = reader.get_batch(b)
         except (OSError, pa.ArrowException) as err:
-            raise _Bad(f"record batch {b} unreadable ({err})") from err
+            raise BadShard(f"record batch {b} unreadable ({err})") from err
         for r in range(batch.num_rows):
             window_id = batch.column(fmt.WINDOW_ID)[r].as_py()
             if window_id != next_window:
-                raise _Bad(
+                raise BadShard(
                     f"row {rows} has window_id {window_id}, expected {next_window} (ids not contiguous)"
                 )
             try:
-                tokens += checker.check(batch, r)
-            except _Bad as bad:
-                raise _Bad(f"window {window_id}: {bad}") from None
+                tokens += checker.check(read_columns(batch, r, mode))
+            except BadShard as bad:
+                raise BadShard(f"window {window_id}: {bad}") from None
             rows += 1
             next_window += stride
     if rows != shard["rows"]:
-        raise _Bad(f"holds {rows} rows, manifest says {shard['rows']}")
+        raise BadShard(f"holds {rows} rows, manifest says {shard['rows']}")
     if tokens != shard["tokens"]:
-        raise _Bad(f"holds {tokens} tokens, manifest says {shard['tokens']}")
+        raise BadShard(f"holds {tokens} tokens, manifest says {shard['tokens']}")
     return next_window
 
 
 class _RowChecker:
-    """Per-row invariants of docs/format.md for one cache."""
+    """Per-row invariants of docs/format.md for one cache (the selection mode's own: cache/rows.py)."""
 
     def __init__(self, manifest: dict):
         self.w = int(manifest["window"])
         self.vocab = int(manifest["vocab"]["embedding_size"])
-        self.mode = manifest["selection"]["mode"]
-        self.k = manifest["selection"].get("k")
-        self.draws = manifest["selection"].get("draws")
-        self.tail_min = TAIL_MIN[manifest["encoding"].get("logprobs", "float32")]
+        self.rows = selection_rows(manifest["selection"]["mode"])
+        self.size = manifest["selection"].get(self.rows.format.size_key)
+        self.logprobs = fmt.LOGPROB_ENCODINGS[manifest["encoding"].get("logprobs", "float32")]
 
-    def check(self, batch: pa.RecordBatch, r: int) -> int:
-        """Check row ``r``; return its real token count. Raises _Bad."""
-
-        def values(name: str) -> np.ndarray:
-            return batch.column(name)[r].values.to_numpy(zero_copy_only=False)
-
+    def check(self, columns: WindowColumns) -> int:
+        """Check one window's row; return its real token count. Raises BadShard."""
         w = self.w
-        length = batch.column(fmt.LENGTH)[r].as_py()
+        length = columns.length
         if not 1 <= length <= w:
-            raise _Bad(f"length {length} outside [1, {w}]")
-        input_ids = values(fmt.INPUT_IDS)
+            raise BadShard(f"length {length} outside [1, {w}]")
+        input_ids = columns.input_ids
         if input_ids.shape[0] != w:
-            raise _Bad(f"input_ids has {input_ids.shape[0]} tokens, expected W={w}")
-        starts = values(fmt.SEGMENT_STARTS)
+            raise BadShard(f"input_ids has {input_ids.shape[0]} tokens, expected W={w}")
+        starts = columns.segment_starts
         if starts.shape[0] < 1 or starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= length:
-            raise _Bad(
+            raise BadShard(
                 f"segment_starts {starts[:8].tolist()}... must start at 0, increase and stay below length"
             )
-        target = values(fmt.TARGET_LOGPROB)
+        target = columns.target_logprob
         if target.shape[0] != w:
-            raise _Bad(f"target_logprob has {target.shape[0]} rows, expected {w}")
+            raise BadShard(f"target_logprob has {target.shape[0]} rows, expected {w}")
         real = target[: length - 1]
-        if not np.all(np.isfinite(real)) or np.any(real > LOGPROB_MAX):
-            raise _Bad("target_logprob not finite and <= 0 on real rows")
+        if not np.all(np.isfinite(real)) or np.any(real > fmt.LOGPROB_MAX):
+            raise BadShard("target_logprob not finite and <= 0 on real rows")
         if not np.all(np.isnan(target[length - 1 :])):
-            raise _Bad("target_logprob must be NaN from row length-1 on")
-        ids = values(fmt.IDS)
+            raise BadShard("target_logprob must be NaN from row length-1 on")
+        ids = columns.ids
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
-            raise _Bad(f"ids outside [0, {self.vocab}) (embedding size)")
-        if self.mode == "topk":
-            self._check_topk(ids, values(fmt.LOGPROBS))
-        else:
-            self._check_sampled(ids, values(fmt.COUNTS), values(fmt.ROW_SPLITS))
+            raise BadShard(f"ids outside [0, {self.vocab}) (embedding size)")
+        self.rows.check(columns, w=w, size=self.size, vocab=self.vocab, logprobs=self.logprobs)
         return int(length)
-
-    def _check_topk(self, ids: np.ndarray, logprobs: np.ndarray) -> None:
-        w, k = self.w, self.k
-        if ids.shape[0] != w * k or logprobs.shape[0] != w * k:
-            raise _Bad(f"ids/logprobs have {ids.shape[0]}/{logprobs.shape[0]} entries, expected W*K={w * k}")
-        lp = logprobs.astype(np.float32).reshape(w, k)
-        if not np.all(np.isfinite(lp)):
-            raise _Bad("logprobs not finite")
-        if np.any(lp > LOGPROB_MAX):
-            raise _Bad(f"logprobs above 0 (max {float(lp.max()):.3g})")
-        if np.any(np.diff(lp, axis=1) > 0):
-            row = int(np.argmax(np.any(np.diff(lp, axis=1) > 0, axis=1)))
-            raise _Bad(f"row {row}: logprobs not descending")
-        tail = 1.0 - np.exp(lp.astype(np.float64)).sum(axis=1)
-        if np.any(tail < self.tail_min):
-            row = int(np.argmin(tail))
-            raise _Bad(f"row {row}: tail mass {tail[row]:.3g} < {self.tail_min} (probabilities sum above 1)")
-        if k > 1:
-            per_row = np.sort(ids.reshape(w, k), axis=1)
-            if np.any(per_row[:, 1:] == per_row[:, :-1]):
-                raise _Bad("an id repeats within a row")
-
-    def _check_sampled(self, ids: np.ndarray, counts: np.ndarray, splits: np.ndarray) -> None:
-        w = self.w
-        if splits.shape[0] != w + 1:
-            raise _Bad(f"row_splits has {splits.shape[0]} entries, expected W+1={w + 1}")
-        if counts.shape[0] != ids.shape[0]:
-            raise _Bad(f"counts has {counts.shape[0]} entries, ids {ids.shape[0]}")
-        if splits[0] != 0 or np.any(np.diff(splits) < 0) or splits[-1] != ids.shape[0]:
-            raise _Bad("row_splits must start at 0, not decrease and end at len(ids)")
-        if np.any(counts == 0):
-            raise _Bad("a stored count is 0")
-        cum = np.concatenate([[0], np.cumsum(counts.astype(np.int64))])
-        sums = cum[splits[1:]] - cum[splits[:-1]]
-        if np.any(sums != self.draws):
-            row = int(np.argmax(sums != self.draws))
-            raise _Bad(f"row {row}: counts sum to {sums[row]}, expected draws={self.draws}")
-        rows = np.repeat(np.arange(w, dtype=np.int64), np.diff(splits))
-        if np.unique(rows * self.vocab + ids).shape[0] != ids.shape[0]:
-            raise _Bad("an id repeats within a row")
 
 
 def cache_info(uri) -> dict:

@@ -164,20 +164,10 @@ def _manifest_of(source) -> dict:
 
 
 def _max_cached_id(reader) -> int:
-    """The largest teacher id stored in a cache, reading only its ``ids`` column."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """The largest teacher id stored in a cache, from its shards' ``ids`` columns."""
+    from longkd.cache.rows import max_stored_id
 
-    from longkd.cache import format as fmt
-
-    best = -1
-    for shard in reader.shards:
-        table = pa.ipc.open_file(reader.location.open_input(shard["path"])).read_all().select([fmt.IDS])
-        for chunk in table.column(0).chunks:
-            values = pc.list_flatten(chunk)
-            if len(values):
-                best = max(best, int(pc.max(values).as_py()))
-    return best
+    return max((max_stored_id(reader.location, shard["path"]) for shard in reader.shards), default=-1)
 
 
 def check_student_compatible(reader_or_manifest, student_config, tokenizer=None) -> None:

@@ -18,10 +18,12 @@ import pytest
 
 from longkd.cache import format as fmt
 from longkd.cache import writer as writer_mod
+from longkd.cache.ledger import read_ledger
 from longkd.cache.manifest import build_manifest, check_shard_path, load_manifest, write_manifest
-from longkd.cache.reader import CacheReader, expand_sampled
+from longkd.cache.reader import CacheReader
+from longkd.cache.rows import expand_sampled
 from longkd.cache.storage import Location
-from longkd.cache.writer import ShardWriter, parse_size, read_ledger
+from longkd.cache.writer import ShardWriter, parse_size
 from longkd.errors import LongkdError
 from tests.helpers import fail_writes_after
 

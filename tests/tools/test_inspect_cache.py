@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from longkd.errors import LongkdError
-from longkd.tools.inspect import SEGMENT_EDGES, inspect_cache, register_inspect, show_position
+from longkd.tools.inspect_cache import SEGMENT_EDGES, inspect_cache, register_inspect, show_position
 from tests.helpers import build_cache, write_random_text
 
 VOCAB = 64

@@ -137,21 +137,19 @@ class _RawSizer:
     (the decoded buffers' sizes), read through the cache's own filesystem."""
 
     def __init__(self, reader):
-        import pyarrow as pa
-
-        self._pa = pa
         self.reader = reader
-        self._files: dict[int, tuple] = {}
+        self._files: dict = {}  # shard index -> rows.ShardFile (one at a time)
 
     def row_bytes(self, index: int) -> int:
+        from longkd.cache.rows import ShardFile
+
         shard, row = self.reader.shard_of(index)
         if shard not in self._files:
-            f = self._pa.ipc.open_file(self.reader.location.open_input(self.reader.shards[shard]["path"]))
-            starts = np.cumsum([0] + [f.get_batch(i).num_rows for i in range(f.num_record_batches)])
-            self._files = {shard: (f, starts)}  # windows are sorted, so one open shard suffices
-        f, starts = self._files[shard]
-        b = int(np.searchsorted(starts, row, side="right") - 1)
-        return int(f.get_batch(b).slice(row - int(starts[b]), 1).nbytes)
+            path = self.reader.shards[shard]["path"]
+            # windows are sorted, so one open shard suffices; every batch's rows are counted
+            self._files = {shard: ShardFile(self.reader.location, path)}
+        batch, r = self._files[shard].locate(row)
+        return int(batch.slice(r, 1).nbytes)
 
 
 def _summary(reader, sampled: list[int], raw_sampled: int, tokens_sampled: int) -> dict:
