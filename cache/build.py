@@ -41,6 +41,7 @@ from longkd.cache.ledger import ShardInfo
 from longkd.cache.manifest import (
     build_manifest,
     compare_build_record,
+    load_manifest,
     out_dir_state,
     recover_shards,
     write_manifest,
@@ -211,8 +212,8 @@ def _check_out(
     if stored is not None:
         compare_build_record(location, stored, {"settings": settings.content_settings()})
         if complete:
-            manifest = json.loads(location.read_text(fmt.MANIFEST_NAME))
-            t = manifest.get("totals", {})
+            manifest = load_manifest(location)
+            t = manifest["totals"]
             echo(f"{location.uri} is already complete: {t.get('windows')} windows, {t.get('tokens')} tokens")
             return stored, BuildResult(manifest)
     return stored, None
