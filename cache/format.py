@@ -15,7 +15,9 @@ import pyarrow as pa
 
 from longkd.errors import LongkdError
 
-FORMAT_VERSION = 1
+# Version 2 added the per-window ``checksum`` column; version 1 caches (no checksum) still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 MANIFEST_NAME = "manifest.json"
 BUILD_NAME = "build.json"
@@ -32,6 +34,7 @@ LOGPROBS = "logprobs"
 COUNTS = "counts"
 ROW_SPLITS = "row_splits"
 TARGET_LOGPROB = "target_logprob"
+CHECKSUM = "checksum"  # format 2: XXH3-64 of the row's other columns (docs/format.md "Checksum")
 
 COMPRESSION = "zstd"
 # pyarrow's zstd default; recorded in the manifest so a reader knows what was used.
@@ -147,7 +150,9 @@ def ledger_name(rank: int) -> str:
     return f"{PROGRESS_DIR}/rank-{rank:05d}.jsonl"
 
 
-def shard_schema(selection_mode: str, logprob_dtype: str = "float32") -> pa.Schema:
+def shard_schema(
+    selection_mode: str, logprob_dtype: str = "float32", version: int = FORMAT_VERSION
+) -> pa.Schema:
     """The Arrow schema of one shard.
 
     Args:
@@ -155,13 +160,17 @@ def shard_schema(selection_mode: str, logprob_dtype: str = "float32") -> pa.Sche
             ``"sampled"`` (ids, counts, row_splits).
         logprob_dtype: a key of :data:`LOGPROB_ENCODINGS`, the value type of stored log-probs
             (``logprobs`` of top-k shards): ``"float32"`` or ``"float16"``.
+        version: the cache's format version, one of :data:`READABLE_VERSIONS`; version 2
+            ends with the ``checksum`` column, version 1 has none.
 
     Returns:
         The schema; every shard of a cache has exactly this schema.
 
     Raises:
-        LongkdError: an unknown selection mode or logprob dtype.
+        LongkdError: an unknown selection mode, logprob dtype or format version.
     """
+    if version not in READABLE_VERSIONS:
+        raise LongkdError(f"format version {version!r} is not one this longkd reads ({READABLE_VERSIONS})")
     selection = selection_format(selection_mode)
     logprobs = logprob_encoding(logprob_dtype)
     fields = [
@@ -173,4 +182,6 @@ def shard_schema(selection_mode: str, logprob_dtype: str = "float32") -> pa.Sche
     ]
     fields.extend(selection.fields(logprobs))
     fields.append(pa.field(TARGET_LOGPROB, pa.list_(pa.float32()), nullable=False))
-    return pa.schema(fields, metadata={b"longkd_format_version": str(FORMAT_VERSION).encode()})
+    if version >= 2:
+        fields.append(pa.field(CHECKSUM, pa.uint64(), nullable=False))
+    return pa.schema(fields, metadata={b"longkd_format_version": str(version).encode()})

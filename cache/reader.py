@@ -8,6 +8,15 @@ read with range requests, never downloaded whole.
 Sampled caches (ids + counts + row_splits) are expanded (cache/rows.py) into the same dense
 [W, K] view as top-k caches, so a trainer handles both alike.
 
+Every read is checked, since a cache may come from elsewhere: the manifest against its schema
+and the shard files' sizes when the reader opens, each shard's Arrow schema when it is first
+used, and each window's Arrow structure, checksum (format 2) and cheap row rules when it is
+read (cache/rows.py). A damaged window is a one-line :class:`~longkd.cache.rows.DamagedWindow`
+naming the shard and the window, or, with ``skip_damaged``, left out of :meth:`iter_windows`
+and counted. Format-1 caches have no per-window checksum: with ``full_pass`` (a caller that
+reads every window, such as training) each shard is checked against the manifest's sha256
+when it is first opened.
+
     from longkd.cache.reader import CacheReader
     reader = CacheReader("runs/cache")
     w = reader.read_window(0)   # w.ids [W, K], w.logprobs [W, K], w.position_ids [W]
@@ -16,18 +25,29 @@ Sampled caches (ids + counts + row_splits) are expanded (cache/rows.py) into the
 from __future__ import annotations
 
 import bisect
+import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from longkd.cache import format as fmt
 from longkd.cache.manifest import load_manifest
-from longkd.cache.rows import ShardFile, dense_rows, read_columns
+from longkd.cache.rows import (
+    BadShard,
+    DamagedWindow,
+    RowRules,
+    ShardFile,
+    UnreadableShard,
+    WindowColumns,
+    dense_rows,
+    read_columns,
+)
 from longkd.cache.storage import Location
 from longkd.errors import LongkdError
+
+log = logging.getLogger(__name__)
 
 _OPEN_SHARDS = 8  # open file handles kept for random access (at least 2 x stride, see CacheReader)
 
@@ -117,11 +137,6 @@ class WindowIndex:
                 )
             self._chains[residue] = ([f for f, _ in chain], [i for _, i in chain])
 
-    @property
-    def contiguous(self) -> bool:
-        """True when shards in manifest order hold 0, 1, 2, ... (one producer rank)."""
-        return self.stride == 1 and self._chains[0][1] == sorted(self._chains[0][1])
-
     def locate(self, window_id: int) -> tuple[int, int]:
         """``(shard_index, row)`` of ``window_id``.
 
@@ -144,9 +159,15 @@ class CacheReader:
 
     Args:
         uri: the cache directory (local path or pyarrow.fs URI).
+        skip_damaged: :meth:`iter_windows` leaves damaged windows out (logging one line each
+            and listing them in ``damaged``) instead of raising; :meth:`read_window` always raises.
+        full_pass: the caller will read every window: shards of a format-1 cache (no
+            per-window checksum) are then checked against the manifest's sha256 when first opened.
 
     Attributes:
         manifest: the validated manifest dict.
+        version: its format version.
+        damaged: window ids :meth:`iter_windows` skipped (with ``skip_damaged``).
         window: W.
         num_windows: total windows.
         selection: ``{"mode": "topk", "k": K}`` or ``{"mode": "sampled", "draws": N}``.
@@ -155,12 +176,24 @@ class CacheReader:
         shards: the manifest's shard entries.
 
     Raises:
-        LongkdError: missing directory, an unfinished build (no manifest.json), an invalid manifest.
+        LongkdError: missing directory, an unfinished build (no manifest.json), an invalid
+            manifest, or shard files that are missing or of another size.
     """
 
-    def __init__(self, uri):
+    def __init__(self, uri, *, skip_damaged: bool = False, full_pass: bool = False):
         self.location = uri if isinstance(uri, Location) else Location(uri)
         self.manifest = load_manifest(self.location)
+        self.version = int(self.manifest["format_version"])
+        self.skip_damaged, self.full_pass = bool(skip_damaged), bool(full_pass)
+        self.damaged: list[int] = []
+        self.rules = RowRules.of(self.manifest)
+        self._schema = fmt.shard_schema(
+            self.manifest["selection"]["mode"],
+            self.manifest["encoding"].get("logprobs", "float32"),
+            self.version,
+        )
+        self._broken: dict[int, UnreadableShard] = {}  # shards that cannot be used at all
+        self._hashed: set[int] = set()  # format-1 shards whose sha256 matched
         self.window = int(self.manifest["window"])
         self.selection = dict(self.manifest["selection"])
         self.temperature = float(self.manifest["temperature"])
@@ -200,12 +233,33 @@ class CacheReader:
     def _shard(self, shard: int, scan: bool = False) -> ShardFile:
         """Shard ``shard``, open. Without ``scan`` row r is taken to be batch r when the batch
         count allows it (:class:`ShardFile`); read_window checks the window id it gets and
-        rescans if a foreign writer broke that assumption."""
+        rescans if a foreign writer broke that assumption.
+
+        Raises:
+            UnreadableShard: the shard cannot be opened, has another schema, or (format 1 with
+                ``full_pass``) differs from the manifest's sha256; remembered, so a skipped
+                shard is not opened again for each of its windows.
+        """
+        if shard in self._broken:
+            raise self._broken[shard]
         if shard in self._open and not scan:
             self._open.move_to_end(shard)
             return self._open[shard]
-        rows = None if scan else int(self.shards[shard]["rows"])
-        opened = ShardFile(self.location, self.shards[shard]["path"], rows)
+        entry = self.shards[shard]
+        rows = None if scan else int(entry["rows"])
+        try:
+            if self.version < 2 and self.full_pass and shard not in self._hashed:
+                if self.location.sha256(entry["path"]) != entry["sha256"]:
+                    raise UnreadableShard(self.location, entry["path"], "sha256 differs from the manifest's")
+                self._hashed.add(shard)
+            opened = ShardFile(self.location, entry["path"], rows, schema=self._schema)
+        except OSError as err:
+            error = UnreadableShard(self.location, entry["path"], err)
+            self._broken[shard] = error
+            raise error from None
+        except UnreadableShard as err:
+            self._broken[shard] = err
+            raise
         self._open[shard] = opened
         self._open.move_to_end(shard)
         if len(self._open) > self._max_open:
@@ -213,42 +267,52 @@ class CacheReader:
         return opened
 
     def read_window(self, index: int) -> CachedWindow:
-        """The window with global index ``index`` (equal to its window_id).
+        """The window with global index ``index`` (equal to its window_id), checked.
 
         Raises:
             IndexError: ``index`` outside ``[0, num_windows)``.
+            DamagedWindow: the window's bytes are damaged (Arrow structure, checksum, row rules).
+            UnreadableShard: its shard cannot be used at all.
             LongkdError: the shard does not hold that window where the manifest says.
         """
         shard, row = self.shard_of(index)
-        for scan in (False, True):
-            batch, r = self._shard(shard, scan=scan).locate(row)
-            if r < batch.num_rows and batch.column(fmt.WINDOW_ID)[r].as_py() == index:
-                return self._decode(batch, r)
+        try:
+            for scan in (False, True):
+                batch, r = self._shard(shard, scan=scan).locate(row)
+                if r < batch.num_rows:
+                    columns = read_columns(batch, r, self.selection["mode"])
+                    self.rules.check_read(columns)
+                    if columns.window_id == index:
+                        return self._decode(columns)
+        except BadShard as bad:
+            raise DamagedWindow(self.location, self.shards[shard]["path"], index, str(bad)) from None
         raise LongkdError(
             f"shard {self.shards[shard]['path']} of {self.location.uri} does not hold window {index} "
             "at the row the manifest implies; run `longkd cache verify`"
         )
 
     def iter_windows(self, indices: Iterable[int] | None = None) -> Iterator[CachedWindow]:
-        """Windows in ``indices`` order (default: all, in window-id order; a one-rank cache
-        reads each batch once)."""
-        if indices is None and not self.index.contiguous:
-            indices = range(self.num_windows)
-        if indices is not None:
-            for index in indices:
-                yield self.read_window(int(index))
-            return
-        for shard in range(len(self.shards)):
-            file = self._shard(shard).file
-            for b in range(file.num_record_batches):
-                batch = file.get_batch(b)
-                for row in range(batch.num_rows):
-                    yield self._decode(batch, row)
+        """Windows in ``indices`` order (default: all, in window-id order). With
+        ``skip_damaged`` a damaged window, or each window of an unreadable shard, is left out
+        and its id appended to ``damaged``.
 
-    def _decode(self, batch: pa.RecordBatch, row: int) -> CachedWindow:
+        Raises:
+            DamagedWindow, UnreadableShard: without ``skip_damaged``, as :meth:`read_window`.
+        """
+        for index in range(self.num_windows) if indices is None else indices:
+            try:
+                window = self.read_window(int(index))
+            except (DamagedWindow, UnreadableShard) as err:
+                if not self.skip_damaged:
+                    raise
+                self.damaged.append(int(index))
+                log.warning("skipped damaged window %d: %s", int(index), err.reason)
+                continue
+            yield window
+
+    def _decode(self, columns: WindowColumns) -> CachedWindow:
         from longkd.cache.packing import position_ids_for
 
-        columns = read_columns(batch, row, self.selection["mode"])
         segment_starts = columns.segment_starts.astype(np.int32)
         ids, logprobs, counts = dense_rows(columns, self.window, self.selection)
         return CachedWindow(

@@ -12,6 +12,14 @@ dense view) is one :class:`SelectionRows` subclass per mode, next to the declara
 columns in cache/format.py's ``SELECTIONS``; no other code that writes or reads shards
 branches on the mode.
 
+Shard bytes come from elsewhere and may be damaged, so nothing here hands Arrow a record
+batch it has not validated (``RecordBatch.validate(full=True)``: list offsets inside their
+values, lengths consistent) and every Arrow error is turned into :class:`BadShard` or
+:class:`UnreadableShard`; a damaged file is one clear error, never a traceback or an abort
+inside Arrow. Format-2 rows carry a checksum of their values (:func:`window_checksum`) and
+:class:`RowRules` holds the per-row rules: the cheap ones every read applies, and the full
+set ``longkd cache verify`` applies.
+
     from longkd.cache.rows import ShardFile, dense_rows, read_columns
     from longkd.cache.storage import Location
     shard = ShardFile(Location("runs/cache"), "shards/shard-00000-000000.arrow")
@@ -23,6 +31,9 @@ branches on the mode.
 from __future__ import annotations
 
 import bisect
+import functools
+import struct
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +41,12 @@ import pyarrow as pa
 
 from longkd.cache import format as fmt
 from longkd.cache.storage import Location
-from longkd.errors import LongkdError
+from longkd.errors import LongkdError, one_line
+
+# What reading damaged Arrow bytes can raise (ArrowInvalid, ArrowIOError, a failed huge
+# allocation...): always turned into BadShard / UnreadableShard.
+ARROW_ERRORS = (OSError, pa.ArrowException, MemoryError, ValueError, IndexError)
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 class BadShard(Exception):
@@ -38,15 +54,37 @@ class BadShard(Exception):
 
 
 class UnreadableShard(LongkdError):
-    """A shard file that cannot be opened as Arrow IPC.
+    """A shard that cannot be used at all: not an Arrow IPC file, another schema, or bytes
+    that differ from the manifest's sha256.
 
     Attributes:
-        reason: the underlying ``OSError`` or ``pyarrow.ArrowException``.
+        reason: what is wrong, one line.
     """
 
-    def __init__(self, location: Location, path: str, reason: Exception):
-        super().__init__(f"cannot read shard {path} of {location.uri}: {reason}; run `longkd cache verify`")
-        self.reason = reason
+    def __init__(self, location: Location, path: str, reason: Exception | str):
+        self.reason = one_line(reason) if isinstance(reason, BaseException) else reason
+        super().__init__(
+            f"shard {path} of {location.uri} is unreadable: {self.reason}; the cache is damaged, rebuild it "
+            "(`longkd cache verify` checks every shard)"
+        )
+
+
+class DamagedWindow(LongkdError):
+    """One window whose stored bytes are damaged (checksum, Arrow structure or row rules).
+
+    Attributes:
+        path: the shard's path in the cache.
+        window: the window's id.
+        reason: what is wrong, one line.
+    """
+
+    def __init__(self, location: Location, path: str, window: int, reason: str):
+        self.path, self.window, self.reason = path, window, reason
+        super().__init__(
+            f"window {window} in shard {path} of {location.uri} is damaged: {reason}; rebuild the cache "
+            "(`longkd cache verify` checks every shard), or skip damaged windows where the command "
+            "offers --skip-damaged"
+        )
 
 
 def open_shard(location: Location, path: str) -> pa.ipc.RecordBatchFileReader:
@@ -57,12 +95,13 @@ def open_shard(location: Location, path: str) -> pa.ipc.RecordBatchFileReader:
     """
     try:
         return pa.ipc.open_file(location.open_input(path))
-    except (OSError, pa.ArrowException) as err:
-        raise UnreadableShard(location, path, err) from err
+    except ARROW_ERRORS as err:
+        raise UnreadableShard(location, path, err) from None
 
 
 class ShardFile:
-    """An open shard and the record batch holding each of its rows.
+    """An open shard and the record batch holding each of its rows; every batch it hands out
+    is validated.
 
     Args:
         location: the cache directory.
@@ -71,54 +110,106 @@ class ShardFile:
             record batches, row r is batch r (longkd writes one batch per window), known
             without reading any batch (on an object store that would fetch the whole shard).
             None, or another batch count: every batch's rows are counted.
+        schema: when given, the schema the file must have (:func:`check_schema`).
 
     Raises:
-        UnreadableShard: the file cannot be opened.
+        UnreadableShard: the file cannot be opened, has another schema, or a batch cannot be
+            read while counting rows.
     """
 
-    def __init__(self, location: Location, path: str, rows: int | None = None):
+    def __init__(
+        self, location: Location, path: str, rows: int | None = None, schema: pa.Schema | None = None
+    ):
+        self.location, self.path = location, path
         self.file = open_shard(location, path)
-        batches = self.file.num_record_batches
-        if rows is not None and batches == rows:
-            self._starts = list(range(batches))
-        else:
-            self._starts, total = [], 0
-            for b in range(batches):
-                self._starts.append(total)
-                total += self.file.get_batch(b).num_rows
+        try:
+            if schema is not None:
+                check_schema(self.file.schema, schema)
+            batches = self.file.num_record_batches
+            if rows is not None and batches == rows:
+                self._starts = list(range(batches))
+            else:
+                self._starts, total = [], 0
+                for b in range(batches):
+                    self._starts.append(total)
+                    total += self.batch(b).num_rows
+        except BadShard as bad:
+            raise UnreadableShard(location, path, str(bad)) from None
+
+    def batch(self, b: int) -> pa.RecordBatch:
+        """Record batch ``b``, validated (:func:`read_batch`).
+
+        Raises:
+            BadShard: the batch cannot be read or is not valid Arrow.
+        """
+        return read_batch(self.file, b)
 
     def locate(self, row: int) -> tuple[pa.RecordBatch, int]:
-        """The record batch holding row ``row`` of the shard, and the row's index in it."""
-        b = bisect.bisect_right(self._starts, row) - 1
-        return self.file.get_batch(b), row - self._starts[b]
+        """The validated record batch holding row ``row`` of the shard, and the row's index in it.
+
+        Raises:
+            BadShard: that batch cannot be read or is not valid Arrow.
+        """
+        b = max(bisect.bisect_right(self._starts, row) - 1, 0)
+        return self.batch(b), row - self._starts[b]
 
 
-def check_schema(schema: pa.Schema, selection_mode: str, logprob_dtype: str) -> None:
-    """Check a shard's schema against the format's for its cache (metadata not compared).
+def read_batch(file: pa.ipc.RecordBatchFileReader, b: int) -> pa.RecordBatch:
+    """Record batch ``b`` of an open shard, validated in full (every list offset inside its
+    values, every length consistent), so slicing it can never make Arrow abort.
 
     Raises:
-        BadShard: the schema differs, naming the expected format and showing the found one.
+        BadShard: the batch cannot be read or is not valid Arrow.
     """
-    if not schema.equals(fmt.shard_schema(selection_mode, logprob_dtype), check_metadata=False):
-        raise BadShard(
-            f"schema differs from format v{fmt.FORMAT_VERSION} {selection_mode}/{logprob_dtype}: {schema}"
-        )
+    try:
+        batch = file.get_batch(b)
+        batch.validate(full=True)
+    except ARROW_ERRORS as err:
+        raise BadShard(f"record batch {b} unreadable ({one_line(err, 160)})") from None
+    return batch
+
+
+def check_schema(schema: pa.Schema, expected: pa.Schema) -> None:
+    """Check a shard's schema against the one its cache's manifest implies (metadata not
+    compared); ``expected`` is ``format.shard_schema(mode, logprob_dtype, version)``.
+
+    Raises:
+        BadShard: the schema differs, on one line naming the first column that differs.
+    """
+    if schema.equals(expected, check_metadata=False):
+        return
+
+    def show(fields: pa.Schema, i: int) -> str:
+        if i >= len(fields):
+            return "nothing"
+        field = fields.field(i)
+        return f"{field.name}: {field.type}{'' if field.nullable is False else ' (nullable)'}"[:100]
+
+    i = next((i for i in range(max(len(schema), len(expected))) if show(schema, i) != show(expected, i)), 0)
+    raise BadShard(
+        f"schema differs from the cache's at column {i}: expected {show(expected, i)}, "
+        f"found {show(schema, i)} ({len(expected)} columns expected, {len(schema)} found)"
+    )
 
 
 def max_stored_id(location: Location, path: str) -> int:
     """The largest teacher id in the ``ids`` column of the shard ``path`` (-1 when it stores none).
 
     Raises:
-        UnreadableShard: the file cannot be opened.
+        UnreadableShard: the file cannot be opened or a batch cannot be read.
     """
     import pyarrow.compute as pc
 
     best = -1
-    table = open_shard(location, path).read_all().select([fmt.IDS])
-    for chunk in table.column(0).chunks:
-        values = pc.list_flatten(chunk)
-        if len(values):
-            best = max(best, int(pc.max(values).as_py()))
+    file = open_shard(location, path)
+    for b in range(file.num_record_batches):
+        try:
+            batch = read_batch(file, b)
+            values = pc.list_flatten(batch.column(fmt.IDS))
+            if len(values):
+                best = max(best, int(pc.max(values).as_py()))
+        except (BadShard, KeyError, *ARROW_ERRORS) as err:
+            raise UnreadableShard(location, path, str(err)) from None
     return best
 
 
@@ -141,6 +232,7 @@ class WindowColumns:
         mode_columns: the selection mode's own columns by name (cache/format.py's
             ``SELECTIONS``): top-k ``logprobs`` [W * K] in the cache's log-prob encoding;
             sampled ``counts`` uint16[M] and ``row_splits`` int32[W + 1].
+        checksum: the stored ``checksum`` (format 2), None for a format-1 row.
     """
 
     window_id: int
@@ -150,14 +242,24 @@ class WindowColumns:
     ids: np.ndarray
     target_logprob: np.ndarray
     mode_columns: dict[str, np.ndarray]
+    checksum: int | None = None
+
+    def values(self, name: str):
+        """The column ``name`` of the shard schema: an int for ``window_id`` and ``length``, the
+        flat numpy array for a list column."""
+        if name in self.mode_columns:
+            return self.mode_columns[name]
+        return getattr(self, name)
 
 
 def read_columns(batch: pa.RecordBatch, row: int, selection_mode: str) -> WindowColumns:
-    """The columns of row ``row`` of ``batch``, a record batch of a ``selection_mode`` shard."""
+    """The columns of row ``row`` of ``batch``, a validated record batch of a ``selection_mode``
+    shard (:func:`read_batch`); ``checksum`` is None when the batch has no such column."""
 
     def values(name: str) -> np.ndarray:
         return batch.column(name)[row].values.to_numpy(zero_copy_only=False)
 
+    names = batch.schema.names
     return WindowColumns(
         window_id=int(batch.column(fmt.WINDOW_ID)[row].as_py()),
         length=int(batch.column(fmt.LENGTH)[row].as_py()),
@@ -166,7 +268,51 @@ def read_columns(batch: pa.RecordBatch, row: int, selection_mode: str) -> Window
         ids=values(fmt.IDS),
         target_logprob=values(fmt.TARGET_LOGPROB),
         mode_columns={name: values(name) for name, _ in fmt.SELECTIONS[selection_mode].columns},
+        checksum=int(batch.column(fmt.CHECKSUM)[row].as_py()) if fmt.CHECKSUM in names else None,
     )
+
+
+def _hasher():
+    try:
+        import xxhash
+    except ImportError as err:  # it comes with `datasets`; a trimmed environment may lack it
+        raise LongkdError(
+            "reading or writing format-2 caches needs the xxhash package (a dependency of datasets); "
+            "pip install xxhash"
+        ) from err
+    return xxhash.xxh3_64()
+
+
+@functools.cache
+def _hashed_lists(selection_mode: str) -> tuple[str, ...]:
+    """The list columns a checksum covers, in schema order (all after window_id and length)."""
+    return tuple(fmt.shard_schema(selection_mode, version=1).names[2:])
+
+
+def window_checksum(columns: WindowColumns, selection_mode: str) -> int:
+    """The format-2 ``checksum`` of one window: XXH3-64 (seed 0) over its other columns.
+
+    The hashed bytes are every column of the shard schema except ``checksum``, in schema
+    order: ``window_id`` as int64 and ``length`` as int32; each list column as its element
+    count (uint64) followed by its elements in their stored type; all little-endian
+    (docs/format.md "Checksum").
+
+    Args:
+        columns: the window, from :func:`read_columns` (or built by the writer).
+        selection_mode: the cache's selection mode (which columns follow ``ids``).
+
+    Returns:
+        The checksum, an unsigned 64-bit integer.
+    """
+    digest = _hasher()
+    digest.update(struct.pack("<qi", columns.window_id, columns.length))
+    for name in _hashed_lists(selection_mode):
+        values = np.ascontiguousarray(columns.values(name))
+        if not _LITTLE_ENDIAN:
+            values = values.astype(values.dtype.newbyteorder("<"))
+        digest.update(struct.pack("<Q", values.shape[0]))
+        digest.update(values)
+    return digest.intdigest()
 
 
 def dense_rows(
@@ -239,7 +385,8 @@ def window_record_batch(window, rows, selection_mode: str, logprob_dtype: str = 
         logprob_dtype: the cache's log-prob encoding.
 
     Returns:
-        The record batch, of schema ``format.shard_schema(selection_mode, logprob_dtype)``.
+        The record batch, of schema ``format.shard_schema(selection_mode, logprob_dtype)``; its
+        ``checksum`` is :func:`window_checksum` of the other columns.
 
     Raises:
         LongkdError: an unknown selection mode or log-prob encoding.
@@ -265,6 +412,10 @@ def window_record_batch(window, rows, selection_mode: str, logprob_dtype: str = 
     selection = selection_rows(selection_mode)
     columns.update(selection.encode(window.window_id, w, rows, fmt.LOGPROB_ENCODINGS[logprob_dtype]))
     columns[fmt.TARGET_LOGPROB] = _list_array(target, pa.float32())
+    values = [name for name in schema.names if name != fmt.CHECKSUM]
+    unsigned = pa.RecordBatch.from_arrays([columns[name] for name in values], names=values)
+    checksum = window_checksum(read_columns(unsigned, 0, selection_mode), selection_mode)
+    columns[fmt.CHECKSUM] = pa.array([checksum], type=pa.uint64())
     return pa.RecordBatch.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 
@@ -294,14 +445,29 @@ class SelectionRows:
         """
         raise NotImplementedError
 
+    def check_shape(self, columns: WindowColumns, *, w: int, size: int) -> None:
+        """The mode's cheap rules, O(row), applied on every read: each column has the length
+        the window implies and offsets are monotone, so the dense view is safe to build.
+
+        Args:
+            columns: the window, from :func:`read_columns`.
+            w: W.
+            size: the manifest's selection size (K or N).
+
+        Raises:
+            BadShard: naming the first broken rule.
+        """
+        raise NotImplementedError
+
     def check(
         self, columns: WindowColumns, *, w: int, size: int, vocab: int, logprobs: fmt.LogprobEncoding
     ) -> None:
-        """Check the format's invariants of the mode's stored rows.
+        """Check the rest of the format's invariants of the mode's stored rows (``longkd cache
+        verify``).
 
         Args:
-            columns: the window, from :func:`read_columns`; its ``ids`` already checked to lie
-                in ``[0, vocab)``.
+            columns: the window, from :func:`read_columns`; already through
+                :meth:`check_shape`, its ``ids`` checked to lie in ``[0, vocab)``.
             w: W.
             size: the manifest's selection size (K or N).
             vocab: V, the teacher's embedding size.
@@ -336,14 +502,17 @@ class TopKRows(SelectionRows):
             fmt.LOGPROBS: _list_array(values.astype(value_type.to_pandas_dtype(), copy=False), value_type),
         }
 
+    def check_shape(self, columns: WindowColumns, *, w: int, size: int) -> None:
+        ids, values = columns.ids, columns.mode_columns[fmt.LOGPROBS]
+        if ids.shape[0] != w * size or values.shape[0] != w * size:
+            raise BadShard(
+                f"ids/logprobs have {ids.shape[0]}/{values.shape[0]} entries, expected W*K={w * size}"
+            )
+
     def check(
         self, columns: WindowColumns, *, w: int, size: int, vocab: int, logprobs: fmt.LogprobEncoding
     ) -> None:
         k, ids, values = size, columns.ids, columns.mode_columns[fmt.LOGPROBS]
-        if ids.shape[0] != w * k or values.shape[0] != w * k:
-            raise BadShard(
-                f"ids/logprobs have {ids.shape[0]}/{values.shape[0]} entries, expected W*K={w * k}"
-            )
         lp = values.astype(np.float32).reshape(w, k)
         if not np.all(np.isfinite(lp)):
             raise BadShard("logprobs not finite")
@@ -386,17 +555,24 @@ class SampledRows(SelectionRows):
             fmt.ROW_SPLITS: _list_array(splits, pa.int32()),
         }
 
-    def check(
-        self, columns: WindowColumns, *, w: int, size: int, vocab: int, logprobs: fmt.LogprobEncoding
-    ) -> None:
-        draws, ids = size, columns.ids
+    def check_shape(self, columns: WindowColumns, *, w: int, size: int) -> None:
+        ids = columns.ids
         counts, splits = columns.mode_columns[fmt.COUNTS], columns.mode_columns[fmt.ROW_SPLITS]
         if splits.shape[0] != w + 1:
             raise BadShard(f"row_splits has {splits.shape[0]} entries, expected W+1={w + 1}")
         if counts.shape[0] != ids.shape[0]:
             raise BadShard(f"counts has {counts.shape[0]} entries, ids {ids.shape[0]}")
-        if splits[0] != 0 or np.any(np.diff(splits) < 0) or splits[-1] != ids.shape[0]:
+        per_row = np.diff(splits)
+        if splits[0] != 0 or np.any(per_row < 0) or splits[-1] != ids.shape[0]:
             raise BadShard("row_splits must start at 0, not decrease and end at len(ids)")
+        if per_row.size and per_row.max() > size:
+            raise BadShard(f"a row holds {int(per_row.max())} ids, more than the {size} draws")
+
+    def check(
+        self, columns: WindowColumns, *, w: int, size: int, vocab: int, logprobs: fmt.LogprobEncoding
+    ) -> None:
+        draws, ids = size, columns.ids
+        counts, splits = columns.mode_columns[fmt.COUNTS], columns.mode_columns[fmt.ROW_SPLITS]
         if np.any(counts == 0):
             raise BadShard("a stored count is 0")
         cum = np.concatenate([[0], np.cumsum(counts.astype(np.int64))])
@@ -423,3 +599,74 @@ def selection_rows(mode: str) -> SelectionRows:
         LongkdError: an unknown selection mode.
     """
     return _SELECTION_ROWS[fmt.selection_format(mode).mode]
+
+
+# ----------------------------------------------------------------------------- row rules
+
+
+class RowRules:
+    """The per-row rules of docs/format.md for one cache.
+
+    :meth:`check_read` is what every read applies (O(row), cheap next to decoding): the
+    checksum of a format-2 row, then the lengths, the length field, monotone segment starts
+    and offsets, and ids (``ids`` and ``input_ids``) inside the vocabulary. :meth:`check_all`
+    adds the rest (``longkd cache verify``): target log-probs, and each mode's value rules.
+
+    Args:
+        window: W.
+        vocab: V, the teacher's embedding size.
+        selection: the manifest's ``selection``.
+        logprob_dtype: the manifest's ``encoding.logprobs``.
+        version: the cache's format version (2: rows carry a checksum).
+    """
+
+    def __init__(self, *, window: int, vocab: int, selection: dict, logprob_dtype: str, version: int):
+        self.w, self.vocab, self.version = int(window), int(vocab), int(version)
+        self.mode = selection["mode"]
+        self.rows = selection_rows(self.mode)
+        self.size = int(selection[self.rows.format.size_key])
+        self.logprobs = fmt.logprob_encoding(logprob_dtype)
+
+    @classmethod
+    def of(cls, manifest: dict) -> RowRules:
+        """The rules of the cache a validated manifest describes."""
+        return cls(
+            window=manifest["window"],
+            vocab=manifest["vocab"]["embedding_size"],
+            selection=manifest["selection"],
+            logprob_dtype=manifest["encoding"].get("logprobs", "float32"),
+            version=manifest["format_version"],
+        )
+
+    def check_read(self, columns: WindowColumns) -> None:
+        """The rules every read applies. Raises BadShard naming the first broken one."""
+        if self.version >= 2 and columns.checksum != window_checksum(columns, self.mode):
+            raise BadShard("checksum mismatch (its bytes changed after it was written)")
+        w, length = self.w, columns.length
+        if not 1 <= length <= w:
+            raise BadShard(f"length {length} outside [1, {w}]")
+        for name in (fmt.INPUT_IDS, fmt.TARGET_LOGPROB):
+            if columns.values(name).shape[0] != w:
+                raise BadShard(f"{name} has {columns.values(name).shape[0]} entries, expected W={w}")
+        starts = columns.segment_starts
+        if starts.shape[0] < 1 or starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= length:
+            raise BadShard(
+                f"segment_starts {starts[:8].tolist()}... must start at 0, increase and stay below length"
+            )
+        for name in (fmt.INPUT_IDS, fmt.IDS):
+            ids = columns.values(name)  # int32; as uint32 a negative id is >= 2^31 > vocab
+            if ids.size and ids.view(np.uint32).max() >= self.vocab:
+                raise BadShard(f"{name} outside [0, {self.vocab}) (embedding size)")
+        self.rows.check_shape(columns, w=w, size=self.size)
+
+    def check_all(self, columns: WindowColumns) -> int:
+        """Every rule of the format; returns the window's real token count. Raises BadShard."""
+        self.check_read(columns)
+        length, target = columns.length, columns.target_logprob
+        real = target[: length - 1]
+        if not np.all(np.isfinite(real)) or np.any(real > fmt.LOGPROB_MAX):
+            raise BadShard("target_logprob not finite and <= 0 on real rows")
+        if not np.all(np.isnan(target[length - 1 :])):
+            raise BadShard("target_logprob must be NaN from row length-1 on")
+        self.rows.check(columns, w=self.w, size=self.size, vocab=self.vocab, logprobs=self.logprobs)
+        return int(length)

@@ -232,7 +232,9 @@ class _Pool:
 
         self.uris = uris
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
-        self.readers = [CacheReader(u) for u in uris]
+        # Training reads every window: a format-1 cache (no per-window checksum) has each
+        # shard checked against its sha256 when first opened.
+        self.readers = [CacheReader(u, full_pass=True) for u in uris]
         self.offsets = np.cumsum([0] + [r.num_windows for r in self.readers]).astype(np.int64)
         self.size = int(self.offsets[-1])
         # (first pool index, rows) per shard, over all caches in order
@@ -301,6 +303,15 @@ def collate(windows, pool_indices) -> WindowBatch:
     )
 
 
+@dataclass
+class _ReadFailure:
+    """A worker's :class:`LongkdError`, handed to the consumer as an item: re-raised there as
+    the same one line (an exception raised inside a DataLoader worker would come back wrapped
+    in the worker's traceback)."""
+
+    message: str
+
+
 class _Batches(IterableDataset):
     """Batches b = 0, 1, ... from flat offset ``start``; worker w of n builds b % n == w.
 
@@ -308,6 +319,7 @@ class _Batches(IterableDataset):
     windows at offsets ``[b*B + r*B/world, b*B + (r+1)*B/world)``.
 
     Readers are opened inside ``__iter__``, so every worker process has its own file handles.
+    A damaged window ends the iteration with a :class:`_ReadFailure`.
     """
 
     def __init__(self, uris, seed, shuffle, shuffle_buffer, batch_size, start, rank=0, world=1):
@@ -318,10 +330,13 @@ class _Batches(IterableDataset):
     def __iter__(self) -> Iterator[WindowBatch]:
         info = get_worker_info()
         wid, n = (0, 1) if info is None else (info.id, info.num_workers)
-        pool = _Pool(*self.args)
         local = self.batch_size // self.world
-        for b in itertools.count(wid, n):
-            yield pool.batch(self.start + b * self.batch_size + self.rank * local, local)
+        try:
+            pool = _Pool(*self.args)
+            for b in itertools.count(wid, n):
+                yield pool.batch(self.start + b * self.batch_size + self.rank * local, local)
+        except LongkdError as err:
+            yield _ReadFailure(str(err))
 
 
 class WindowStream:
@@ -472,6 +487,11 @@ class WindowStream:
         self._flat = epoch * self.windows_per_epoch + position
 
     def __iter__(self) -> Iterator[WindowBatch]:
+        """Batches from the resume point on, endlessly.
+
+        Raises:
+            LongkdError: a damaged window or shard (one line naming it, also from a worker).
+        """
         dataset = _Batches(
             self.uris, self.seed, self.shuffle, self.shuffle_buffer, self.batch_size, start=self._flat,
             rank=self.rank, world=self.world,
@@ -484,6 +504,8 @@ class WindowStream:
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
         )
         for batch in loader:
+            if isinstance(batch, _ReadFailure):
+                raise LongkdError(batch.message)
             # counted when handed over, so a checkpoint taken after training on it resumes after it
             self._flat += self.batch_size
             yield batch

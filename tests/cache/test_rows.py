@@ -28,7 +28,8 @@ def test_every_selection_mode_has_rows():
     for mode, selection in fmt.SELECTIONS.items():
         assert selection_rows(mode).format is selection
         own = [f.name for f in selection.fields(fmt.LOGPROB_ENCODINGS["float32"])]
-        assert fmt.shard_schema(mode).names[5:-1] == own
+        assert fmt.shard_schema(mode).names[5:-2] == own
+        assert fmt.shard_schema(mode, version=1).names[5:-1] == own
     with pytest.raises(LongkdError, match="unknown selection mode 'beam'"):
         selection_rows("beam")
 
@@ -117,13 +118,23 @@ def test_shard_file_locates_rows_of_any_batching(tmp_path):
 def test_unreadable_shard_and_foreign_schema(tmp_path):
     (tmp_path / "junk.arrow").write_bytes(b"not arrow at all")
     location = Location(tmp_path)
-    with pytest.raises(UnreadableShard, match="cannot read shard junk.arrow of .*run `longkd cache verify`"):
+    with pytest.raises(UnreadableShard, match="shard junk.arrow of .* is unreadable: .*longkd cache verify"):
         ShardFile(location, "junk.arrow")
     rng = np.random.default_rng()
     window = make_window(rng, 0, 8, 20)
     batch = window_record_batch(window, make_topk_rows(rng, window, 20, 2), "topk", "float16")
-    check_schema(batch.schema, "topk", "float16")
-    with pytest.raises(BadShard, match="schema differs from format v1 topk/float32"):
-        check_schema(batch.schema, "topk", "float32")
-    with pytest.raises(BadShard, match="schema differs from format v1 sampled/float16"):
-        check_schema(batch.schema, "sampled", "float16")
+    check_schema(batch.schema, fmt.shard_schema("topk", "float16"))
+    for other, needle in (
+        (fmt.shard_schema("topk", "float32"),
+         "column 5: expected logprobs: list<item: float>, found logprobs: list<item: halffloat> (8 columns"),
+        (fmt.shard_schema("sampled", "float16"),
+         "column 5: expected counts: list<item: uint16>, found logprobs"),
+        (fmt.shard_schema("topk", "float16", version=1),
+         "column 7: expected nothing, found checksum: uint64"),
+    ):  # fmt: skip
+        with pytest.raises(BadShard, match="schema differs from the cache's at ") as info:
+            check_schema(batch.schema, other)
+        assert needle in str(info.value) and "\n" not in str(info.value)
+    _write_shard(tmp_path / "v2.arrow", [batch])
+    with pytest.raises(UnreadableShard, match="v2.arrow of .* is unreadable: schema differs"):
+        ShardFile(location, "v2.arrow", schema=fmt.shard_schema("topk", "float16", version=1))
