@@ -11,7 +11,8 @@ by ``longkd.kernels.sparse_kl.sparse_kl(impl="cupy")``). ``loss_and_grad_chunk``
 per-chunk loss of the fused-linear path.
 
 Launches go on torch's current stream and work on torch tensors by ``data_ptr`` (no copies,
-no host sync). Nothing here has run on a GPU yet; see docs/kernels.md.
+no host sync). Nothing here has run on a GPU yet; in tests the same code runs the kernel on
+the CPU through kernels/host/ (``use_host_execution``). See docs/kernels.md.
 
     python -c "from longkd.kernels import cupy_kl as k; print(k.is_available(), k.unavailable_reason())"
 """
@@ -37,10 +38,47 @@ MAX_K = 48 * 1024 // 4
 _state: dict = {}
 
 
-def _cupy():
-    import cupy  # noqa: PLC0415 - optional dependency, imported only when used
+class CudaRuntime:
+    """What the launches take from CuPy and torch.cuda. ``set_runtime`` swaps it: in tests,
+    kernels/host/cupy_host.py puts a CPU stand-in with the same surface in its place."""
 
-    return cupy
+    device_type = "cuda"
+    device_name = "CUDA"
+
+    def cupy(self):
+        import cupy  # noqa: PLC0415 - optional dependency, imported only when used
+
+        return cupy
+
+    def check_device(self) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA device")
+
+    def current_device(self):
+        return torch.cuda.current_device()
+
+    def stream(self, device: torch.device) -> int:
+        return torch.cuda.current_stream(device).cuda_stream
+
+
+_runtime = CudaRuntime()
+
+
+def set_runtime(runtime) -> CudaRuntime:
+    """Launch through ``runtime`` from now on; forgets compiled modules.
+
+    Returns:
+        The runtime in use before.
+    """
+    global _runtime
+    previous, _runtime = _runtime, runtime
+    _module.cache_clear()
+    _state.clear()
+    return previous
+
+
+def _cupy():
+    return _runtime.cupy()
 
 
 @functools.cache
@@ -64,9 +102,8 @@ def is_available() -> bool:
     if "available" not in _state:
         try:
             _cupy()
-            if not torch.cuda.is_available():
-                raise RuntimeError("torch sees no CUDA device")
-            _function(torch.cuda.current_device(), "fwd", torch.float32)
+            _runtime.check_device()
+            _function(_runtime.current_device(), "fwd", torch.float32)
             _state["available"], _state["reason"] = True, ""
         except Exception as exc:  # any failure means "use the reference", with the reason kept
             _state["available"], _state["reason"] = False, f"{type(exc).__name__}: {exc}"
@@ -91,12 +128,18 @@ def warmup(dtypes=(torch.float32, torch.bfloat16, torch.float16), device=None) -
     """
     if not is_available():
         raise LongkdError(f"CuPy sparse-KL kernel unavailable ({unavailable_reason()}); use impl='reference'")
-    index = torch.device(device).index if device is not None else torch.cuda.current_device()
+    index = torch.device(device).index if device is not None else _runtime.current_device()
     for dtype in dtypes:
         if dtype not in _SUFFIX:
             raise LongkdError(f"warmup: unsupported dtype {dtype}; use float32, bfloat16 or float16")
         for kind in ("fwd", "bwd"):
             _function(index, kind, dtype)
+
+
+def runs_on(logits: torch.Tensor) -> bool:
+    """Whether ``logits`` are on the kind of device the kernel launches on (CUDA, or the CPU
+    under host execution)."""
+    return logits.device.type == _runtime.device_type
 
 
 def _threads(V: int) -> int:
@@ -132,8 +175,10 @@ def check_inputs(logits, ids, target_logprobs, mask, mode, temperature, reductio
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.device != logits.device or t.device.type != "cuda":
-            raise LongkdError(f"sparse_kl: {name} must be on the logits' CUDA device, found {t.device}")
+        if t.device != logits.device or t.device.type != _runtime.device_type:
+            raise LongkdError(
+                f"sparse_kl: {name} must be on the logits' {_runtime.device_name} device, found {t.device}"
+            )
         if not t.is_contiguous():
             raise LongkdError(f"sparse_kl: {name} must be contiguous; call .contiguous() first")
 
@@ -249,7 +294,7 @@ def _launch(fn, logits, N, V, K, args):
     if V >= 2**31:
         raise LongkdError(f"sparse_kl: V={V} does not fit the kernel's 32-bit column index")
     cupy = _cupy()
-    stream = torch.cuda.current_stream(logits.device).cuda_stream
+    stream = _runtime.stream(logits.device)
     with cupy.cuda.Device(logits.device.index), cupy.cuda.ExternalStream(stream):
         fn((N,), (_threads(V),), args, shared_mem=4 * K)
 

@@ -35,10 +35,8 @@ def _cupy_module():
 
 def _cupy_ready(logits: torch.Tensor, k: int | None = None):
     """The cupy_kl module if it can run on these logits (and K entries per row), else None."""
-    if not logits.is_cuda or logits.dtype == torch.float64:
-        return None
     mod = _cupy_module()
-    if mod is None or not mod.is_available():
+    if mod is None or not mod.runs_on(logits) or logits.dtype == torch.float64 or not mod.is_available():
         return None
     if k is not None and k > getattr(mod, "MAX_K", k):
         return None  # the kernel keeps K values in shared memory; larger K runs the reference
@@ -66,8 +64,9 @@ def resolve_impl(impl: str, logits: torch.Tensor, k: int | None = None) -> str:
     ready = _cupy_ready(logits, None if impl == "cupy" else k) is not None
     if impl == "cupy" and not ready:
         mod = _cupy_module()
-        why = mod.unavailable_reason() if (mod is not None and logits.is_cuda) else ""
-        where = "" if logits.is_cuda else f" (logits are on {logits.device})"
+        on_device = mod is not None and mod.runs_on(logits)
+        why = mod.unavailable_reason() if on_device else ""
+        where = "" if on_device else f" (logits are on {logits.device})"
         raise LongkdError(CUPY_MISSING + where + (f" ({why})" if why else ""))
     return "cupy" if ready else "reference"
 
