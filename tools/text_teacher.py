@@ -14,8 +14,9 @@ accepts it) beside ``metrics.json``: held-out loss and the mean entropy of its n
 distributions on held-out windows. It is cached under a hash of its settings, and a run that
 is interrupted resumes from its last checkpoint. It is for benchmarks, not for CI:
 
-    python -m longkd.tools.text_teacher --out ~/.cache/longkd/text-teacher      # ~20 min, 2 cores
+    python -m longkd.tools.text_teacher --out ~/.cache/longkd/text-teacher      # ~25-45 min on 2 busy cores
     python -m longkd.tools.text_teacher --out DIR --steps 20 --vocab-size 500 --max-files 8
+    python -m longkd.tools.text_teacher --out DIR --device cuda --steps 20000 --batch 16   # longer, on a GPU
 
     from longkd.tools.text_teacher import TextTeacherSpec, get_or_train
     teacher_dir = get_or_train(TextTeacherSpec(), "~/.cache/longkd/text-teacher")
@@ -229,7 +230,7 @@ def evaluate(model, windows: torch.Tensor, chunk: int = 4) -> dict:
     model.eval()
     losses, entropies, top1 = [], [], []
     for i in range(0, len(windows), chunk):
-        ids = windows[i : i + chunk]
+        ids = windows[i : i + chunk].to(next(model.parameters()).device)
         logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)  # [b, T-1, V]
         losses.append(-logp.gather(-1, ids[:, 1:, None]).squeeze(-1).flatten())
         entropies.append(-(logp.exp() * logp).sum(-1).flatten())
@@ -247,7 +248,9 @@ def evaluate(model, windows: torch.Tensor, chunk: int = 4) -> dict:
 # ----------------------------------------------------------------------------- training
 
 
-def train(spec: TextTeacherSpec, out_dir: str | Path, progress: bool = True, threads: int = 1) -> dict:
+def train(
+    spec: TextTeacherSpec, out_dir: str | Path, progress: bool = True, threads: int = 1, device: str = "cpu"
+) -> dict:
     """Train the teacher of ``spec`` in ``out_dir`` and save it there.
 
     A checkpoint (``train-state.pt``: model, optimizer, step, elapsed time) is written to
@@ -259,6 +262,7 @@ def train(spec: TextTeacherSpec, out_dir: str | Path, progress: bool = True, thr
         out_dir: the Hugging Face model directory to fill.
         progress: show a tqdm bar with the loss.
         threads: torch threads.
+        device: torch device to train on (the saved model is the same either way).
 
     Returns:
         The metrics also written to ``out_dir/metrics.json`` (see :func:`evaluate`, plus
@@ -289,7 +293,7 @@ def train(spec: TextTeacherSpec, out_dir: str | Path, progress: bool = True, thr
         )
     held = heldout_windows(held_stream, spec)
 
-    model = build_model(spec)
+    model = build_model(spec).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -300,7 +304,7 @@ def train(spec: TextTeacherSpec, out_dir: str | Path, progress: bool = True, thr
     step, elapsed, losses = 0, 0.0, []
     state_path = out / STATE_NAME
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
@@ -310,7 +314,7 @@ def train(spec: TextTeacherSpec, out_dir: str | Path, progress: bool = True, thr
     while step < spec.steps:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
-        ids = _batch(train_stream, spec, step)
+        ids = _batch(train_stream, spec, step).to(device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -338,6 +342,7 @@ def train(spec: TextTeacherSpec, out_dir: str | Path, progress: bool = True, thr
         "train_seconds": round(train_seconds, 1),
         "train_tokens": step * spec.batch * spec.context,
         "threads": threads,
+        "device": device,
         "corpus": {
             "train_files": len(train_files),
             "heldout_files": len(held_files),
@@ -351,7 +356,7 @@ def train(spec: TextTeacherSpec, out_dir: str | Path, progress: bool = True, thr
         "spec": dataclasses.asdict(spec),
         "python": sysconfig.get_python_version(),
     }
-    model.save_pretrained(out)
+    model.cpu().save_pretrained(out)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     state_path.unlink(missing_ok=True)
     return metrics
@@ -363,7 +368,11 @@ def cached_dir(spec: TextTeacherSpec, cache_dir: str | Path) -> Path:
 
 
 def get_or_train(
-    spec: TextTeacherSpec, cache_dir: str | Path, progress: bool = True, threads: int = 1
+    spec: TextTeacherSpec,
+    cache_dir: str | Path,
+    progress: bool = True,
+    threads: int = 1,
+    device: str = "cpu",
 ) -> Path:
     """The teacher directory of ``spec`` under ``cache_dir``, training it first if absent.
 
@@ -378,7 +387,7 @@ def get_or_train(
     if (final / "metrics.json").is_file():
         return final
     partial = final.with_name(final.name + ".partial")
-    train(spec, partial, progress, threads)
+    train(spec, partial, progress, threads, device)
     with atomic_dir(final) as tmp:
         tmp.rmdir()
         partial.rename(tmp)
@@ -409,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads (default 1: faster than 2 on a busy 2-core machine)",
     )
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in dataclasses.fields(TextTeacherSpec):
         p.add_argument(
@@ -419,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     args = p.parse_args(argv)
     spec = TextTeacherSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TextTeacherSpec)})
-    path = get_or_train(spec, args.out, progress=not args.no_progress, threads=args.threads)
+    path = get_or_train(
+        spec, args.out, progress=not args.no_progress, threads=args.threads, device=args.device
+    )
     metrics = load_metrics(path)
     print(path)
     print(
