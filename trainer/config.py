@@ -262,6 +262,9 @@ def _check_student(s: StudentConfig, where: str) -> None:
         seed = s.init.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise LongkdError(f"{where}.init.seed: expected an integer, got {seed!r}")
+        from longkd.trainer.student_init import check_init_keys  # here: it imports this module
+
+        check_init_keys(arch, s.init, f"{where}.init")
     elif not s.init:
         raise LongkdError(f"{where}.init: give a model directory or a mapping with 'arch'")
     if s.loss.kd_weight == 0 and s.loss.ce_weight == 0:
