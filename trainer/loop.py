@@ -393,10 +393,10 @@ def _start_writing(run: Run) -> None:
         removed = ckpt.remove_temporaries(run.out, names)
         if run.step:
             ckpt.discard_after(run.out, names, run.step)
-            for s in run.students:
-                ckpt.truncate_metrics(s.out_dir / "metrics.jsonl", run.step)
         else:
             ckpt.discard_uncommitted(run.out, names)
+        for s in run.students:  # a fresh start after a kill before the first commit keeps no line
+            ckpt.truncate_metrics(s.out_dir / "metrics.jsonl", run.step)
         write_text_atomic(run.out / "config.json", json.dumps(to_dict(run.cfg), indent=2, default=str) + "\n")
     except OSError as err:
         raise LongkdError(
