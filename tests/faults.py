@@ -6,7 +6,8 @@ Every instant between two writes calls ``longkd.fileio.write_point(label, path)`
 :func:`kill_at` forks, runs the same command in the child with a hook that SIGKILLs the child
 at the chosen point, and waits. The kill is real (no ``finally`` block, no cleanup runs), it
 lands at exactly the chosen point rather than after a timed sleep, and the fork costs no
-interpreter start or import, so a suite can kill at every point of a run in seconds.
+interpreter start or import, so a suite can kill at every point of a run in seconds. The
+child computes with one torch thread (as the test suite does), so results compare bitwise.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ def kill_at(command: Callable[[], object], point: Point, root) -> None:
     if pid == 0:  # the child: never returns into the test runner
         code = 3
         try:
+            import torch
+
+            # OpenMP's worker threads are not copied by fork: a child asking for a team of
+            # threads would wait for them forever. One thread needs no team.
+            torch.set_num_threads(1)
             count = {"n": 0}
 
             def kill(label: str, path: str) -> None:

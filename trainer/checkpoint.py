@@ -277,13 +277,16 @@ def discard_after(out: Path, names: list[str], step: int) -> None:
     point every ``latest`` back at ``step``."""
     for later in run_state_steps(out):
         if later > step:
-            (out / "run_state" / f"{step_name(later)}{STATE_SUFFIX}").unlink(missing_ok=True)
+            path = out / "run_state" / f"{step_name(later)}{STATE_SUFFIX}"
+            path.unlink(missing_ok=True)
+            write_point("removed", path)
     write_text_atomic(out / "run_state" / LATEST, step_name(step) + "\n")
     for name in names:
         root = out / name / "checkpoints"
         for later in checkpoint_steps(root):
             if later > step:
                 shutil.rmtree(root / step_name(later), ignore_errors=True)
+                write_point("removed", root / step_name(later))
         write_text_atomic(root / LATEST, step_name(step) + "\n")
 
 
@@ -294,6 +297,7 @@ def discard_uncommitted(out: Path, names: list[str]) -> None:
         root = out / name / "checkpoints"
         for step in checkpoint_steps(root):
             shutil.rmtree(root / step_name(step), ignore_errors=True)
+            write_point("removed", root / step_name(step))
         (root / LATEST).unlink(missing_ok=True)
 
 

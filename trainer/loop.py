@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # what is trained: the device, the process layout and the loss kernel may change the
 # rounding, nothing else.
 RESUME_MAY_CHANGE = (
-    "out", "device", "distributed", "log_every", "checkpoint_every", "keep_checkpoints",
+    "device", "distributed", "log_every", "checkpoint_every", "keep_checkpoints",
     "loader.num_workers", "loader.pin_memory", "loader.prefetch_factor",
     "students.*.tokenizer", "students.*.compile", "students.*.activation_checkpointing",
     "students.*.loss.impl", "students.*.loss.chunk_size",
@@ -162,9 +162,10 @@ def _refuse_existing_run(out: Path) -> None:
 
 
 def run_settings(cfg: RunConfig, readers) -> dict:
-    """What the run is, as flat dotted keys: every config setting (students by name), and the
-    caches by content (teacher weights, data fingerprint, window, selection, windows) rather
-    than by path, so a cache may move but not change.
+    """What the run is, as flat dotted keys: every config setting (students by name) but the
+    run directory, and the caches by content (teacher weights, data fingerprint, window,
+    selection, windows) rather than by path, so a run directory or a cache may move but a cache
+    may not change.
 
     Returns:
         ``{"steps": 20, "students.a.optimizer.lr": 0.003, "cache": [...], ...}`` (JSON values).
@@ -182,6 +183,7 @@ def run_settings(cfg: RunConfig, readers) -> dict:
     for student in data.pop("students"):
         walk(f"students.{student.pop('name')}", student)
     data.pop("cache")
+    data.pop("out")  # the run directory itself, which may be moved or copied
     walk("", data)
     flat["cache"] = [
         {
