@@ -81,8 +81,9 @@ class StudentConfig:
     """One student.
 
     ``init`` is a Hugging Face model directory (or hub name), or a mapping describing a fresh
-    model: ``{arch: llama|qwen2|gemma2|phi3, seed: 0, <any longkd/models.py tiny_config keyword>}``
-    (``vocab_size`` defaults to the cache's embedding size). ``schedule`` is a rope schedule
+    model: ``{arch: llama|qwen2|gemma2|phi3, seed: 0, <any longkd/models.py tiny_config keyword
+    or field of the architecture's transformers config>}`` (``vocab_size`` defaults to the
+    cache's embedding size; any other key is refused by name). ``schedule`` is a rope schedule
     (trainer/rope.py: a preset mapping or a list of phases); None trains on the full cache
     window with the student's own rope. ``seed`` seeds the student's private RNG (dropout);
     None uses the run's seed.
@@ -262,6 +263,9 @@ def _check_student(s: StudentConfig, where: str) -> None:
         seed = s.init.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise LongkdError(f"{where}.init.seed: expected an integer, got {seed!r}")
+        from longkd.trainer.student_init import check_init_keys  # here: it imports this module
+
+        check_init_keys(arch, s.init, f"{where}.init")
     elif not s.init:
         raise LongkdError(f"{where}.init: give a model directory or a mapping with 'arch'")
     if s.loss.kd_weight == 0 and s.loss.ce_weight == 0:
