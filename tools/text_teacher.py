@@ -304,7 +304,7 @@ def train(
     step, elapsed, losses = 0, 0.0, []
     state_path = out / STATE_NAME
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=False, map_location=device)
+        state = torch.load(state_path, weights_only=True, map_location=device)  # tensors and numbers only: no code runs
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
