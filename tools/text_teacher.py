@@ -304,7 +304,8 @@ def train(
     step, elapsed, losses = 0, 0.0, []
     state_path = out / STATE_NAME
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=True, map_location=device)  # tensors and numbers only: no code runs
+        # weights_only: tensors and plain numbers only, so a tampered file runs no code
+        state = torch.load(state_path, weights_only=True, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
