@@ -139,16 +139,17 @@ def test_claim_checks_match_numpy_on_random_evals():
     claims = {c["name"]: c for c in res["claims"]}
     assert set(claims) == {c[0] for c in demo_report.CLAIMS}
 
-    def mean(seed, name, start):
-        return np.mean([a for d, a in evals[seed][name]["toy"].items() if d > start])
+    def mean(seed, name, low, high=recipe.window):
+        return np.mean([a for d, a in evals[seed][name]["toy"].items() if low < d <= high])
 
-    S = recipe.short
+    S, W = recipe.short, recipe.window
     for seed in range(3):
         want = {
             "kd_beyond_S": mean(seed, "kd-phasewise", S),
             "kd_over_ce": mean(seed, "kd-phasewise", S) - mean(seed, "ce-phasewise", S),
             "phasewise_vs_static": mean(seed, "kd-phasewise", S) - mean(seed, "kd-static", S),
-            "kd_over_control": mean(seed, "kd-phasewise", 2 * S) - mean(seed, "kd-reset-control", 2 * S),
+            "kd_over_control": mean(seed, "kd-phasewise", 2 * S, W - S)
+            - mean(seed, "kd-reset-control", 2 * S, W - S),
         }
         for name, value in want.items():
             assert claims[name]["per_seed"][str(seed)] == pytest.approx(value), name
@@ -159,9 +160,9 @@ def test_claim_checks_match_numpy_on_random_evals():
 
 
 def test_a_failed_claim_stops_the_demo_unless_no_checks(tmp_path, capsys):
-    claim = dict(name="kd_over_ce", claim="KD beats cross-entropy", measures="a - b, distances > 64",
+    claim = dict(name="kd_over_ce", claim="KD beats cross-entropy", measures="a - b, distances 64 < d <= 256",
                  bound=0.25, per_seed={"0": 0.40, "1": 0.21}, ok=False)  # fmt: skip
-    with pytest.raises(LongkdError, match=r"KD beats cross-entropy \(a - b, distances > 64: 21.0 < 25\)"):
+    with pytest.raises(LongkdError, match=r"cross-entropy \(a - b, distances 64 < d <= 256: 21.0 < 25\)"):
         demo.check_claims({"claims": [claim]}, tmp_path)
     demo.check_claims({"claims": [claim]}, tmp_path, checks=False)
     assert "WARNING: the demo's claims failed" in capsys.readouterr().out
@@ -303,10 +304,11 @@ def test_quick_demo_end_to_end(tmp_path):
         for name in demo_report.ORDER
     }  # fmt: skip
     for name, claim, minuend, subtrahend, where, bound in demo_report.CLAIMS:
-        start = recipe.short if where == "beyond" else 2 * recipe.short
-        want = np.mean([a for d, a in scores[minuend].items() if d > start])
+        low, high = {"beyond": (recipe.short, recipe.window),
+                     "far": (2 * recipe.short, recipe.window - recipe.short)}[where]  # fmt: skip
+        want = np.mean([a for d, a in scores[minuend].items() if low < d <= high])
         if subtrahend:
-            want -= np.mean([a for d, a in scores[subtrahend].items() if d > start])
+            want -= np.mean([a for d, a in scores[subtrahend].items() if low < d <= high])
         got = next(c for c in results["claims"] if c["name"] == name)
         assert got["per_seed"]["0"] == pytest.approx(want) and want >= bound, (claim, want, bound)
     assert all(row[-1] == "ok" for row in _table(md, "## Claims").values())
