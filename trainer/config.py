@@ -50,6 +50,9 @@ class LossConfig:
 
     ``mode`` None picks ``sampled`` for a sampled cache and ``bucket`` for a top-k cache;
     ``temperature`` None uses the cache's temperature (the one its log-probs were taken at).
+    ``fused`` computes both terms through the LM head in token chunks, never building the
+    [N, V] logits (false: materialise them); ``chunk_size`` is the rows per chunk (None: as
+    many as keep a chunk within 2^25 logits, kernels/reference.py ``chunk_rows``).
     """
 
     mode: str | None = field(default=None, metadata=_choices(*LOSS_MODES))
@@ -58,7 +61,8 @@ class LossConfig:
     ce_weight: float = field(default=0.0, metadata={"min": 0.0})
     skip_first_tokens: int = field(default=0, metadata={"min": 0})
     impl: str = field(default="auto", metadata=_choices(*LOSS_IMPLS))
-    chunk_size: int = field(default=2048, metadata={"min": 1})
+    chunk_size: int | None = field(default=None, metadata={"min": 1})
+    fused: bool = True
 
 
 @dataclass
