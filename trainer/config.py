@@ -49,7 +49,10 @@ class LossConfig:
     """The per-student loss: ``kd_weight * sparse_kl + ce_weight * cross_entropy``.
 
     ``mode`` None picks ``sampled`` for a sampled cache and ``bucket`` for a top-k cache;
-    ``temperature`` None uses the cache's temperature (the one its log-probs were taken at).
+    ``temperature`` None uses the cache's temperature (the one its log-probs were taken at);
+    another one re-tempers the teacher's stored entries (modes renorm and sampled; bucket is
+    refused there, kernels/temperature.py). ``t2_scaling`` multiplies the KL by T^2, which
+    keeps its gradient comparable across temperatures (a no-op at T = 1; docs/loss.md).
     ``fused`` computes both terms through the LM head in token chunks, never building the
     [N, V] logits (false: materialise them); ``chunk_size`` is the rows per chunk (None: as
     many as keep a chunk within 2^25 logits, kernels/reference.py ``chunk_rows``).
@@ -57,6 +60,7 @@ class LossConfig:
 
     mode: str | None = field(default=None, metadata=_choices(*LOSS_MODES))
     temperature: float | None = field(default=None, metadata={"min_exclusive": 0.0})
+    t2_scaling: bool = True
     kd_weight: float = field(default=1.0, metadata={"min": 0.0})
     ce_weight: float = field(default=0.0, metadata={"min": 0.0})
     skip_first_tokens: int = field(default=0, metadata={"min": 0})

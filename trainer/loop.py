@@ -35,8 +35,10 @@ import torch
 from longkd.devices import resolve_device
 from longkd.errors import LongkdError, one_line
 from longkd.fileio import check_out_dir, write_text_atomic
+from longkd.kernels.temperature import Temperatures
 from longkd.trainer import checkpoint as ckpt
 from longkd.trainer.config import RunConfig, StudentConfig, to_dict
+from longkd.trainer.losses import temperatures_in_force
 from longkd.trainer.student_init import build_model, load_tokenizer
 from longkd.trainer.students import StepMetrics, Student, train_step
 
@@ -50,7 +52,7 @@ RESUME_MAY_CHANGE = (
     "device", "distributed", "log_every", "checkpoint_every", "keep_checkpoints",
     "loader.num_workers", "loader.pin_memory", "loader.prefetch_factor",
     "students.*.tokenizer", "students.*.compile", "students.*.activation_checkpointing",
-    "students.*.loss.impl", "students.*.loss.chunk_size",
+    "students.*.loss.impl", "students.*.loss.chunk_size", "students.*.loss.fused",
 )  # fmt: skip
 
 
@@ -288,7 +290,8 @@ def _make_student(
     except LongkdError as err:
         raise LongkdError(f"{where}.schedule: {err}") from err
     mode = _loss_mode(s, reader.selection, where)
-    temperature = s.loss.temperature if s.loss.temperature is not None else reader.temperature
+    temps = temperatures_in_force(s.loss, mode=mode, cache_temperature=reader.temperature, where=where)
+    temperature = temps.student
     student = Student(
         s,
         model=model,
@@ -508,6 +511,9 @@ def run_loop(run: Run, *, progress: bool | None = None, stop_after: int | None =
     if run.is_main:
         _start_writing(run)
         _open_writers(run)
+        for s in run.students:  # the temperatures in force, one line per student
+            temps = Temperatures(run.stream.temperature, run.temperatures[s.name], s.cfg.loss.t2_scaling)
+            print(f"{s.name}: {temps.describe()}", flush=True)
     end = run.total_steps if stop_after is None else min(stop_after, run.total_steps)
     start_tokens = {s.name: s.tokens for s in run.students}
     start_time = time.perf_counter()
@@ -538,6 +544,7 @@ def run_loop(run: Run, *, progress: bool | None = None, stop_after: int | None =
                     mode=run.modes[s.name],
                     temperature=run.temperatures[s.name],
                     amp=run.amp,
+                    cache_temperature=run.stream.temperature,
                 )
                 if run.is_main:
                     _log(run, s, m)
