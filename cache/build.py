@@ -10,7 +10,9 @@ dataset fingerprint (sha256 over token ids in packing order) is computed while s
 Resume: ``build.json`` records every setting that determines the cache's bytes plus the
 teacher's identity hashes. Rerunning on the same ``--out`` with the same settings keeps the
 shards the progress ledger lists (and whose sha256 still matches), deletes anything else in
-``shards/``, repacks deterministically, skips the windows already written without running
+``shards/`` and the temporary files a killed run left, repacks deterministically, checks
+that the data still packs exactly the windows already written (a dataset edited between the
+kill and the rerun is refused rather than mixed in), skips those windows without running
 the teacher, and continues; the finished cache is byte-identical to an uninterrupted one.
 
 Ranks (``torchrun ... -m longkd cache build``, see cache/distributed.py and
@@ -33,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from longkd.cache import format as fmt
 from longkd.cache.build_settings import DEFAULT_TOP_K, BuildSettings
@@ -46,11 +49,12 @@ from longkd.cache.manifest import (
     recover_shards,
     write_manifest,
 )
-from longkd.cache.storage import Location
+from longkd.cache.storage import Location, os_reason
 from longkd.cache.writer import ShardWriter
 from longkd.devices import resolve_device
 from longkd.distributed import Group, env_world
 from longkd.errors import LongkdError
+from longkd.fileio import check_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +161,7 @@ def _build(settings: BuildSettings, group: Group, device: str, progress: bool | 
         seed=settings.seed,
     )
     tokenizer_info = dict(teacher.tokenizer_info())
+    existed = location.exists()
     kept = _start_or_resume(settings, group, location, stored, teacher, tokenizer_info)
     done = sum(info.rows for info in kept)
     if kept:
@@ -166,6 +171,7 @@ def _build(settings: BuildSettings, group: Group, device: str, progress: bool | 
     samples = _Fingerprint(source)
     windows = packer.pack(samples)
     mine = (w for w in _limit(windows, settings.max_windows) if w.window_id % settings.world == settings.rank)
+    mine = _recheck_consumed(mine, location, kept, settings.data)
     run = _TeacherRun(settings, teacher)
     writer = ShardWriter(
         location,
@@ -179,12 +185,17 @@ def _build(settings: BuildSettings, group: Group, device: str, progress: bool | 
     )
     bar = _progress_bar(settings, progress)
     started = time.perf_counter()
-    shards = run.write_windows(mine, done, writer, bar)
-    if packer.stats.windows == 0:
-        raise LongkdError(
-            f"no window was packed from {settings.data}: the samples hold fewer than --window "
-            f"{settings.window} tokens (use a smaller --window or --tail pad)"
-        )
+    try:
+        shards = run.write_windows(mine, done, writer, bar)
+        if packer.stats.windows == 0:
+            raise LongkdError(
+                f"no window was packed from {settings.data}: the samples hold fewer than --window "
+                f"{settings.window} tokens (use a smaller --window or --tail pad)"
+            )
+    except LongkdError:
+        if stored is None and settings.world == 1 and not writer.completed:
+            _remove_new_out(location, existed)  # bad input found before a single shard: leave nothing
+        raise
     dataset = dict(source.describe())
     dataset.update(fingerprint=samples.digest.hexdigest(), samples=samples.count)
     manifest = _merged_manifest(settings, group, location, teacher, tokenizer_info, packer, dataset, shards)
@@ -274,8 +285,14 @@ def _start_or_resume(
         return recover_shards(location, settings.rank)
 
     def start() -> None:
-        location.makedirs()
-        location.write_text_atomic(fmt.BUILD_NAME, json.dumps(record, indent=2) + "\n")
+        try:
+            location.makedirs()
+            location.write_text_atomic(fmt.BUILD_NAME, json.dumps(record, indent=2) + "\n")
+        except (OSError, pa.ArrowException) as err:
+            raise LongkdError(
+                f"--out {location.uri}: cannot create the cache there ({os_reason(err)}); "
+                "choose a writable --out"
+            ) from err
 
     group.rank0(start)
     return []
@@ -430,9 +447,80 @@ def _merged_manifest(
 
 
 def _out_state(location: Location) -> tuple[dict | None, bool]:
-    """(build.json or None, whether manifest.json exists) of --out."""
+    """(build.json or None, whether manifest.json exists) of --out.
+
+    Raises:
+        LongkdError: --out is (below) a regular file, in a place that is not writable, or holds
+            something other than a longkd build.
+    """
+    if location.is_local:
+        check_out_dir(location.root, "--out")
     stored = out_dir_state(location)
     return stored, stored is not None and location.is_file(fmt.MANIFEST_NAME)
+
+
+def _remove_new_out(location: Location, existed: bool) -> None:
+    """Undo the start of a build that failed before completing a shard: build.json, the empty
+    shards/ and progress/ folders, and --out itself when this run created it."""
+    location.delete(fmt.BUILD_NAME)
+    for folder in (fmt.SHARDS_DIR, fmt.PROGRESS_DIR):
+        if location.is_dir(folder) and not location.listdir(folder):
+            location.fs.delete_dir(location.path(folder))
+    if not existed and not location.listdir():
+        location.fs.delete_dir(location.path())
+
+
+def _stored_windows(location: Location, shards: list[ShardInfo]) -> Iterator[tuple]:
+    """``(shard path, window_id, length, input_ids, segment_starts)`` of every row of
+    ``shards``, in order, reading only those four columns."""
+    for info in shards:
+        source = location.open_input(info.path)
+        schema = pa.ipc.open_file(source).schema
+        columns = [fmt.WINDOW_ID, fmt.LENGTH, fmt.INPUT_IDS, fmt.SEGMENT_STARTS]
+        options = pa.ipc.IpcReadOptions(included_fields=[schema.get_field_index(c) for c in columns])
+        reader = pa.ipc.open_file(source, options=options)
+        for b in range(reader.num_record_batches):
+            batch = reader.get_batch(b)
+            ids, lengths = batch.column(fmt.WINDOW_ID), batch.column(fmt.LENGTH)
+            inputs, starts = batch.column(fmt.INPUT_IDS), batch.column(fmt.SEGMENT_STARTS)
+            for r in range(batch.num_rows):
+                yield (
+                    info.path,
+                    int(ids[r].as_py()),
+                    int(lengths[r].as_py()),
+                    inputs[r].values.to_numpy(zero_copy_only=False),
+                    starts[r].values.to_numpy(zero_copy_only=False),
+                )
+
+
+def _recheck_consumed(windows: Iterable, location: Location, kept: list[ShardInfo], data: str) -> Iterator:
+    """Pass this rank's packed windows through, checking the first ones against those the kept
+    shards already hold, so a dataset that changed since the build started is refused before
+    the teacher runs on a single new window.
+
+    Raises:
+        LongkdError: a window packs other tokens than the stored one, or the data now packs
+            fewer windows than were written.
+    """
+    stored = _stored_windows(location, kept)
+    changed = (
+        f"--data {data} changed since this build started: restore the data the build started "
+        "with, or build into a new --out"
+    )
+    for window in windows:
+        expected = next(stored, None)
+        if expected is not None:
+            path, window_id, length, input_ids, segment_starts = expected
+            if not (
+                int(window.window_id) == window_id
+                and int(window.length) == length
+                and np.array_equal(np.asarray(window.input_ids), input_ids)
+                and np.array_equal(np.asarray(window.segment_starts), segment_starts)
+            ):
+                raise LongkdError(f"{changed} (window {window_id} of {path} now packs other tokens)")
+        yield window
+    if next(stored, None) is not None:
+        raise LongkdError(f"{changed} (it now packs fewer windows than the shards already hold)")
 
 
 def _limit(windows: Iterable, max_windows: int | None) -> Iterator:

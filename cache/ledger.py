@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 from longkd.cache import format as fmt
 from longkd.cache.storage import Location
+from longkd.fileio import is_temp_of
 
 
 @dataclass
@@ -36,6 +37,12 @@ def write_ledger(location: Location, rank: int, shards: list[ShardInfo]) -> None
     """Rewrite the rank's progress ledger atomically: one JSON line per completed shard."""
     text = "".join(json.dumps(s.to_dict(), sort_keys=True) + "\n" for s in shards)
     location.write_text_atomic(fmt.ledger_name(rank), text)
+
+
+def remove_ledger_temporaries(location: Location, rank: int) -> list[str]:
+    """Delete the temporary ledger files of ``rank`` that killed runs left; returns their names."""
+    own = fmt.ledger_name(rank).rsplit("/", 1)[-1]
+    return location.remove_temporaries(fmt.PROGRESS_DIR, lambda name: is_temp_of(name, own.__eq__))
 
 
 def read_ledger(location: Location, rank: int) -> list[ShardInfo]:

@@ -25,9 +25,10 @@ import pyarrow.fs as pafs
 from longkd import __version__
 from longkd.cache import format as fmt
 from longkd.cache import manifest_schema as schema
-from longkd.cache.ledger import ShardInfo, read_ledger, write_ledger
-from longkd.cache.storage import Location
+from longkd.cache.ledger import ShardInfo, read_ledger, remove_ledger_temporaries, write_ledger
+from longkd.cache.storage import Location, os_reason
 from longkd.errors import LongkdError, one_line
+from longkd.fileio import is_temp_of, write_point
 
 
 def build_manifest(
@@ -80,9 +81,21 @@ def build_manifest(
 
 
 def write_manifest(location: Location, manifest: dict) -> None:
-    """Validate and write ``manifest.json`` atomically (temporary file, fsync, rename)."""
+    """Validate and write ``manifest.json`` atomically (temporary file, fsync, rename).
+
+    Raises:
+        LongkdError: the write failed (disk full, permissions); no manifest and no temporary
+            file are left, and rerunning the same build finishes the cache from its shards.
+    """
     validate_manifest(manifest, location.uri)
-    location.write_text_atomic(fmt.MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    try:
+        location.write_text_atomic(fmt.MANIFEST_NAME, text)
+    except (OSError, pa.ArrowException) as err:
+        raise LongkdError(
+            f"writing {location.uri}/{fmt.MANIFEST_NAME} failed ({os_reason(err)}); the shards are kept: "
+            "free space (or fix permissions) and rerun the same command to finish the cache"
+        ) from err
 
 
 def check_shard_path(path, where: str) -> str:
@@ -276,8 +289,16 @@ def compare_build_record(location: Location, stored: dict, wanted: dict) -> None
             )
 
 
+def _is_root_temporary(name: str) -> bool:
+    """A temporary file of build.json or manifest.json that a killed run left in the cache root."""
+    return is_temp_of(name, {fmt.BUILD_NAME, fmt.MANIFEST_NAME}.__contains__)
+
+
 def out_dir_state(location: Location) -> dict | None:
     """build.json of an existing longkd build at ``location``, None when it is new/empty.
+
+    Temporary build.json / manifest.json files a killed run left are removed first, so a run
+    killed before its build.json was in place starts afresh rather than being refused.
 
     Raises:
         LongkdError: the directory exists, is not empty and is not a longkd build.
@@ -286,6 +307,7 @@ def out_dir_state(location: Location) -> dict | None:
         return None
     if not location.is_dir():
         raise LongkdError(f"--out {location.uri} exists and is not a directory; choose another --out")
+    location.remove_temporaries("", _is_root_temporary)
     if location.is_file(fmt.BUILD_NAME):
         try:
             return load_build_record(location)
@@ -304,8 +326,8 @@ def recover_shards(location: Location, rank: int) -> list[ShardInfo]:
 
     Keeps the longest prefix of the progress ledger whose files exist with the recorded size
     and sha256 under the expected names, deletes every other file of that rank in shards/
-    (temporary files, shards the ledger does not list; rank 0 also removes foreign files),
-    and rewrites the ledger to the kept prefix.
+    (temporary files, shards the ledger does not list; rank 0 also removes foreign files) and
+    the rank's temporary ledger files, and rewrites the ledger to the kept prefix.
 
     Returns:
         The kept shards, in order.
@@ -324,5 +346,7 @@ def recover_shards(location: Location, rank: int) -> list[ShardInfo]:
     for name in location.listdir(fmt.SHARDS_DIR):
         if name not in keep and (tag in name or rank == 0 and "shard-" not in name):
             location.delete(f"{fmt.SHARDS_DIR}/{name}")
+            write_point("removed", location.path(f"{fmt.SHARDS_DIR}/{name}"))
+    remove_ledger_temporaries(location, rank)
     write_ledger(location, rank, kept)
     return kept

@@ -15,14 +15,20 @@ q = softmax(z / T) and Q = sum_K q:
 
 so off K the gradient is q_j times the dense multiplier a = 1 - r / (1 - Q):
 
-    mode     code  r              c        a
-    bucket   0     max(1 - P, 0)  1        1 - r / (1 - Q)
-    renorm   1     0              1 / P    1
-    sampled  2     0              1 / P    1   (targets log(counts / draws) already sum to 1)
+    mode     code  r              c              a
+    bucket   0     max(1 - P, 0)  1 / max(P, 1)  1 - r / (1 - Q)
+    renorm   1     0              1 / P          1
+    sampled  2     0              1 / P          1   (targets log(counts / draws) already sum to 1)
+
+Bucket's c renormalises the rare rows whose stored probabilities sum above 1 (rounding of
+float16 storage, up to ~2e-3): such a row has no tail (r = 0), and with c = 1 the backward's
+q - p would not be the derivative of the loss computed, P q - p (docs/loss.md). c = 1 / P makes
+the row KL(p / P || q), whose derivative q - p / P the backward does use.
 
 A mode that renormalises over K (r = 0) has no target in a row with P = 0: such a row trains
-nothing (c = a = 0, loss 0). The kernel stores (lse, a, c) per row; the reference keeps the
-tail in log space (the exact complement logsumexp) and c as log c = -log P.
+nothing (c = a = 0, loss 0). The kernel stores (lse, a, c) per row; so does the reference,
+which keeps c in log space (log c = -log P, or -max(log P, 0) for bucket) and takes log(1 - Q)
+without cancellation (docs/loss.md, "The tail log").
 
     from longkd.kernels.loss_modes import MODES, loss_mode
     loss_mode("renorm").code  # 1, the ``mode`` argument of sparse_kl_fwd_*
@@ -54,7 +60,7 @@ class LossMode:
         name: the ``mode`` argument of the losses and the run config's ``loss.mode``.
         code: the integer ``mode`` argument of sparse_kl.cu's forward kernels.
         keeps_tail: the teacher's mass off K is a category of its own (r = max(1 - P, 0),
-            c = 1). When False the targets are renormalised over K (r = 0, c = 1 / P) and a
+            c = 1 / max(P, 1)). When False the targets are renormalised over K (r = 0, c = 1 / P) and a
             row with no target mass trains nothing.
         targets_sum_to_one: the targets are a full distribution over K (sampled counts);
             the reference warns when a row's do not sum to 1.
@@ -70,14 +76,14 @@ class LossMode:
         return (1 - P).clamp_min(0) if self.keeps_tail else P.new_zeros(P.shape)
 
     def target_scale(self, P: Tensor) -> Tensor:
-        """c, the scale on p over K, as the kernel computes it: 1, or 1 / P (0 where P = 0)."""
+        """c, the scale on p over K: 1 / max(P, 1) with a tail, else 1 / P (0 where P = 0)."""
         if self.keeps_tail:
-            return P.new_ones(P.shape)
+            return 1 / P.clamp_min(1)
         return (1 / P).where(P > 0, 0.0)
 
     def log_target_scale(self, log_P: Tensor) -> Tensor:
         """log c as the reference computes it, from log P (a logsumexp of t over K)."""
-        return log_P.new_zeros(log_P.shape) if self.keeps_tail else -log_P
+        return -log_P.clamp_min(0) if self.keeps_tail else -log_P
 
     def dense_multiplier(self, P: Tensor, Q: Tensor) -> Tensor:
         """a, the factor on q_j off K, as the kernel computes it from P and Q = sum_K q.

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from longkd.errors import LongkdError
-from longkd.kernels.reference import has_duplicate_ids, reference_on_validated
-from longkd.kernels.validation import validate_loss_args
+from longkd.kernels.reference import chunk_rows, has_duplicate_ids, reference_on_validated
+from longkd.kernels.validation import check_chunk_size, check_id_range, validate_loss_args
 
 IMPLS = ("auto", "reference", "cupy")
 CUPY_MISSING = "--loss-impl cupy needs a CUDA device and the `cupy` package (pip install longkd[gpu])"
@@ -35,15 +35,13 @@ def _cupy_module():
 
 
 def _cupy_ready(logits: torch.Tensor, k: int | None = None):
-    """The cupy_kl module if it can run on these logits (and K entries per row), else None."""
-    if not logits.is_cuda or logits.dtype == torch.float64:
-        return None
+    """The cupy_kl module if it can run on these logits (and K entries per row), else None.
+    Its first use for a device and dtype runs the kernel's self-check (a failure warns once
+    and leaves the reference in use)."""
     mod = _cupy_module()
-    if mod is None or not mod.is_available():
-        return None
-    if k is not None and k > getattr(mod, "MAX_K", k):
+    if mod is None or (k is not None and k > mod.MAX_K):
         return None  # the kernel keeps K values in shared memory; larger K runs the reference
-    return mod
+    return mod if mod.ready_for(logits) else None
 
 
 def resolve_impl(impl: str, logits: torch.Tensor, k: int | None = None) -> str:
@@ -67,8 +65,9 @@ def resolve_impl(impl: str, logits: torch.Tensor, k: int | None = None) -> str:
     ready = _cupy_ready(logits, None if impl == "cupy" else k) is not None
     if impl == "cupy" and not ready:
         mod = _cupy_module()
-        why = mod.unavailable_reason() if (mod is not None and logits.is_cuda) else ""
-        where = "" if logits.is_cuda else f" (logits are on {logits.device})"
+        on_device = mod is not None and mod.runs_on(logits)
+        why = mod.unavailable_reason(logits) if on_device else ""
+        where = "" if on_device else f" (logits are on {logits.device})"
         raise LongkdError(CUPY_MISSING + where + (f" ({why})" if why else ""))
     return "cupy" if ready else "reference"
 
@@ -83,7 +82,7 @@ def sparse_kl(
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     impl: str = "auto",
-    chunk_size: int = 2048,
+    chunk_size: int | None = None,
     check_ids: bool = False,
 ) -> torch.Tensor:
     """Sparse KL(teacher || student) between cached teacher entries and the student's logits.
@@ -99,9 +98,11 @@ def sparse_kl(
         reduction: "mean" (over rows with mask True, 0 when none) | "sum" | "none" ([N]).
         impl: "auto" (CuPy kernel for CUDA logits when available, else the reference),
             "reference", or "cupy" (error when the kernel cannot run).
-        chunk_size: rows per chunk for the reference (the kernel needs none).
-        check_ids: also check that no row repeats an id (costs a sort of ids and a host
-            sync; meant for debugging a new cache or data path).
+        chunk_size: rows per chunk for the reference (None: automatic, ``chunk_rows(V)``;
+            the kernel needs none).
+        check_ids: also check that no row repeats an id and, for CUDA ids, that none is
+            >= V (costs a sort of ids and a host sync; meant for debugging a new cache or
+            data path). CPU ids are always range-checked (no sync there).
 
     Returns:
         float32 scalar, or float32 [N] for reduction "none".
@@ -121,8 +122,12 @@ def sparse_kl(
         chunk_size=chunk_size,
         name="sparse_kl",
     )
-    if check_ids and has_duplicate_ids(ids):
-        raise LongkdError("sparse_kl: some row of ids repeats a token id; each row's ids must be distinct")
+    if check_ids:
+        check_id_range(ids, logits.shape[1], "sparse_kl")
+        if has_duplicate_ids(ids):
+            raise LongkdError(
+                "sparse_kl: some row of ids repeats a token id; each row's ids must be distinct"
+            )
     kwargs = dict(mode=mode, temperature=float(temperature), mask=mask, reduction=reduction)
     if resolve_impl(impl, logits, ids.shape[1]) == "cupy":
         from longkd.kernels.cupy_kl import cupy_on_validated
@@ -189,7 +194,7 @@ def cross_entropy_chunked(
     logits: torch.Tensor,
     targets: torch.Tensor,
     reduction: str = "mean",
-    chunk_size: int = 2048,
+    chunk_size: int | None = None,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Next-token cross-entropy without an fp32 [N, V] tensor (the optional CE term).
@@ -199,7 +204,7 @@ def cross_entropy_chunked(
         targets: int64 [N] token ids; ``ignore_index`` (-100) rows are skipped.
         reduction: "mean" (over kept rows; 0 with zero gradient when all are ignored, where
             ``F.cross_entropy`` gives NaN) | "sum" | "none" ([N], 0 at ignored rows).
-        chunk_size: rows per chunk.
+        chunk_size: rows per chunk (None: automatic, ``chunk_rows(V)``).
         ignore_index: target value meaning "no label".
 
     Returns:
@@ -221,15 +226,15 @@ def cross_entropy_chunked(
         raise LongkdError(f"{name}: targets are on {targets.device} but logits on {logits.device}; move them")
     if reduction not in ("mean", "sum", "none"):
         raise LongkdError(f"{name}: unknown reduction {reduction!r}; use mean, sum or none")
-    if int(chunk_size) < 1:
-        raise LongkdError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
+    check_chunk_size(chunk_size, name)
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
     if bool(bad.any()):
         raise LongkdError(
             f"{name}: target {int(targets[bad][0])} is outside the vocabulary [0, {V}); "
             f"use {ignore_index} for positions without a label"
         )
-    return ChunkedCrossEntropyFunction.apply(logits, targets, int(ignore_index), reduction, int(chunk_size))
+    rows = chunk_rows(V, chunk_size)
+    return ChunkedCrossEntropyFunction.apply(logits, targets, int(ignore_index), reduction, rows)
 
 
 def _as_numpy(x, what):

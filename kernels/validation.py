@@ -14,6 +14,8 @@ only what it alone needs. A bad argument fails with one line naming it and the f
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from longkd.errors import LongkdError
@@ -36,26 +38,72 @@ def validate_loss_args(
         temperature: T > 0.
         mask: bool [N] or None.
         reduction: "mean" | "sum" | "none".
-        chunk_size: rows per chunk, >= 1.
+        chunk_size: rows per chunk, >= 1, or None (automatic).
         name: the public function's name, prefixing each message.
         head: for the fused LM-head loss, (hidden [N, d], weight [V, d], bias [V] | None)
             in place of the logits they produce.
 
     Raises:
-        LongkdError: on any mismatch of shape, dtype, device or option.
+        LongkdError: on any mismatch of shape, dtype, device or option, or (for ids on the
+            CPU, where the scan costs no host sync) an id >= V.
     """
     loss_mode(mode, name)
     if reduction not in REDUCTIONS:
         raise LongkdError(f"{name}: unknown reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
     if not float(temperature) > 0:
         raise LongkdError(f"{name}: temperature must be > 0, got {temperature}")
-    if int(chunk_size) < 1:
-        raise LongkdError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
+    check_chunk_size(chunk_size, name)
     if head is None:
         rows, device, what = _check_logits(logits, name), logits.device, "logits"
+        V = logits.shape[1]
     else:
         rows, device, what = _check_head(*head, name=name), head[0].device, "hidden states"
+        V = head[1].shape[0]
     _check_targets(ids, target_logprobs, mask, N=rows, device=device, what=what, name=name)
+    if ids.device.type == "cpu":  # a cheap scan here; on CUDA it would be a host sync per call
+        check_id_range(ids, V, name)
+
+
+def validate_head_args(hidden, weight, bias, *, chunk_size, name) -> None:
+    """Check the fused LM-head loss's head and chunk size when it computes no KL (CE only).
+
+    Raises:
+        LongkdError: as :func:`validate_loss_args`.
+    """
+    check_chunk_size(chunk_size, name)
+    _check_head(hidden, weight, bias, name=name)
+
+
+def check_chunk_size(chunk_size, name) -> None:
+    """``chunk_size`` is None (automatic) or an integer >= 1."""
+    if chunk_size is None:
+        return
+    try:
+        value = None if isinstance(chunk_size, bool) else operator.index(chunk_size)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise LongkdError(
+            f"{name}: chunk_size must be >= 1 (an integer, or None for automatic), got {chunk_size!r}"
+        )
+
+
+def check_id_range(ids: torch.Tensor, V: int, name: str) -> None:
+    """Refuse ids >= V (they would index past the logits' columns).
+
+    Args:
+        ids: int64 [N, K] (or [N]), < 0 = padding.
+        V: the logits' width (the student's vocabulary).
+        name: the public function's name, prefixing the message.
+
+    Raises:
+        LongkdError: naming the largest id and V.
+    """
+    if ids.numel() and int(ids.max()) >= V:
+        raise LongkdError(
+            f"{name}: ids reach {int(ids.max())} but the logits have V={V} columns; "
+            "the cache's vocabulary does not match the student's"
+        )
 
 
 def _check_logits(logits, name) -> int:

@@ -16,6 +16,7 @@ transformers is imported inside the functions: importing this module costs only 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -108,10 +109,8 @@ def build_tiny_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel
 def lm_head_logits(model, hidden: torch.Tensor, *, float32: bool = False) -> torch.Tensor:
     """The model's LM head followed by its own logit post-processing.
 
-    Reproduces what ``model.forward`` does after the decoder body, per architecture family:
-    Cohere ``logits * logit_scale``; Granite ``logits / logits_scaling`` (HyperCLOVA X
-    multiplies instead, MiniCPM3 divides the hidden states, the same for a bias-free head);
-    Gemma 2/3 and others ``tanh(logits / cap) * cap`` with ``final_logit_softcapping``.
+    Reproduces what ``model.forward`` does after the decoder body (:func:`logit_postprocess`
+    lists the families).
 
     Args:
         model: a transformers causal LM.
@@ -125,14 +124,44 @@ def lm_head_logits(model, hidden: torch.Tensor, *, float32: bool = False) -> tor
     logits = model.get_output_embeddings()(hidden)
     if float32:
         logits = logits.float()
+    post = logit_postprocess(model)
+    return logits if post is None else post(logits)
+
+
+def logit_postprocess(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the model does to its LM head's output, as a function of the raw logits (None: nothing).
+
+    Per architecture family: Cohere ``logits * logit_scale``; Granite ``logits / logits_scaling``
+    (HyperCLOVA X multiplies instead, MiniCPM3 divides the hidden states, the same for a
+    bias-free head); Gemma 2/3 and others ``tanh(logits / cap) * cap`` with
+    ``final_logit_softcapping``. The trainer's fused LM-head loss applies it chunk by chunk.
+
+    Args:
+        model: a transformers causal LM.
+
+    Returns:
+        An elementwise, differentiable map of [..., V] logits, or None.
+    """
     config = model.config.get_text_config()
+    steps = []
     scale = getattr(model, "logit_scale", None)  # Cohere keeps a plain number on the model
     if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
-        logits = logits * scale
+        steps.append(lambda z: z * scale)
     scaling = getattr(config, "logits_scaling", None)
     if isinstance(scaling, (int, float)) and scaling != 1:
-        logits = logits * scaling if config.model_type == "hyperclovax" else logits / scaling
+        if config.model_type == "hyperclovax":
+            steps.append(lambda z: z * scaling)
+        else:
+            steps.append(lambda z: z / scaling)
     cap = getattr(config, "final_logit_softcapping", None)
     if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+        steps.append(lambda z: torch.tanh(z / cap) * cap)
+    if not steps:
+        return None
+
+    def post(logits: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            logits = step(logits)
+        return logits
+
+    return post

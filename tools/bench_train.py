@@ -1,33 +1,46 @@
-"""Benchmark a training step distilling from the cache against plain next-token cross-entropy.
+"""Benchmark a training step distilling from the cache against plain next-token cross-entropy,
+and the fused LM-head loss against materialised logits.
 
-The question: how much does learning from cached teacher top-k cost per step over ordinary
-language-model training of the same student on the same tokens? This script builds a tiny
-teacher and a cache (or takes ``--cache``), takes ONE batch from the trainer's window stream,
-and times optimizer steps of the same student (same initial weights, same batch, same AdamW)
-under three losses, interleaved round by round so machine load hits all alike:
+The questions: how much does learning from cached teacher top-k cost per step over ordinary
+language-model training of the same student on the same tokens, and what does computing the
+losses through the LM head in chunks (``loss.fused: true``) save over materialising the
+[N, V] logits? This script builds a tiny teacher and a cache (or takes ``--cache``), takes ONE
+batch from the trainer's window stream, and times full optimizer steps (forward, loss,
+backward, clip, AdamW) of one student on that batch under these losses, interleaved round
+by round so machine load hits all alike:
 
-- ``ce``: ``F.cross_entropy`` on the full logits (the plain baseline);
-- ``kd``: the trainer's ``sparse_kl`` (bucket) on the cached top-k;
-- ``kd+ce``: both, as a run with ``ce_weight`` > 0 trains.
+- ``ce``: next-token cross-entropy through the fused head (plain LM training);
+- ``kd``: the trainer's loss (trainer/losses.py) with ``kd_weight`` 1: sparse KL (bucket) on
+  the cached top-k, fused, the CE computed for the log only;
+- ``kd+ce``: the same with ``ce_weight`` 1;
+- ``kd-materialised``: ``kd`` with ``loss.fused: false`` (full logits, then the chunked loss);
+- ``ce-materialised``: ``F.cross_entropy`` on the full logits (the usual LM step).
 
-It also times decoding a batch from the cache (the reader's share, paid once per step for all
-students). Peak memory is CUDA ``max_memory_allocated`` per loss; on CPU it is reported as n/a
-(the process RSS high-water mark cannot be reset between losses).
+Peak memory of a step is measured per path: on CPU each path runs in its own subprocess
+(one warm-up step allocates the AdamW state, the RSS high-water mark is reset through
+/proc/self/clear_refs, then one step is measured); on CUDA with ``max_memory_allocated``.
+"step peak" is the peak above the memory held before the step (weights, AdamW state);
+"process peak" is the absolute one. On CPU the time ratios come from the process's CPU time
+(with one torch thread, the step's own work: other jobs on a shared machine do not inflate
+it); wall times are reported beside them. It also times decoding a batch from the cache (the
+reader's share, paid once per step for all students).
 
     python -m longkd.tools.bench_train --threads 1
-    python -m longkd.tools.bench_train --device cuda --vocab 32000 --hidden 512 --window 2048 --batch-size 4
+    python -m longkd.tools.bench_train --threads 1 --vocab 128256 --hidden 512 --heads 8 \\
+        --window 8192 --batch-size 1 --windows 1 --steps 2 --warmup 1 --json big.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime as _dt
 import io
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("ce", "kd", "kd+ce")
+LOSSES = ("ce", "kd", "kd+ce", "kd-materialised", "ce-materialised")
+PEAK_PATHS = ("kd", "kd-materialised")  # the fused / materialised comparison
 
 
 def _make_cache(root: Path, args) -> Path:
@@ -62,26 +76,9 @@ def _make_cache(root: Path, args) -> Path:
             n = int(rng.integers(20, 400))
             f.write(json.dumps({"text": ids_to_text(rng.integers(4, args.vocab, size=n))}) + "\n")
             written += n
-    cmd = [
-        "cache",
-        "build",
-        "--teacher",
-        str(teacher),
-        "--data",
-        str(data),
-        "--window",
-        str(args.window),
-        "--out",
-        str(root / "cache"),
-        "--top-k",
-        str(args.top_k),
-        "--max-windows",
-        str(args.windows),
-        "--batch-size",
-        "4",
-        "--device",
-        args.device,
-    ]
+    cmd = ["cache", "build", "--teacher", str(teacher), "--data", str(data), "--window", str(args.window)]
+    cmd += ["--out", str(root / "cache"), "--top-k", str(args.top_k), "--max-windows", str(args.windows)]
+    cmd += ["--batch-size", "1", "--device", args.device, "--chunk-size", "256"]
     with contextlib.redirect_stdout(io.StringIO()):
         if main(cmd) != 0:
             raise SystemExit("cache build failed")
@@ -89,7 +86,11 @@ def _make_cache(root: Path, args) -> Path:
 
 
 def _student(args, vocab: int):
-    from longkd.models import build_tiny_model, tiny_config
+    """The benchmarked student: Llama with SDPA attention (eager attention at long windows would
+    hold [P, P] scores per head and layer, and dominate both paths' memory)."""
+    from transformers import AutoModelForCausalLM
+
+    from longkd.models import tiny_config
 
     config = tiny_config(
         "llama",
@@ -99,32 +100,54 @@ def _student(args, vocab: int):
         num_heads=args.heads,
         max_position_embeddings=max(args.window, 256),
     )
-    return build_tiny_model(config, seed=1).train()
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn)
+    return model.float().train()
 
 
-def _step_fn(model, batch, loss_name: str, amp: torch.dtype | None):
-    """A closure doing one full optimizer step of ``model`` on ``batch`` with the named loss."""
-    from longkd.kernels.sparse_kl import sparse_kl
-    from longkd.models import lm_head_logits
+def _step_fn(model, opt, batch, loss_name: str, amp: torch.dtype | None, chunk_size: int | None):
+    """A closure doing one full optimizer step of ``model`` (optimizer ``opt``) on ``batch``
+    with the named loss."""
+    from longkd.kernels.fused_linear import fused_linear_losses
+    from longkd.models import lm_head_logits, logit_postprocess
+    from longkd.trainer.config import LossConfig
+    from longkd.trainer.losses import LossTerms, body_hidden, head_losses
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     body = model.get_decoder()
-    b, w = batch.input_ids.shape
-    mask = batch.loss_mask().reshape(-1)
-    targets = batch.next_tokens().reshape(-1)
-    ids = batch.ids.reshape(b * w, -1)
-    lps = batch.target_logprobs.reshape(b * w, -1)
     device_type = batch.input_ids.device.type
+    weights = {"kd": (1.0, 0.0), "kd+ce": (1.0, 1.0), "kd-materialised": (1.0, 0.0)}
+    kd_w, ce_w = weights.get(loss_name, (0.0, 1.0))
+    cfg = LossConfig(kd_weight=kd_w, ce_weight=ce_w, chunk_size=chunk_size)
+    terms = LossTerms.of(
+        batch, cfg, mode="bucket", temperature=1.0, amp=amp, fused=loss_name != "kd-materialised"
+    )
+
+    def loss_of(hidden):
+        if loss_name == "ce":  # plain LM training through the fused head: no teacher at all
+            head = model.get_output_embeddings()
+            h = hidden.reshape(-1, hidden.shape[-1])
+            w = head.weight
+            if amp is not None:
+                h, w = h.to(amp), w.to(amp)
+            with torch.autocast(device_type, enabled=False):
+                return fused_linear_losses(
+                    h,
+                    w,
+                    bias=head.bias,
+                    targets=terms.targets,
+                    kd_weight=0.0,
+                    ce_weight=1.0,
+                    chunk_size=chunk_size,
+                    logit_postprocess=logit_postprocess(model),
+                ).loss
+        if loss_name == "ce-materialised":
+            logits = lm_head_logits(model, hidden).reshape(terms.targets.shape[0], -1)
+            return F.cross_entropy(logits.float(), terms.targets, ignore_index=-100)
+        return head_losses(model, hidden, terms)[0]
 
     def step() -> float:
         with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
-            hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)[0]
-            logits = lm_head_logits(model, hidden).reshape(b * w, -1)
-        loss = logits.new_zeros((), dtype=torch.float32)
-        if "kd" in loss_name:
-            loss = loss + sparse_kl(logits, ids, lps, mode="bucket", mask=mask)
-        if "ce" in loss_name:
-            loss = loss + F.cross_entropy(logits.float(), targets, ignore_index=-100)
+            loss = loss_of(body_hidden(body, batch.input_ids, batch.position_ids))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -139,84 +162,187 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(args) -> dict:
-    """Run the benchmark; returns a dict of results (also printed as a Markdown table)."""
+def _rss_mib() -> tuple[float, float]:
+    """(current RSS, high-water mark) of this process in MiB, from /proc/self/status."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, kib = line.split()[:2]
+                values[key] = int(kib) / 1024
+    return values["VmRSS:"], values["VmHWM:"]
+
+
+def _amp(args, device) -> torch.dtype | None:
+    use = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if use else None
+
+
+def _load_batch(cache: Path, args, device):
+    """(vocab, batch on device, decode seconds per batch)."""
     from longkd.trainer.stream import WindowStream
 
+    stream = WindowStream([str(cache)], batch_size=args.batch_size, seed=0)
+    vocab = int(stream.readers[0].manifest["vocab"]["embedding_size"])
+    it = iter(stream)
+    decode = []
+    for _ in range(args.decode_batches):
+        t0 = time.perf_counter()
+        batch = next(it)
+        decode.append(time.perf_counter() - t0)
+    return vocab, batch.to(device), decode
+
+
+def peak_of(args) -> dict:
+    """One path's step peak, measured in this (fresh) process; see the module docstring."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    amp = (
-        torch.bfloat16
-        if (args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"))
-        else None
-    )
+    vocab, batch, _ = _load_batch(Path(args.cache), args, device)
+    model = _student(args, vocab).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = _step_fn(model, opt, batch, args.peak_of, _amp(args, device), args.chunk_size)
+    step()  # warm-up: allocates the AdamW state
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        step_peak, process_peak = (peak - before) / 2**20, peak / 2**20
+        return {"path": args.peak_of, "step_peak_mib": step_peak, "process_peak_mib": process_peak}
+    before, _ = _rss_mib()
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+        f.write("5")
+    step()
+    _, hwm = _rss_mib()
+    return {"path": args.peak_of, "step_peak_mib": hwm - before, "process_peak_mib": hwm}
+
+
+def _peaks_in_subprocesses(args, cache: Path) -> dict:
+    """Each path of ``PEAK_PATHS`` in its own process, one after the other."""
+    out = {}
+    for path in PEAK_PATHS:
+        cmd = [sys.executable, "-m", "longkd.tools.bench_train", "--peak-of", path, "--cache", str(cache)]
+        for flag in ("device", "precision", "threads", "hidden", "layers", "heads", "batch_size", "attn"):
+            cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+        if args.chunk_size is not None:
+            cmd += ["--chunk-size", str(args.chunk_size)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"peak of {path} failed:\n{proc.stderr[-2000:]}")
+        out[path] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def run(args) -> dict:
+    """Run the benchmark; returns a dict of results (also printed as a Markdown table)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    amp = _amp(args, device)
+    losses = args.losses.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache) if args.cache else _make_cache(Path(tmp), args)
-        stream = WindowStream([str(cache)], batch_size=args.batch_size, seed=0)
-        vocab = int(stream.readers[0].manifest["vocab"]["embedding_size"])
-        it = iter(stream)
-        decode = []
-        for _ in range(args.decode_batches):
-            t0 = time.perf_counter()
-            batch = next(it)
-            decode.append(time.perf_counter() - t0)
-        batch = batch.to(device)
-        base = _student(args, vocab).to(device)
-        models = {name: copy.deepcopy(base) for name in LOSSES}
-        steps = {name: _step_fn(models[name], batch, name, amp) for name in LOSSES}
-        times: dict[str, list[float]] = {name: [] for name in LOSSES}
-        peaks: dict[str, int | None] = {name: None for name in LOSSES}
-        for name in LOSSES:  # warmup (allocator, first-call costs)
-            for _ in range(args.warmup):
-                steps[name]()
+        vocab, batch, decode = _load_batch(cache, args, device)
+        # One student and one AdamW take the steps of every loss in turn: a step's cost does not
+        # depend on the weights' values, and one copy of the model and its AdamW state is what
+        # lets the large shapes fit next to the materialised logits.
+        model = _student(args, vocab).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        steps = {name: _step_fn(model, opt, batch, name, amp, args.chunk_size) for name in losses}
+        times: dict[str, list[float]] = {name: [] for name in losses}
+        cpu_times: dict[str, list[float]] = {name: [] for name in losses}
+        first_loss = {}
+        # One untimed step whatever --warmup says: it allocates the AdamW state, which would
+        # otherwise land in the first timed step. Then --warmup rounds of every loss.
+        first_loss[losses[0]] = steps[losses[0]]()
+        for _ in range(args.warmup):
+            for name in losses:  # allocator, first-call costs
+                first_loss[name] = steps[name]()
         for _ in range(args.steps):
-            for name in LOSSES:  # interleaved, so load changes hit every loss alike
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
+            for name in losses:  # interleaved, so load changes hit every loss alike
                 _sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 steps[name]()
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
-                if device.type == "cuda":
-                    peak = torch.cuda.max_memory_allocated(device)
-                    peaks[name] = max(peaks[name] or 0, peak)
+                cpu_times[name].append(time.process_time() - c0)
+        del model, opt, steps
+        peaks = {}
+        if args.peak and all(p in losses for p in PEAK_PATHS):
+            if device.type == "cuda":
+                for path in PEAK_PATHS:
+                    one = argparse.Namespace(**{**vars(args), "peak_of": path, "cache": cache})
+                    peaks[path] = peak_of(one)
+            else:
+                peaks = _peaks_in_subprocesses(args, cache)
     tokens = args.batch_size * args.window
     result = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
         "date": _dt.date.today().isoformat(),
         "platform": platform.machine(),
-        "student": f"llama h{args.hidden} L{args.layers}, V={vocab}",
+        "student": f"llama h{args.hidden} L{args.layers} heads{args.heads} ({args.attn}), V={vocab}",
+        "vocab": vocab,
+        "tokens": tokens,
         "batch": f"{args.batch_size} x {args.window}",
         "top_k": args.top_k,
+        "chunk_size": args.chunk_size,
+        "steps": args.steps,
         "decode_ms": 1000 * statistics.median(decode),
         "losses": {},
     }
-    ce = statistics.median(times["ce"])
-    for name in LOSSES:
+    for name in losses:
         med = statistics.median(times[name])
         result["losses"][name] = {
             "step_ms": 1000 * med,
+            "step_cpu_ms": 1000 * statistics.median(cpu_times[name]),
+            "step_ms_min": 1000 * min(times[name]),
+            "step_ms_max": 1000 * max(times[name]),
             "tokens_per_s": tokens / med,
-            "ratio_to_ce": med / ce,
-            "peak_mib": None if peaks[name] is None else peaks[name] / 2**20,
+            "first_loss": first_loss.get(name),
+            **peaks.get(name, {}),
         }
+
+    def ratio(a, b, key):
+        if a in result["losses"] and b in result["losses"] and key in result["losses"][b]:
+            return result["losses"][a][key] / result["losses"][b][key]
+        return None
+
+    # Time ratios: on CPU from the process's CPU time, which other jobs on a shared machine do
+    # not inflate (one torch thread: CPU time is the step's work); on CUDA from wall time.
+    clock = "step_ms" if device.type == "cuda" else "step_cpu_ms"
+    result["time_ratios_from"] = "wall time" if device.type == "cuda" else "process CPU time"
+    result["kd_over_ce"] = ratio("kd", "ce", clock)
+    result["kd_plus_ce_over_ce"] = ratio("kd+ce", "ce", clock)
+    result["fused_over_materialized_time"] = ratio("kd", "kd-materialised", clock)
+    result["kd_over_ce_wall"] = ratio("kd", "ce", "step_ms")
+    result["fused_over_materialized_time_wall"] = ratio("kd", "kd-materialised", "step_ms")
+    result["fused_peak_over_materialized_peak"] = ratio("kd", "kd-materialised", "step_peak_mib")
+    result["fused_process_peak_over_materialized_process_peak"] = ratio(
+        "kd", "kd-materialised", "process_peak_mib"
+    )
     return result
 
 
 def to_markdown(r: dict) -> str:
+    ce = r["losses"].get("ce", {}).get("step_cpu_ms")
     lines = [
-        "| loss | step ms (median) | tokens/s | vs ce | peak memory |",
-        "|---|---:|---:|---:|---:|",
+        "| loss | wall ms (median) | min-max | CPU ms (median) | tokens/s | CPU vs ce | step peak "
+        "| process peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in r["losses"].items():
-        peak = "n/a" if m["peak_mib"] is None else f"{m['peak_mib']:.0f} MiB"
+        vs = f"{m['step_cpu_ms'] / ce:.2f}x" if ce else ""
+        step_peak = f"{m['step_peak_mib']:,.0f} MiB" if "step_peak_mib" in m else ""
+        proc_peak = f"{m['process_peak_mib']:,.0f} MiB" if "process_peak_mib" in m else ""
         lines.append(
-            f"| {name} | {m['step_ms']:.1f} | {m['tokens_per_s']:,.0f} | {m['ratio_to_ce']:.2f}x | {peak} |"
+            f"| {name} | {m['step_ms']:,.0f} | {m['step_ms_min']:,.0f}-{m['step_ms_max']:,.0f} "
+            f"| {m['step_cpu_ms']:,.0f} | {m['tokens_per_s']:,.0f} | {vs} | {step_peak} | {proc_peak} |"
         )
-    lines.append(f"| (cache decode, per batch) | {r['decode_ms']:.1f} | | | |")
+    lines.append(f"| (cache decode, per batch) | {r['decode_ms']:.1f} | | | | | | |")
     return "\n".join(lines)
 
 
@@ -234,20 +360,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=128, help="student hidden size")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="the student's attention")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--chunk-size", type=int, default=None, help="loss.chunk_size (default: automatic)")
+    p.add_argument(
+        "--losses", default=",".join(LOSSES), help=f"a comma-separated subset of {', '.join(LOSSES)}"
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps per loss")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds of every loss (after one step)")
     p.add_argument("--decode-batches", type=int, default=3)
-    p.add_argument("--json", action="store_true", help="print the results as JSON too")
+    p.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak-memory runs")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--peak-of", choices=LOSSES, help=argparse.SUPPRESS)  # one subprocess's path
     args = p.parse_args(argv)
+    unknown = set(args.losses.split(",")) - set(LOSSES)
+    if unknown:
+        p.error(f"--losses: unknown {', '.join(sorted(unknown))}; choose from {', '.join(LOSSES)}")
+    if args.peak_of:
+        args.decode_batches = 1
+        print(json.dumps(peak_of(args)))
+        return 0
     r = run(args)
     print(
         f"{r['device']} ({r['platform']}, {r['threads']} threads), {r['date']}: student {r['student']}, "
         f"batch {r['batch']} tokens, cache top-k {r['top_k']}"
     )
     print(to_markdown(r))
+    for key in ("kd_over_ce", "fused_over_materialized_time", "fused_peak_over_materialized_peak"):
+        if r.get(key) is not None:
+            print(f"{key}: {r[key]:.3f}")
     if args.json:
-        print(json.dumps(r, indent=2))
+        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
     return 0
 
 

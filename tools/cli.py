@@ -392,8 +392,9 @@ def demo_settings_from_args(args):
 
 
 def _cmd_demo(args) -> int:
-    from longkd.tools.demo import run_demo
+    from longkd.tools.demo import pin_cpu_numerics, run_demo
 
+    pin_cpu_numerics()  # before torch is imported (docs/demo.md, "How much the numbers move")
     settings = demo_settings_from_args(args)
     if args.device.startswith("cuda"):
         import torch

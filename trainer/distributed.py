@@ -13,8 +13,9 @@ What makes N ranks train the student one process would (docs/distributed.md):
   gradients over ranks, they are the gradients of the mean over the global batch's rows, as
   in one process (ranks can hold different numbers of trained rows: padded windows,
   ``skip_first_tokens``). Logged values are the global means.
-- the forward goes through the wrapper (:class:`_Logits`: decoder body + LM head as one
-  module), so DDP's gradient hooks and FSDP's parameter all-gathers run.
+- the forward goes through the wrapper (:class:`_Forward`: decoder body, LM head and losses
+  as one module), so DDP's gradient hooks and FSDP's parameter all-gathers run; the fused
+  loss reads the head's weight there, gathered whole by FSDP's pre-forward hook.
 - only rank 0 writes checkpoints, metrics and TensorBoard. With FSDP every rank takes part
   in gathering the full weights and optimizer state, which rank 0 then writes in the same
   files as a single-process run, so any run resumes with any world size and mode.
@@ -35,8 +36,13 @@ from longkd.errors import LongkdError
 MODES = ("ddp", "fsdp")
 
 
-class _Logits(nn.Module):
-    """A model's decoder body and LM head as one module: ``(input_ids, position_ids) -> logits``.
+class _Forward(nn.Module):
+    """A model's decoder body and a head function as one module.
+
+    ``(input_ids, position_ids, head) -> head(model, hidden)``: the LM head and the losses run
+    inside this forward (trainer/losses.py ``head_losses``), so DDP's gradient hooks see every
+    parameter the loss used and FSDP has the root's parameters (the head among them) gathered
+    while the loss reads them.
 
     Args:
         model: the transformers causal LM (registered, so the wrapper sees all its parameters).
@@ -49,13 +55,11 @@ class _Logits(nn.Module):
         self.model = model
         object.__setattr__(self, "_body", body)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """long [B, P] ids and positions -> logits [B, P, V] (the model's dtype / autocast)."""
-        from longkd.models import lm_head_logits
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, head):
+        """long [B, P] ids and positions, ``head(model, hidden [B, P, d])`` -> what head returns."""
+        from longkd.trainer.losses import body_hidden
 
-        out = self._body(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return lm_head_logits(self.model, hidden)
+        return head(self.model, body_hidden(self._body, input_ids, position_ids))
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -128,9 +132,9 @@ class Parallel:
         them (the state sharded like its parameter).
 
         Returns:
-            The module to call for logits (:meth:`logits`).
+            The module the losses run through (:meth:`forward`).
         """
-        module = _Logits(student.model, student.body)
+        module = _Forward(student.model, student.body)
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -141,7 +145,7 @@ class Parallel:
         self.wrapped[student.name] = wrapped
         return wrapped
 
-    def _fully_shard(self, student, module: _Logits) -> nn.Module:
+    def _fully_shard(self, student, module: _Forward) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import distribute_tensor
 
@@ -165,9 +169,9 @@ class Parallel:
             }
         return module
 
-    def logits(self, student, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Forward through the student's wrapper: logits [B, P, V]."""
-        return self.wrapped[student.name](input_ids, position_ids)
+    def forward(self, student, input_ids: torch.Tensor, position_ids: torch.Tensor, head):
+        """``head(model, hidden)`` run inside the student's wrapper (trainer/losses.py)."""
+        return self.wrapped[student.name](input_ids, position_ids, head)
 
     # ---------------------------------------------------------------- the global mean
 
@@ -230,7 +234,13 @@ class Parallel:
         def full(v):
             return v.full_tensor().cpu() if isinstance(v, DTensor) else v
 
-        model_state = {k: full(v) for k, v in student.model.state_dict().items()}
+        # A tied weight (one parameter under two names) is written once, under its first name,
+        # as a single-process save_pretrained writes it.
+        model_state, seen = {}, set()
+        for k, v in student.model.state_dict(keep_vars=True).items():
+            if id(v) not in seen:
+                seen.add(id(v))
+                model_state[k] = full(v.detach())
         optim = student.optimizer.state_dict()
         optim["state"] = {i: {k: full(v) for k, v in s.items()} for i, s in optim["state"].items()}
         return model_state, optim

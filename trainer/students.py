@@ -23,7 +23,7 @@ import torch
 from longkd.errors import LongkdError
 from longkd.trainer import checkpoint as ckpt
 from longkd.trainer.config import StudentConfig
-from longkd.trainer.losses import batch_losses
+from longkd.trainer.losses import batch_losses, fused_head_problem
 from longkd.trainer.lr_schedule import lr_at
 from longkd.trainer.rope import Phase
 
@@ -60,6 +60,8 @@ class Student:
         schedule: its phases (trainer/rope.py).
         initial_rope: the rope the model started with, restored by phases without one.
         optimizer: AdamW over the model's parameters.
+        fused: whether its losses run through the LM head in chunks (``loss.fused`` and a head
+            that allows it).
         step: optimizer steps taken; tokens: tokens trained on.
         phase: index of the phase whose rope is in force (-1 before the first step).
         phase_start_step, phase_start_tokens: counters when that phase began (per-phase LR).
@@ -127,6 +129,12 @@ class Student:
                 kwargs = {"use_reentrant": False}
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.body = self.model.get_decoder()
+        # loss.fused: the losses through the LM head in token chunks (trainer/losses.py)
+        self.fused = cfg.loss.fused
+        problem = fused_head_problem(self.model) if self.fused else None
+        if problem is not None:
+            log.warning("%s: loss.fused: %s; computing the full logits instead", self.name, problem)
+            self.fused = False
         if cfg.compile:
             self.body = torch.compile(self.body)
         # under torchrun: the trainer/distributed.py Parallel whose DDP / FSDP wrapper runs the forward
@@ -277,12 +285,13 @@ def train_step(
     mode: str,
     temperature: float,
     amp: torch.dtype | None,
+    cache_temperature: float | None = None,
 ) -> StepMetrics:
     """One optimizer step of one student over ``batches`` (gradient accumulation).
 
     The phase for this step is chosen from the student's counters before the step; on a phase
     change its rope is put in force first. All randomness (dropout) comes from the student's
-    own RNG state.
+    own RNG state. ``cache_temperature`` is the cache's T_c (None: equal to ``temperature``).
 
     Raises:
         LongkdError: a non-finite loss or gradient norm, naming the student and the step.
@@ -311,7 +320,9 @@ def train_step(
     with student.own_rng():
         for batch in batches:
             cut = batch.prefix(phase.window) if phase.window < batch.input_ids.shape[1] else batch
-            loss, kl, ce, n = batch_losses(student, cut, mode=mode, temperature=temperature, amp=amp)
+            loss, kl, ce, n = batch_losses(
+                student, cut, mode=mode, temperature=temperature, amp=amp, cache_temperature=cache_temperature
+            )
             value = float(loss.detach())
             if student.parallel is not None:  # means over the global batch, as in one process
                 loss, value, kl, ce = student.parallel.global_mean(loss, kl, ce, n)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from longkd.errors import LongkdError
-from longkd.kernels.fused_linear import fused_linear_sparse_kl
+from longkd.kernels.fused_linear import fused_linear_losses, fused_linear_sparse_kl
 from tests.helpers import reduce_rows
 
 MODES = ("bucket", "renorm", "sampled")
@@ -22,7 +22,8 @@ MODES = ("bucket", "renorm", "sampled")
 def dense_oracle(logits, ids, tlp, *, mode, temperature=1.0, mask=None, reduction="mean"):
     """Per-row sparse KL written plainly over the full vocabulary (fp32, autograd-friendly).
 
-    bucket: sum_K p log(p/q) + r log(r / (1 - Q)); renorm/sampled: KL(p/P || q) over K.
+    bucket: sum_K p log(p/q) + r log(r / (1 - Q)), p renormalised where it sums above 1;
+    renorm/sampled: KL(p/P || q) over K.
     """
     logq = torch.log_softmax(logits.float() / temperature, dim=-1)
     valid = (ids >= 0) & torch.isfinite(tlp)
@@ -31,6 +32,8 @@ def dense_oracle(logits, ids, tlp, *, mode, temperature=1.0, mask=None, reductio
     logq_k = logq.gather(1, ids.clamp_min(0))
     P = p.sum(1)
     if mode == "bucket":
+        over = P.clamp_min(1)
+        p, t, P = p / over[:, None], t - torch.log(over)[:, None], P / over
         Q = torch.where(ids >= 0, logq_k.exp(), torch.zeros_like(logq_k)).sum(1)
         r = (1 - P).clamp_min(0)
         rows = (p * (t - logq_k)).sum(1) + torch.xlogy(r, r) - r * torch.log1p(-Q)
@@ -269,7 +272,7 @@ def test_default_loss_impl_uses_reference(mode):
         mask=mask,
         reduction="mean",
         grad_out=torch.tensor(0.9),
-        loss_impl=None,
+        loss_impl="auto",
         chunk_size=5,
     )
     assert_close_all(fused, unfused)
@@ -287,3 +290,173 @@ def test_bad_inputs_raise_longkd_error():
         fused_linear_sparse_kl(hidden, weight, ids, tlp, mask=mask[:3])
     with pytest.raises(LongkdError, match="dtype"):
         fused_linear_sparse_kl(hidden.double(), weight, ids, tlp)
+
+
+# --------------------------------------------------------------------------------------------
+# KL and CE in one chunk pass (the trainer's fused_linear_losses)
+# --------------------------------------------------------------------------------------------
+
+
+def unfused_losses(h, w, b, ids, tlp, targets, *, mode, temperature, mask, kd_weight, ce_weight, post=None):
+    """(loss, kl, ce) on materialised logits: F.linear, the dense oracle, F.cross_entropy."""
+    z = F.linear(h, w, b)
+    z = post(z) if post is not None else z
+    kl = dense_oracle(z, ids, tlp, mode=mode, temperature=temperature, mask=mask)
+    kept = targets != -100
+    ce = F.cross_entropy(z.float(), targets, ignore_index=-100) if kept.any() else z.sum() * 0
+    return kd_weight * kl + ce_weight * ce, kl, ce
+
+
+def next_tokens(N, V, mask, gen):
+    targets = torch.randint(0, V, (N,), generator=gen)
+    return targets.masked_fill(~mask, -100)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0), (0.7, 0.3)], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+@pytest.mark.parametrize("impl", ["auto", "plugged"])
+def test_kd_and_ce_share_the_chunks(weights, temperature, impl):
+    """loss, the logged kl and ce, dX, dW and db equal the unfused path's; a term of weight 0
+    adds nothing to the gradient. T = 1 shares one softmax; T != 1 gives the CE its own."""
+    kd_weight, ce_weight = weights
+    N, d, V, K = 41, 12, 67, 6
+    hidden, weight, bias, ids, tlp, mask = make_case(N, d, V, K, "bucket", seed=int(31 * temperature))
+    gen = torch.Generator().manual_seed(8)
+    targets = next_tokens(N, V, mask, gen)
+    post = (lambda z: 4.0 * torch.tanh(z / 4.0)) if impl == "plugged" else None
+    got, want = [], []
+    for fused in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        b = bias.clone().requires_grad_(True)
+        kw = dict(mode="bucket", temperature=temperature, mask=mask, kd_weight=kd_weight, ce_weight=ce_weight)
+        if fused:
+            out = fused_linear_losses(
+                h, w, bias=b, ids=ids, target_logprobs=tlp, targets=targets, chunk_size=8,
+                loss_impl=oracle_chunk_loss if impl == "plugged" else "auto", logit_postprocess=post, **kw,
+            )  # fmt: skip
+            loss, kl, ce = out
+        else:
+            loss, kl, ce = unfused_losses(h, w, b, ids, tlp, targets, post=post, **kw)
+        loss.backward(torch.tensor(1.3))
+        (got if fused else want).append((loss.detach(), kl.detach(), ce.detach(), h.grad, w.grad, b.grad))
+    for name, a, e in zip(("loss", "kl", "ce", "dX", "dW", "db"), got[0], want[0]):
+        torch.testing.assert_close(a, e.to(a.dtype), atol=2e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    if kd_weight == 0 or ce_weight == 0:  # the logged-only term adds nothing to the gradient
+        only = unfused_losses(
+            hidden.clone().requires_grad_(True), weight, bias, ids, tlp, targets, mode="bucket",
+            temperature=temperature, mask=mask, kd_weight=kd_weight, ce_weight=ce_weight, post=post,
+        )[0]  # fmt: skip
+        assert only.requires_grad and got[0][3].abs().sum() > 0
+
+
+def test_logged_only_terms_run_no_gradient_work():
+    """With ce_weight 0 the fused path's chunk ops are those of the KL alone plus two gathers:
+    no CE gradient (no target scatter), and the logged CE is still right."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    N, d, V, K = 30, 8, 40, 5
+    hidden, weight, _, ids, tlp, mask = make_case(N, d, V, K, "bucket", seed=2, bias=False)
+    targets = next_tokens(N, V, mask, torch.Generator().manual_seed(3))
+    counts = {}
+    for ce_weight in (0.0, 1.0):
+        spy = Ops()
+        h = hidden.clone().requires_grad_(True)
+        with spy:
+            out = fused_linear_losses(
+                h, weight, ids=ids, target_logprobs=tlp, targets=targets, mask=mask, ce_weight=ce_weight,
+                chunk_size=N,
+            )  # fmt: skip
+        counts[ce_weight] = spy.names.count("scatter_add_")
+        want = F.cross_entropy(F.linear(hidden, weight).double(), targets, ignore_index=-100)
+        torch.testing.assert_close(out.ce.double(), want, atol=1e-6, rtol=1e-6)
+    assert counts == {0.0: 1, 1.0: 2}, counts  # K fix-ups; K and target fix-ups
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_fused_matches_materialised_reference(mode, temperature):
+    """The fused path against F.linear + sparse_kl_reference (the trainer's loss.fused: false),
+    with masks, padding ids, T != 1, and rows whose student tail underflows (recomputed through
+    the fused path's own head). Both run the same per-row math: float32 rounding apart."""
+    from longkd.kernels.reference import sparse_kl_reference
+
+    N, d, V, K = 53, 64, 211, 9
+    hidden, weight, bias, ids, tlp, mask = make_case(N, d, V, K, mode, seed=5 + MODES.index(mode))
+    if mode == "bucket":
+        # Rows 3 and 40: a hidden state orthogonal to every other row's, and the head's rows
+        # for their teacher ids raised 150 along it, so only these rows' students put all but
+        # ~e^-150 of their mass on K (below fp32's range: the tail is recomputed).
+        gen = torch.Generator().manual_seed(40)
+        for row in (3, 40):
+            others = torch.cat([hidden[:row], hidden[row + 1 :]])
+            basis = torch.linalg.svd(others.double(), full_matrices=True).Vh[others.shape[0] :]
+            coef = torch.randn(basis.shape[0], generator=gen, dtype=torch.float64)
+            u = (basis.t() @ coef).float()
+            hidden[row] = u / u.norm()
+            live = ids[row][ids[row] >= 0]
+            weight[live] += 150.0 * hidden[row]
+            mask[row] = True
+        q = torch.softmax(F.linear(hidden, weight, bias).double() / temperature, -1)
+        in_k = torch.zeros(N, V, dtype=torch.bool)
+        rows, cols = (ids >= 0).nonzero(as_tuple=True)
+        in_k[rows, ids[rows, cols]] = True
+        off_k = (q * ~in_k).sum(1)  # the student's mass off K, summed explicitly
+        assert (off_k[[3, 40]] < 1e-30).all() and (off_k[mask].sort().values[2] > 1e-3)
+    outs = []
+    for fused in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        b = bias.clone().requires_grad_(True)
+        kw = dict(mode=mode, temperature=temperature, mask=mask, chunk_size=7)
+        if fused:
+            loss = fused_linear_sparse_kl(h, w, ids, tlp, bias=b, **kw)
+        else:
+            loss = sparse_kl_reference(F.linear(h, w, b), ids, tlp, **kw)
+        loss.backward()
+        outs.append((loss.detach(), h.grad, w.grad, b.grad))
+    for name, a, e in zip(("loss", "dX", "dW", "db"), *outs):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(a, e, atol=1e-6 * scale, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_float64_is_computed_in_float64():
+    from tests.kernels.test_reference import oracle
+
+    N, d, V, K = 19, 7, 33, 5
+    hidden, weight, bias, ids, tlp, mask = make_case(N, d, V, K, "bucket", seed=6, dtype=torch.float64)
+    h = hidden.clone().requires_grad_(True)
+    loss = fused_linear_sparse_kl(h, weight, ids, tlp, bias=bias, mask=mask, temperature=1.3, chunk_size=4)
+    loss.backward()
+    h2 = hidden.clone().requires_grad_(True)
+    want = oracle(F.linear(h2, weight, bias), ids, tlp, mode="bucket", temperature=1.3, mask=mask)
+    want.backward()
+    assert loss.dtype == torch.float64 and h.grad.dtype == torch.float64
+    torch.testing.assert_close(loss, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-12, rtol=1e-10)
+
+
+def test_chunk_size_ids_and_targets_are_checked():
+    hidden, weight, bias, ids, tlp, mask = make_case(6, 8, 20, 3, "bucket", seed=1)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(LongkdError, match=r"chunk_size must be >= 1"):
+            fused_linear_sparse_kl(hidden, weight, ids, tlp, chunk_size=bad)
+        with pytest.raises(LongkdError, match=r"chunk_size must be >= 1"):
+            fused_linear_losses(hidden, weight, targets=torch.zeros(6, dtype=torch.long), chunk_size=bad)
+    with pytest.raises(LongkdError, match="ids reach 20 but the logits have V=20 columns"):
+        fused_linear_sparse_kl(hidden, weight, ids.clamp_min(0).fill_(20), tlp)
+    with pytest.raises(LongkdError, match=r"target 25 is outside the vocabulary \[0, 20\)"):
+        fused_linear_losses(hidden, weight, targets=torch.full((6,), 25))
+    with pytest.raises(LongkdError, match="give teacher ids and target_logprobs, next-token targets"):
+        fused_linear_losses(hidden, weight)
+    with pytest.raises(LongkdError, match="ce_weight must be >= 0"):
+        fused_linear_losses(hidden, weight, targets=torch.zeros(6, dtype=torch.long), ce_weight=-1.0)
