@@ -591,11 +591,7 @@ def loss_and_grad_chunk(z, ids, target_logprobs, mask, *, mode, temperature, gra
     if not is_available():
         raise LongkdError(f"CuPy sparse-KL kernel unavailable ({unavailable_reason()}); use impl='reference'")
     if not ready_for(z):  # failed its self-check (warned once): the reference, as "auto" would
-        from longkd.kernels.fused_linear import reference_chunk_loss  # noqa: PLC0415 - fused_linear imports us
-
-        return reference_chunk_loss(
-            z, ids, target_logprobs, mask, mode=mode, temperature=temperature, grad_scale=grad_scale
-        )
+        return _reference_chunk(z, ids, target_logprobs, mask, mode, temperature, grad_scale)
     grad = z if grad_scale is not None else None
     loss_rows, _ = launch_forward(
         z,
@@ -608,3 +604,18 @@ def loss_and_grad_chunk(z, ids, target_logprobs, mask, *, mode, temperature, gra
         grad_scale=grad_scale,
     )
     return loss_rows, grad
+
+
+def _reference_chunk(z, ids, target_logprobs, mask, mode, temperature, grad_scale):
+    """``loss_and_grad_chunk``'s contract through the torch reference and autograd (the
+    fallback for a kernel that failed its self-check): (loss_rows float32 [n], dz [n, V] or None)."""
+    kwargs = dict(mode=mode, temperature=temperature, mask=mask, reduction="none")
+    if grad_scale is None:
+        with torch.no_grad():
+            return sparse_kl_reference(z, ids, target_logprobs, **kwargs).float(), None
+    leaf = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        rows = sparse_kl_reference(leaf, ids, target_logprobs, **kwargs)
+        weights = grad_scale.to(rows.dtype).reshape(-1).expand(rows.shape[0])
+        (dz,) = torch.autograd.grad(rows, leaf, grad_outputs=weights)
+    return rows.detach().float(), dz
