@@ -294,26 +294,26 @@ def run(args) -> dict:
         "decode_ms": 1000 * statistics.median(decode),
         "losses": {},
     }
+    # Time ratios and tokens/s: on CPU from the process's CPU time, which other jobs on a
+    # shared machine do not inflate (one torch thread: CPU time is the step's work); on CUDA
+    # from wall time.
+    clock = "step_ms" if device.type == "cuda" else "step_cpu_ms"
     for name in losses:
-        med = statistics.median(times[name])
         result["losses"][name] = {
-            "step_ms": 1000 * med,
+            "step_ms": 1000 * statistics.median(times[name]),
             "step_cpu_ms": 1000 * statistics.median(cpu_times[name]),
             "step_ms_min": 1000 * min(times[name]),
             "step_ms_max": 1000 * max(times[name]),
-            "tokens_per_s": tokens / med,
             "first_loss": first_loss.get(name),
             **peaks.get(name, {}),
         }
+        result["losses"][name]["tokens_per_s"] = tokens / (result["losses"][name][clock] / 1000)
 
     def ratio(a, b, key):
         if a in result["losses"] and b in result["losses"] and key in result["losses"][b]:
             return result["losses"][a][key] / result["losses"][b][key]
         return None
 
-    # Time ratios: on CPU from the process's CPU time, which other jobs on a shared machine do
-    # not inflate (one torch thread: CPU time is the step's work); on CUDA from wall time.
-    clock = "step_ms" if device.type == "cuda" else "step_cpu_ms"
     result["time_ratios_from"] = "wall time" if device.type == "cuda" else "process CPU time"
     result["kd_over_ce"] = ratio("kd", "ce", clock)
     result["kd_plus_ce_over_ce"] = ratio("kd+ce", "ce", clock)

@@ -359,7 +359,7 @@ def collate_windows(items: list[WindowItem], *, skip_first_tokens: int = 0) -> d
         "labels": batch.next_tokens(skip_first_tokens),
         "loss_mask": mask,
         "teacher_ids": batch.ids,
-        "teacher_logprobs": batch.target_logprobs,
+        "teacher_logprobs": batch.teacher_logprobs,
         "window_ids": batch.window_ids,
         "stream_offsets": torch.tensor([i.stream_offset for i in items], dtype=torch.int64),
     }

@@ -23,6 +23,7 @@ from torch import nn
 from longkd.errors import LongkdError
 from longkd.kernels.fused_linear import fused_linear_sparse_kl
 from longkd.kernels.sparse_kl import cross_entropy_chunked, sparse_kl
+from longkd.kernels.temperature import Temperatures, retemper_targets
 
 IGNORE_INDEX = -100
 
@@ -48,6 +49,20 @@ def _rows(name: str, teacher_ids, teacher_logprobs, labels, mask, lead: tuple[in
     return ids, target, flat_mask, n
 
 
+def _tempered(target, ids, mode, temperature, cache_temperature, t2_scaling):
+    """The teacher's entries at the student's T and the KL's factor, exactly as the trainer's
+    loss terms take them (trainer/losses.py): (target_logprobs [N, K], kd_scale float)."""
+    temps = Temperatures(
+        cache=temperature if cache_temperature is None else cache_temperature,
+        student=temperature,
+        t2_scaling=t2_scaling,
+    )
+    target = retemper_targets(
+        target, ids, cache_temperature=temps.cache, temperature=temps.student, mode=mode
+    )
+    return target, temps.kd_scale
+
+
 def sparse_kl_loss(
     logits: torch.Tensor,
     teacher_ids: torch.Tensor,
@@ -61,6 +76,8 @@ def sparse_kl_loss(
     ce_weight: float = 0.0,
     impl: str = "auto",
     chunk_size: int = 2048,
+    cache_temperature: float | None = None,
+    t2_scaling: bool = True,
 ) -> torch.Tensor:
     """``kd_weight * sparse_kl(teacher || student) + ce_weight * cross_entropy``, meaned over trained rows.
 
@@ -78,6 +95,10 @@ def sparse_kl_loss(
         impl: "auto" (the CUDA kernel for CUDA logits when CuPy is there, else the torch
             reference), "reference" or "cupy".
         chunk_size: rows per chunk of the torch reference and of the cross-entropy.
+        cache_temperature: T_c of the stored log-probs (``dataset.temperature``); None = T.
+            At T != T_c the teacher's entries are re-tempered within K, as ``longkd train``
+            does (bucket mode refuses it; docs/loss.md, "Temperature").
+        t2_scaling: multiply the KL by T^2 (``loss.t2_scaling``, on by default as in ``longkd train``).
 
     Returns:
         float32 scalar with a graph to ``logits``.
@@ -97,11 +118,12 @@ def sparse_kl_loss(
     ids, target, mask, n = _rows(name, teacher_ids, teacher_logprobs, labels, mask, lead)
     flat = logits.reshape(n, logits.shape[-1])
     loss = flat.new_zeros((), dtype=torch.float32)
+    target, kd_scale = _tempered(target, ids, mode, temperature, cache_temperature, t2_scaling)
     if kd_weight > 0:
         kl = sparse_kl(
             flat, ids, target, mode=mode, temperature=temperature, mask=mask, impl=impl, chunk_size=chunk_size
         )
-        loss = loss + kd_weight * kl
+        loss = loss + kd_weight * kd_scale * kl
     if ce_weight > 0:
         targets = labels.reshape(n).long()
         if mask is not None:
@@ -114,7 +136,8 @@ class SparseKLLoss(nn.Module):
     """:func:`sparse_kl_loss` with its settings fixed, as a module.
 
     Args:
-        mode, temperature, kd_weight, ce_weight, impl, chunk_size: as for :func:`sparse_kl_loss`.
+        mode, temperature, kd_weight, ce_weight, impl, chunk_size, cache_temperature,
+            t2_scaling: as for :func:`sparse_kl_loss`.
     """
 
     def __init__(
@@ -125,10 +148,13 @@ class SparseKLLoss(nn.Module):
         ce_weight: float = 0.0,
         impl: str = "auto",
         chunk_size: int = 2048,
+        cache_temperature: float | None = None,
+        t2_scaling: bool = True,
     ):
         super().__init__()
         self.mode, self.temperature, self.impl, self.chunk_size = mode, float(temperature), impl, chunk_size
         self.kd_weight, self.ce_weight = float(kd_weight), float(ce_weight)
+        self.cache_temperature, self.t2_scaling = cache_temperature, bool(t2_scaling)
 
     def forward(
         self,
@@ -151,12 +177,15 @@ class SparseKLLoss(nn.Module):
             ce_weight=self.ce_weight,
             impl=self.impl,
             chunk_size=self.chunk_size,
+            cache_temperature=self.cache_temperature,
+            t2_scaling=self.t2_scaling,
         )
 
     def extra_repr(self) -> str:
         return (
             f"mode={self.mode!r}, temperature={self.temperature}, kd_weight={self.kd_weight}, "
-            f"ce_weight={self.ce_weight}, impl={self.impl!r}"
+            f"ce_weight={self.ce_weight}, impl={self.impl!r}, cache_temperature={self.cache_temperature}, "
+            f"t2_scaling={self.t2_scaling}"
         )
 
 
@@ -173,6 +202,8 @@ def fused_sparse_kl_loss(
     temperature: float = 1.0,
     chunk_size: int = 4096,
     logit_postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    cache_temperature: float | None = None,
+    t2_scaling: bool = True,
 ) -> torch.Tensor:
     """The sparse KL from the final hidden states and the LM head, never building [N, V] logits.
 
@@ -194,6 +225,7 @@ def fused_sparse_kl_loss(
         chunk_size: tokens per chunk; peak extra memory is about ``chunk_size * V`` logits.
         logit_postprocess: the model's own map from head output to logits, if it has one
             (Gemma 2's softcap: ``lambda z: cap * torch.tanh(z / cap)``).
+        cache_temperature, t2_scaling: as for :func:`sparse_kl_loss`.
 
     Returns:
         float32 scalar with a graph to ``hidden``, ``head_weight`` and ``head_bias``.
@@ -206,7 +238,8 @@ def fused_sparse_kl_loss(
         raise LongkdError(f"{name}: hidden must be a [..., d] tensor, e.g. [B, P, d]")
     lead = tuple(hidden.shape[:-1])
     ids, target, mask, n = _rows(name, teacher_ids, teacher_logprobs, labels, mask, lead)
-    return fused_linear_sparse_kl(
+    target, kd_scale = _tempered(target, ids, mode, temperature, cache_temperature, t2_scaling)
+    return kd_scale * fused_linear_sparse_kl(
         hidden.reshape(n, hidden.shape[-1]),
         head_weight,
         ids,

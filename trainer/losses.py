@@ -88,7 +88,7 @@ class LossTerms:
             t2_scaling=loss_cfg.t2_scaling,
         )
         ids = batch.ids.reshape(b * p, -1).long()
-        tlp = batch.target_logprobs.reshape(b * p, -1).float()
+        tlp = batch.teacher_logprobs.reshape(b * p, -1).float()
         return cls(
             ids=ids,
             target_logprobs=retemper_targets(

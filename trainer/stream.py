@@ -59,9 +59,9 @@ class WindowBatch:
         segment_starts: long [B, Smax], starts of packed samples (first is 0), -1 padded.
         ids: long [B, W, K], teacher token ids; -1 marks padding (sampled caches, where K is
             the batch's largest per-row entry count).
-        target_logprobs: float32 [B, W, K], teacher log-probs over the full vocabulary at the
+        teacher_logprobs: float32 [B, W, K], teacher log-probs over the full vocabulary at the
             cache's temperature (sampled caches: log(counts / draws)); -inf at padding.
-        target_logprob: float32 [B, W], teacher log-prob of the true next token; NaN where
+        next_token_logprob: float32 [B, W], teacher log-prob of the true next token; NaN where
             t >= length - 1.
         window_ids: long [B], pool indices: a cache's window_id plus the windows of the caches
             listed before it (equal to the window_id for a single cache).
@@ -72,8 +72,8 @@ class WindowBatch:
     lengths: torch.Tensor
     segment_starts: torch.Tensor
     ids: torch.Tensor
-    target_logprobs: torch.Tensor
-    target_logprob: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    next_token_logprob: torch.Tensor
     window_ids: torch.Tensor
 
     def _map(self, fn) -> WindowBatch:
@@ -115,8 +115,8 @@ class WindowBatch:
             lengths=self.lengths.clamp(max=p),
             segment_starts=starts[:, :width],
             ids=self.ids[:, :p],
-            target_logprobs=self.target_logprobs[:, :p],
-            target_logprob=self.target_logprob[:, :p],
+            teacher_logprobs=self.teacher_logprobs[:, :p],
+            next_token_logprob=self.next_token_logprob[:, :p],
             window_ids=self.window_ids,
         )
 
@@ -297,8 +297,10 @@ def collate(windows, pool_indices) -> WindowBatch:
         lengths=torch.tensor([win.length for win in windows], dtype=torch.int64),
         segment_starts=torch.from_numpy(starts),
         ids=torch.from_numpy(ids),
-        target_logprobs=torch.from_numpy(logprobs),
-        target_logprob=torch.from_numpy(np.stack([win.target_logprob for win in windows]).astype(np.float32)),
+        teacher_logprobs=torch.from_numpy(logprobs),
+        next_token_logprob=torch.from_numpy(
+            np.stack([win.target_logprob for win in windows]).astype(np.float32)
+        ),
         window_ids=torch.tensor(pool_indices, dtype=torch.int64),
     )
 

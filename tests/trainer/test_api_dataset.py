@@ -87,7 +87,7 @@ def test_batches_are_the_trainers_batches(caches, cache, prefix):
         assert torch.equal(batch["input_ids"], ref.input_ids)
         assert torch.equal(batch["position_ids"], ref.position_ids)
         assert torch.equal(batch["teacher_ids"], ref.ids)
-        assert torch.equal(batch["teacher_logprobs"], ref.target_logprobs)
+        assert torch.equal(batch["teacher_logprobs"], ref.teacher_logprobs)
         assert torch.equal(batch["loss_mask"], ref.loss_mask(skip))
         # labels written out: the next token where trained, -100 elsewhere
         want = torch.full((3, p), -100)

@@ -59,7 +59,7 @@ def test_function_and_module_match_the_oracle(mode, weights):
         labels != -100,
         mode=mode,
         temperature=temperature,
-        kd_weight=kd,
+        kd_weight=kd * temperature**2,  # T^2 scaling, on by default as in longkd train
         ce_weight=ce,
     )
     got = sparse_kl_loss(
@@ -70,6 +70,29 @@ def test_function_and_module_match_the_oracle(mode, weights):
     module = SparseKLLoss(mode=mode, temperature=temperature, kd_weight=kd, ce_weight=ce)
     assert torch.equal(module(logits, ids, tlp, labels), got)
     assert f"mode={mode!r}" in repr(module)
+
+
+@pytest.mark.parametrize("mode", ["renorm", "sampled"])
+def test_other_temperature_retempers_the_teacher_as_the_trainer_does(mode):
+    """At T != T_c the stored entries are re-tempered within K (p^(T_c/T), renormalised) and
+    the KL takes T^2, exactly as longkd train's loss terms; bucket mode refuses it."""
+    gen = torch.Generator().manual_seed(torch.seed())
+    logits, ids, tlp, labels = batch(mode, gen)
+    cache_t, T = 1.0, 2.0
+    p = tlp.double().exp().pow(cache_t / T).masked_fill(ids < 0, 0.0)
+    retempered = (p / p.sum(-1, keepdim=True)).log().float()
+    mask = labels != -100
+    want = expected(
+        logits, ids, retempered, labels, mask, mode=mode, temperature=T, kd_weight=T**2, ce_weight=0
+    )
+    got = sparse_kl_loss(logits, ids, tlp, labels, mode=mode, temperature=T, cache_temperature=cache_t)
+    assert float(got) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+    unscaled = sparse_kl_loss(
+        logits, ids, tlp, labels, mode=mode, temperature=T, cache_temperature=cache_t, t2_scaling=False
+    )
+    assert float(got) == pytest.approx(float(unscaled) * T**2, rel=1e-6)
+    with pytest.raises(LongkdError):
+        sparse_kl_loss(logits, ids, tlp, labels, mode="bucket", temperature=T, cache_temperature=cache_t)
 
 
 def test_explicit_mask_and_no_labels():

@@ -37,8 +37,8 @@ def model_and_batch(seed: int, cache_temperature: float):
         lengths=torch.tensor([P, P - 3]),
         segment_starts=torch.tensor([[0, 5], [0, -1]]),
         ids=ids,
-        target_logprobs=tlp,
-        target_logprob=torch.zeros(B, P),
+        teacher_logprobs=tlp,
+        next_token_logprob=torch.zeros(B, P),
         window_ids=torch.arange(B),
     )
     hidden = torch.randn(B, P, HIDDEN, generator=gen)
@@ -123,7 +123,7 @@ def test_retempered_kl_equals_the_kl_against_hand_retempered_entries(fused):
     )
     # by hand, in float64: p^(T_c / T) renormalised over K
     ids = batch.ids.reshape(B * P, K)
-    p = batch.target_logprobs.reshape(B * P, K).double().exp().pow(cache_t / T)
+    p = batch.teacher_logprobs.reshape(B * P, K).double().exp().pow(cache_t / T)
     tlp = (p / p.sum(1, keepdim=True)).log().float()
     mask = batch.loss_mask().reshape(-1)
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_retempered_kl_equals_the_kl_against_hand_retempered_entries(fused):
     want = sparse_kl_reference(logits, ids, tlp, mode="renorm", temperature=T, mask=mask)
     torch.testing.assert_close(kl, want, rtol=1e-6, atol=1e-7)
     # and not the KL against the entries as cached (what tempering the student alone gave)
-    stale = sparse_kl_reference(logits, ids, batch.target_logprobs.reshape(B * P, K), mode="renorm",
+    stale = sparse_kl_reference(logits, ids, batch.teacher_logprobs.reshape(B * P, K), mode="renorm",
                                 temperature=T, mask=mask)  # fmt: skip
     assert abs(float(stale) - float(kl)) > 0.05
 

@@ -173,7 +173,7 @@ def test_loss_equals_direct_computation(caches, tmp_path, t2_scaling):
             if start >= 0:
                 mask[i, start : start + 2] = False  # skip_first_tokens=2 at every packed sample
     flat = logits.reshape(b * p, -1)
-    ids, cached = batch.ids.reshape(b * p, -1), batch.target_logprobs.reshape(b * p, -1)
+    ids, cached = batch.ids.reshape(b * p, -1), batch.teacher_logprobs.reshape(b * p, -1)
     want_kl = renorm_kl_direct(flat, ids, cached, mask.reshape(-1), 1.5, 1.0)
     targets = torch.cat([batch.input_ids[:, 1:], torch.zeros(b, 1, dtype=torch.long)], 1).reshape(-1)
     want_ce = F.cross_entropy(flat.double()[mask.reshape(-1)], targets[mask.reshape(-1)])
