@@ -19,7 +19,9 @@ by round so machine load hits all alike:
 Peak memory of a step is measured per path: on CPU each path runs in its own subprocess
 (one warm-up step allocates the AdamW state, the RSS high-water mark is reset through
 /proc/self/clear_refs, then one step is measured); on CUDA with ``max_memory_allocated``.
-"step peak" is the peak above the memory held before the step (weights, AdamW state);
+"step peak" is the peak above the memory held before the step (weights, AdamW state), over
+the whole step and over its forward and backward alone (the optimizer's own temporaries,
+the same for every loss, come after: CPU AdamW allocates two of each parameter's size);
 "process peak" is the absolute one. On CPU the time ratios come from the process's CPU time
 (with one torch thread, the step's own work: other jobs on a shared machine do not inflate
 it); wall times are reported beside them. It also times decoding a batch from the cache (the
@@ -105,9 +107,11 @@ def _student(args, vocab: int):
     return model.float().train()
 
 
-def _step_fn(model, opt, batch, loss_name: str, amp: torch.dtype | None, chunk_size: int | None):
+def _step_fn(
+    model, opt, batch, loss_name: str, amp: torch.dtype | None, chunk_size: int | None, after_backward=None
+):
     """A closure doing one full optimizer step of ``model`` (optimizer ``opt``) on ``batch``
-    with the named loss."""
+    with the named loss; ``after_backward()`` is called between the backward and the clip."""
     from longkd.kernels.fused_linear import fused_linear_losses
     from longkd.models import lm_head_logits, logit_postprocess
     from longkd.trainer.config import LossConfig
@@ -149,6 +153,8 @@ def _step_fn(model, opt, batch, loss_name: str, amp: torch.dtype | None, chunk_s
         with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = loss_of(body_hidden(body, batch.input_ids, batch.position_ids))
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -194,30 +200,62 @@ def _load_batch(cache: Path, args, device):
 
 
 def peak_of(args) -> dict:
-    """One path's step peak, measured in this (fresh) process; see the module docstring."""
+    """One path's peaks, measured in this (fresh) process; see the module docstring.
+
+    Returns:
+        ``{"path", "step_peak_mib", "fwd_bwd_peak_mib", "process_peak_mib"}``: the peak above
+        the memory held before the step over the whole step, and over its forward and backward
+        alone (the optimizer's own temporaries, the same for every loss, come after), and the
+        process's absolute peak.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     vocab, batch, _ = _load_batch(Path(args.cache), args, device)
     model = _student(args, vocab).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step = _step_fn(model, opt, batch, args.peak_of, _amp(args, device), args.chunk_size)
-    step()  # warm-up: allocates the AdamW state
+    seen = {}
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        step_peak, process_peak = (peak - before) / 2**20, peak / 2**20
-        return {"path": args.peak_of, "step_peak_mib": step_peak, "process_peak_mib": process_peak}
-    before, _ = _rss_mib()
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-        f.write("5")
+
+        def peak_now():
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) / 2**20
+
+        def held_now():
+            torch.cuda.synchronize(device)
+            return torch.cuda.memory_allocated(device) / 2**20
+
+        def reset_peak():
+            torch.cuda.reset_peak_memory_stats(device)
+
+    else:
+
+        def peak_now():
+            return _rss_mib()[1]
+
+        def held_now():
+            return _rss_mib()[0]
+
+        def reset_peak():
+            with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+                f.write("5")
+
+    step = _step_fn(
+        model, opt, batch, args.peak_of, _amp(args, device), args.chunk_size,
+        after_backward=lambda: seen.setdefault("fwd_bwd", peak_now()),
+    )  # fmt: skip
+    step()  # warm-up: allocates the AdamW state
+    seen.clear()
+    before = held_now()
+    reset_peak()
     step()
-    _, hwm = _rss_mib()
-    return {"path": args.peak_of, "step_peak_mib": hwm - before, "process_peak_mib": hwm}
+    peak = peak_now()
+    return {
+        "path": args.peak_of,
+        "step_peak_mib": peak - before,
+        "fwd_bwd_peak_mib": seen["fwd_bwd"] - before,
+        "process_peak_mib": peak,
+    }
 
 
 def _peaks_in_subprocesses(args, cache: Path) -> dict:
@@ -321,6 +359,9 @@ def run(args) -> dict:
     result["kd_over_ce_wall"] = ratio("kd", "ce", "step_ms")
     result["fused_over_materialized_time_wall"] = ratio("kd", "kd-materialised", "step_ms")
     result["fused_peak_over_materialized_peak"] = ratio("kd", "kd-materialised", "step_peak_mib")
+    result["fused_fwd_bwd_peak_over_materialized_fwd_bwd_peak"] = ratio(
+        "kd", "kd-materialised", "fwd_bwd_peak_mib"
+    )
     result["fused_process_peak_over_materialized_process_peak"] = ratio(
         "kd", "kd-materialised", "process_peak_mib"
     )
@@ -330,13 +371,15 @@ def run(args) -> dict:
 def to_markdown(r: dict) -> str:
     ce = r["losses"].get("ce", {}).get("step_cpu_ms")
     lines = [
-        "| loss | wall ms (median) | min-max | CPU ms (median) | tokens/s | CPU vs ce | step peak "
-        "| process peak |",
+        "| loss | wall ms (median) | min-max | CPU ms (median) | tokens/s | CPU vs ce "
+        "| step peak (fwd+bwd) | process peak |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in r["losses"].items():
         vs = f"{m['step_cpu_ms'] / ce:.2f}x" if ce else ""
-        step_peak = f"{m['step_peak_mib']:,.0f} MiB" if "step_peak_mib" in m else ""
+        step_peak = (
+            f"{m['step_peak_mib']:,.0f} MiB ({m['fwd_bwd_peak_mib']:,.0f})" if "step_peak_mib" in m else ""
+        )
         proc_peak = f"{m['process_peak_mib']:,.0f} MiB" if "process_peak_mib" in m else ""
         lines.append(
             f"| {name} | {m['step_ms']:,.0f} | {m['step_ms_min']:,.0f}-{m['step_ms_max']:,.0f} "
