@@ -10,7 +10,9 @@ dataset fingerprint (sha256 over token ids in packing order) is computed while s
 Resume: ``build.json`` records every setting that determines the cache's bytes plus the
 teacher's identity hashes. Rerunning on the same ``--out`` with the same settings keeps the
 shards the progress ledger lists (and whose sha256 still matches), deletes anything else in
-``shards/``, repacks deterministically, skips the windows already written without running
+``shards/`` and the temporary files a killed run left, repacks deterministically, checks
+that the data still packs exactly the windows already written (a dataset edited between the
+kill and the rerun is refused rather than mixed in), skips those windows without running
 the teacher, and continues; the finished cache is byte-identical to an uninterrupted one.
 
 Ranks (``torchrun ... -m longkd cache build``, see cache/distributed.py and
@@ -33,22 +35,26 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from longkd.cache import format as fmt
 from longkd.cache.build_settings import DEFAULT_TOP_K, BuildSettings
 from longkd.cache.distributed import merge_shards
+from longkd.cache.ledger import ShardInfo
 from longkd.cache.manifest import (
     build_manifest,
     compare_build_record,
+    load_manifest,
     out_dir_state,
     recover_shards,
     write_manifest,
 )
-from longkd.cache.storage import Location
+from longkd.cache.storage import Location, os_reason
 from longkd.cache.writer import ShardWriter
 from longkd.devices import resolve_device
 from longkd.distributed import Group, env_world
 from longkd.errors import LongkdError
+from longkd.fileio import check_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -133,24 +139,105 @@ def build_cache(settings: BuildSettings, *, progress: bool | None = None, echo=p
 
 
 def _build(settings: BuildSettings, group: Group, device: str, progress: bool | None, echo) -> BuildResult:
+    """The build's phases in order: check --out, load the teacher and the data, start or resume
+    --out, pack and run the teacher, write the manifest."""
     from longkd.cache.data import load_samples
-    from longkd.cache.packing import Packer, PackingConfig, position_ids_for
-    from longkd.cache.teacher import SelectionConfig, Teacher
+    from longkd.cache.packing import Packer
 
     location = Location(settings.out)
+    stored, finished = _check_out(settings, group, location, echo)
+    if finished is not None:
+        return finished
+    teacher = _load_teacher(settings, device)
+    tokenizer = teacher.tokenizer
+    source = load_samples(
+        settings.data,
+        tokenizer=tokenizer,
+        text_field=settings.text_field,
+        input_ids_field=settings.input_ids_field,
+        split=settings.split,
+        streaming=settings.streaming,
+        shuffle=settings.shuffle,
+        seed=settings.seed,
+    )
+    tokenizer_info = dict(teacher.tokenizer_info())
+    existed = location.exists()
+    kept = _start_or_resume(settings, group, location, stored, teacher, tokenizer_info)
+    done = sum(info.rows for info in kept)
+    if kept:
+        echo(f"resuming {location.uri}: {len(kept)} shards, {done} windows already written")
+
+    packer = Packer(_packing_config(settings, tokenizer))
+    samples = _Fingerprint(source)
+    windows = packer.pack(samples)
+    mine = (w for w in _limit(windows, settings.max_windows) if w.window_id % settings.world == settings.rank)
+    mine = _recheck_consumed(mine, location, kept, settings.data)
+    run = _TeacherRun(settings, teacher)
+    writer = ShardWriter(
+        location,
+        selection_mode=settings.selection["mode"],
+        logprob_dtype=settings.logprob_dtype,
+        shard_size=settings.shard_size,
+        compression_level=settings.compression_level,
+        rank=settings.rank,
+        completed=kept,
+        stride=settings.world,
+    )
+    bar = _progress_bar(settings, progress)
+    started = time.perf_counter()
+    try:
+        shards = run.write_windows(mine, done, writer, bar)
+        if packer.stats.windows == 0:
+            raise LongkdError(
+                f"no window was packed from {settings.data}: the samples hold fewer than --window "
+                f"{settings.window} tokens (use a smaller --window or --tail pad)"
+            )
+    except LongkdError:
+        if stored is None and settings.world == 1 and not writer.completed:
+            _remove_new_out(location, existed)  # bad input found before a single shard: leave nothing
+        raise
+    dataset = dict(source.describe())
+    dataset.update(fingerprint=samples.digest.hexdigest(), samples=samples.count)
+    manifest = _merged_manifest(settings, group, location, teacher, tokenizer_info, packer, dataset, shards)
+    group.rank0(lambda: write_manifest(location, manifest))  # last, after every rank finished
+    elapsed = time.perf_counter() - started
+    if group.is_main:
+        _summary(echo, location, manifest, packer, run.tokens, elapsed)
+    else:
+        echo(f"rank {group.rank}: {run.windows} windows, {run.tokens} tokens this run")
+    return BuildResult(manifest, run.windows, run.tokens, elapsed, run.teacher_seconds)
+
+
+def _check_out(
+    settings: BuildSettings, group: Group, location: Location, echo
+) -> tuple[dict | None, BuildResult | None]:
+    """Agree on the settings, then look at --out (one rank looks, so every rank takes the same
+    branch): ``(build.json or None, the result when the cache is already complete or None)``.
+
+    Raises:
+        LongkdError: ranks started with different settings, or --out holds another build.
+    """
     # Before anything touches --out, so ranks started differently write nothing.
     group.agree({"settings": settings.content_settings()})
-    # One rank looks at --out, so every rank takes the same branch below.
     stored, complete = group.rank0(lambda: _out_state(location))
     if stored is not None:
         compare_build_record(location, stored, {"settings": settings.content_settings()})
         if complete:
-            manifest = json.loads(location.read_text(fmt.MANIFEST_NAME))
-            t = manifest.get("totals", {})
+            manifest = load_manifest(location)
+            t = manifest["totals"]
             echo(f"{location.uri} is already complete: {t.get('windows')} windows, {t.get('tokens')} tokens")
-            return BuildResult(manifest)
+            return stored, BuildResult(manifest)
+    return stored, None
 
-    import torch
+
+def _load_teacher(settings: BuildSettings, device: str):
+    """The teacher, checked against the window and the selection.
+
+    Raises:
+        LongkdError: the teacher does not load, the window exceeds its positions (without
+            --allow-extrapolation), or the top-k exceeds its vocabulary.
+    """
+    from longkd.cache.teacher import Teacher
 
     teacher = Teacher.load(
         settings.teacher, dtype=settings.dtype, device=device, trust_remote_code=settings.trust_remote_code
@@ -166,18 +253,26 @@ def _build(settings: BuildSettings, group: Group, device: str, progress: bool | 
         raise LongkdError(
             f"--top-k {selection['k']} exceeds the teacher's vocabulary ({teacher.embedding_size} logits)"
         )
-    tokenizer = teacher.tokenizer
-    source = load_samples(
-        settings.data,
-        tokenizer=tokenizer,
-        text_field=settings.text_field,
-        input_ids_field=settings.input_ids_field,
-        split=settings.split,
-        streaming=settings.streaming,
-        shuffle=settings.shuffle,
-        seed=settings.seed,
-    )
-    tokenizer_info = dict(teacher.tokenizer_info())
+    return teacher
+
+
+def _start_or_resume(
+    settings: BuildSettings,
+    group: Group,
+    location: Location,
+    stored: dict | None,
+    teacher,
+    tokenizer_info: dict,
+) -> list[ShardInfo]:
+    """Agree on the build record; write build.json to a new --out, or recover this rank's
+    completed shards from an existing one.
+
+    Returns:
+        The shards kept (empty for a new build).
+
+    Raises:
+        LongkdError: ranks load different teachers or tokenizers, or --out was built with them.
+    """
     record = {
         "format_version": fmt.FORMAT_VERSION,
         "settings": settings.content_settings(),
@@ -187,21 +282,28 @@ def _build(settings: BuildSettings, group: Group, device: str, progress: bool | 
     group.agree(record, "teacher or tokenizer")
     if stored is not None:
         compare_build_record(location, stored, record)
-        kept = recover_shards(location, settings.rank)
-    else:
+        return recover_shards(location, settings.rank)
 
-        def start() -> None:
+    def start() -> None:
+        try:
             location.makedirs()
             location.write_text_atomic(fmt.BUILD_NAME, json.dumps(record, indent=2) + "\n")
+        except (OSError, pa.ArrowException) as err:
+            raise LongkdError(
+                f"--out {location.uri}: cannot create the cache there ({os_reason(err)}); "
+                "choose a writable --out"
+            ) from err
 
-        group.rank0(start)
-        kept = []
-    done = sum(info.rows for info in kept)
-    if kept:
-        echo(f"resuming {location.uri}: {len(kept)} shards, {done} windows already written")
+    group.rank0(start)
+    return []
+
+
+def _packing_config(settings: BuildSettings, tokenizer):
+    """The packer's settings: the build's plus the tokenizer's pad and EOS ids."""
+    from longkd.cache.packing import PackingConfig
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    packing_config = PackingConfig(
+    return PackingConfig(
         window=settings.window,
         max_sample_tokens=settings.max_sample_tokens,
         overflow=settings.overflow,
@@ -211,78 +313,107 @@ def _build(settings: BuildSettings, group: Group, device: str, progress: bool | 
         pad_id=pad_id,
         eos_id=tokenizer.eos_token_id,
     )
-    packer = Packer(packing_config)
-    samples = _Fingerprint(source)
-    windows = packer.pack(samples)
-    mine = (w for w in _limit(windows, settings.max_windows) if w.window_id % settings.world == settings.rank)
-    select = SelectionConfig(
-        mode=selection["mode"], k=selection.get("k", DEFAULT_TOP_K), draws=selection.get("draws")
-    )
-    writer = ShardWriter(
-        location,
-        selection_mode=selection["mode"],
-        logprob_dtype=settings.logprob_dtype,
-        shard_size=settings.shard_size,
-        compression_level=settings.compression_level,
-        rank=settings.rank,
-        completed=kept,
-        stride=settings.world,
-    )
-    bar = _progress_bar(settings, progress)
-    started, computed_tokens, computed_windows, local = time.perf_counter(), 0, 0, 0
-    teacher_seconds = 0.0
-    try:
-        # Batches are formed over this rank's windows from the start, so a resumed run sees the
-        # same batch compositions (hence the same floating-point results) as an uninterrupted one.
-        for batch in _batches(mine, settings.batch_size):
-            first_local, local = local, local + len(batch)
-            if local <= done:
-                bar.update(len(batch))
-                continue
-            input_ids = torch.from_numpy(np.stack([w.input_ids for w in batch]).astype(np.int64))
-            positions = np.stack(
-                [position_ids_for(settings.window, w.segment_starts, settings.position_mode) for w in batch]
-            )
-            run_start = time.perf_counter()
-            rows = teacher.run(
-                input_ids,
-                torch.from_numpy(positions.astype(np.int64)),
-                [int(w.window_id) for w in batch],
-                select,
-                temperature=settings.temperature,
-                seed=settings.seed,
-                chunk_size=settings.chunk_size,
-            )
-            teacher_seconds += time.perf_counter() - run_start
-            for offset, (window, window_rows) in enumerate(zip(batch, rows, strict=True)):
-                if first_local + offset >= done:
-                    writer.put(window, window_rows)
-                    computed_tokens += int(window.length)
-                    computed_windows += 1
-            bar.update(len(batch))
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix_str(f"{computed_tokens / elapsed:,.0f} tok/s", refresh=False)
-        shards = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    if packer.stats.windows == 0:
-        raise LongkdError(
-            f"no window was packed from {settings.data}: the samples hold fewer than --window "
-            f"{settings.window} tokens (use a smaller --window or --tail pad)"
+
+
+class _TeacherRun:
+    """The teacher over this rank's windows, batch by batch, each window handed to the writer.
+
+    Attributes:
+        windows: windows computed (and written) so far.
+        tokens: real tokens in those windows.
+        teacher_seconds: time spent inside ``Teacher.run``.
+    """
+
+    def __init__(self, settings: BuildSettings, teacher):
+        from longkd.cache.teacher import SelectionConfig
+
+        self.settings, self.teacher = settings, teacher
+        selection = settings.selection
+        self.select = SelectionConfig(
+            mode=selection["mode"], k=selection.get("k", DEFAULT_TOP_K), draws=selection.get("draws")
         )
-    stats = packer.stats.to_dict()
-    dataset = dict(source.describe())
-    dataset.update(fingerprint=samples.digest.hexdigest(), samples=samples.count)
+        self.windows, self.tokens, self.teacher_seconds = 0, 0, 0.0
+
+    def write_windows(self, windows: Iterable, done: int, writer: ShardWriter, bar) -> list[ShardInfo]:
+        """Run the teacher on ``windows`` after the first ``done`` (already written) and close
+        the writer; on any failure the writer is aborted (its partial shard deleted).
+
+        Returns:
+            Every completed shard of this rank (the writer's).
+        """
+        settings = self.settings
+        started, local = time.perf_counter(), 0
+        try:
+            # Batches are formed over this rank's windows from the start, so a resumed run sees the
+            # same batch compositions (hence the same floating-point results) as an uninterrupted one.
+            for batch in _batches(windows, settings.batch_size):
+                first_local, local = local, local + len(batch)
+                if local <= done:
+                    bar.update(len(batch))
+                    continue
+                rows = self._run(batch)
+                for offset, (window, window_rows) in enumerate(zip(batch, rows, strict=True)):
+                    if first_local + offset >= done:
+                        writer.put(window, window_rows)
+                        self.tokens += int(window.length)
+                        self.windows += 1
+                bar.update(len(batch))
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
+            return writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+
+    def _run(self, batch: list) -> list:
+        """``Teacher.run`` on one batch of packed windows (timed)."""
+        import torch
+
+        from longkd.cache.packing import position_ids_for
+
+        settings = self.settings
+        input_ids = torch.from_numpy(np.stack([w.input_ids for w in batch]).astype(np.int64))
+        positions = np.stack(
+            [position_ids_for(settings.window, w.segment_starts, settings.position_mode) for w in batch]
+        )
+        run_start = time.perf_counter()
+        rows = self.teacher.run(
+            input_ids,
+            torch.from_numpy(positions.astype(np.int64)),
+            [int(w.window_id) for w in batch],
+            self.select,
+            temperature=settings.temperature,
+            seed=settings.seed,
+            chunk_size=settings.chunk_size,
+        )
+        self.teacher_seconds += time.perf_counter() - run_start
+        return rows
+
+
+def _merged_manifest(
+    settings: BuildSettings,
+    group: Group,
+    location: Location,
+    teacher,
+    tokenizer_info: dict,
+    packer,
+    dataset: dict,
+    shards: list[ShardInfo],
+) -> dict:
+    """The finished cache's manifest over every rank's shards.
+
+    Raises:
+        LongkdError: the ranks packed different data.
+    """
     parts = group.all_gather({"shards": [s.to_dict() for s in shards], "fingerprint": dataset["fingerprint"]})
     if len({part["fingerprint"] for part in parts}) > 1:
         raise LongkdError(
             f"the ranks packed different data (dataset fingerprints differ) from {settings.data}; "
             "the dataset must read identically on every rank"
         )
-    manifest = build_manifest(
+    return build_manifest(
         teacher={**teacher.identity(), "dtype": settings.dtype},
         tokenizer=tokenizer_info,
         embedding_size=teacher.embedding_size,
@@ -296,9 +427,9 @@ def _build(settings: BuildSettings, group: Group, device: str, progress: bool | 
             "shuffle": settings.shuffle,
             "seed": settings.seed,
             "tail": settings.tail,
-            "stats": stats,
+            "stats": packer.stats.to_dict(),
         },
-        selection=selection,
+        selection=settings.selection,
         temperature=settings.temperature,
         encoding={
             "ids": "int32",
@@ -313,19 +444,83 @@ def _build(settings: BuildSettings, group: Group, device: str, progress: bool | 
         dataset=dataset,
         shards=merge_shards([part["shards"] for part in parts], location.uri),
     )
-    group.rank0(lambda: write_manifest(location, manifest))  # last, after every rank finished
-    elapsed = time.perf_counter() - started
-    if group.is_main:
-        _summary(echo, location, manifest, packer, computed_tokens, elapsed)
-    else:
-        echo(f"rank {group.rank}: {computed_windows} windows, {computed_tokens} tokens this run")
-    return BuildResult(manifest, computed_windows, computed_tokens, elapsed, teacher_seconds)
 
 
 def _out_state(location: Location) -> tuple[dict | None, bool]:
-    """(build.json or None, whether manifest.json exists) of --out."""
+    """(build.json or None, whether manifest.json exists) of --out.
+
+    Raises:
+        LongkdError: --out is (below) a regular file, in a place that is not writable, or holds
+            something other than a longkd build.
+    """
+    if location.is_local:
+        check_out_dir(location.root, "--out")
     stored = out_dir_state(location)
     return stored, stored is not None and location.is_file(fmt.MANIFEST_NAME)
+
+
+def _remove_new_out(location: Location, existed: bool) -> None:
+    """Undo the start of a build that failed before completing a shard: build.json, the empty
+    shards/ and progress/ folders, and --out itself when this run created it."""
+    location.delete(fmt.BUILD_NAME)
+    for folder in (fmt.SHARDS_DIR, fmt.PROGRESS_DIR):
+        if location.is_dir(folder) and not location.listdir(folder):
+            location.fs.delete_dir(location.path(folder))
+    if not existed and not location.listdir():
+        location.fs.delete_dir(location.path())
+
+
+def _stored_windows(location: Location, shards: list[ShardInfo]) -> Iterator[tuple]:
+    """``(shard path, window_id, length, input_ids, segment_starts)`` of every row of
+    ``shards``, in order, reading only those four columns."""
+    for info in shards:
+        source = location.open_input(info.path)
+        schema = pa.ipc.open_file(source).schema
+        columns = [fmt.WINDOW_ID, fmt.LENGTH, fmt.INPUT_IDS, fmt.SEGMENT_STARTS]
+        options = pa.ipc.IpcReadOptions(included_fields=[schema.get_field_index(c) for c in columns])
+        reader = pa.ipc.open_file(source, options=options)
+        for b in range(reader.num_record_batches):
+            batch = reader.get_batch(b)
+            ids, lengths = batch.column(fmt.WINDOW_ID), batch.column(fmt.LENGTH)
+            inputs, starts = batch.column(fmt.INPUT_IDS), batch.column(fmt.SEGMENT_STARTS)
+            for r in range(batch.num_rows):
+                yield (
+                    info.path,
+                    int(ids[r].as_py()),
+                    int(lengths[r].as_py()),
+                    inputs[r].values.to_numpy(zero_copy_only=False),
+                    starts[r].values.to_numpy(zero_copy_only=False),
+                )
+
+
+def _recheck_consumed(windows: Iterable, location: Location, kept: list[ShardInfo], data: str) -> Iterator:
+    """Pass this rank's packed windows through, checking the first ones against those the kept
+    shards already hold, so a dataset that changed since the build started is refused before
+    the teacher runs on a single new window.
+
+    Raises:
+        LongkdError: a window packs other tokens than the stored one, or the data now packs
+            fewer windows than were written.
+    """
+    stored = _stored_windows(location, kept)
+    changed = (
+        f"--data {data} changed since this build started: restore the data the build started "
+        "with, or build into a new --out"
+    )
+    for window in windows:
+        expected = next(stored, None)
+        if expected is not None:
+            path, window_id, length, input_ids, segment_starts = expected
+            if not (
+                int(window.window_id) == window_id
+                and int(window.length) == length
+                and np.array_equal(np.asarray(window.input_ids), input_ids)
+                and np.array_equal(np.asarray(window.segment_starts), segment_starts)
+            ):
+                raise LongkdError(f"{changed} (window {window_id} of {path} now packs other tokens)")
+        yield window
+    if next(stored, None) is not None:
+        raise LongkdError(f"{changed} (it now packs fewer windows than the shards already hold)")
 
 
 def _limit(windows: Iterable, max_windows: int | None) -> Iterator:

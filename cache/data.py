@@ -23,6 +23,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,7 +102,8 @@ class SampleSource:
                 not a sequence of non-negative integers, or a streamed dataset is empty.
         """
         rows = 0
-        for batch in self.dataset.iter(batch_size=TOKENIZE_BATCH):
+        batches = iter(self.dataset.iter(batch_size=TOKENIZE_BATCH))
+        while (batch := self._next_batch(batches, rows)) is not None:
             if self.field not in batch:
                 raise LongkdError(_missing_field(self.source, self.field, list(batch)))
             values = batch[self.field]
@@ -113,6 +115,20 @@ class SampleSource:
             rows += len(values)
         if rows == 0:
             raise LongkdError(f"dataset {self.source} is empty: it yielded no rows; check the path and split")
+
+    def _next_batch(self, batches: Iterator[dict], first: int) -> dict | None:
+        """The next batch of rows (None at the end); a text that is not UTF-8 (found while
+        streaming) becomes one line naming the rows."""
+        try:
+            return next(batches)
+        except StopIteration:
+            return None
+        except UnicodeDecodeError as err:
+            raise LongkdError(
+                f"{self.source}: a text in rows {first}..{first + TOKENIZE_BATCH - 1} is not valid UTF-8 "
+                f"(byte {err.object[err.start : err.start + 1]!r}); re-encode the data as UTF-8 "
+                "(e.g. iconv -f latin1 -t utf-8)"
+            ) from err
 
     def _tokenize(self, texts: list, first_row: int) -> list[list[int]]:
         for offset, text in enumerate(texts):
@@ -207,6 +223,8 @@ def load_samples(
         raise LongkdError(_missing_field(source, field, columns))
     if not streaming and len(dataset) == 0:
         raise LongkdError(f"dataset {source} (split {split_used}) is empty; check the path and split")
+    if not streaming and input_ids_field is None:
+        _check_utf8(dataset, text_field, source)
     if shuffle:
         if streaming:
             dataset = dataset.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
@@ -342,6 +360,38 @@ def _looks_local(source: str) -> bool:
         or "\\" in source
         or _builder_of(source) is not None
     )
+
+
+def _check_utf8(dataset, field: str, source: str) -> None:
+    """Refuse a text column holding bytes that are not UTF-8, before anything is built from it.
+
+    The json and csv readers keep such bytes as they are; they would fail only when a row is
+    turned into Python text, after the build had started. One pass of Arrow's own validation.
+
+    Raises:
+        LongkdError: naming the first bad row and the fix.
+    """
+    import pyarrow as pa
+
+    table = getattr(getattr(dataset, "data", None), "table", None)
+    if table is None or field not in table.column_names:
+        return
+    column = table.column(field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return
+    offset = 0
+    for chunk in column.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid as err:
+            found = re.search(r"string index (\d+)", str(err))
+            last = offset + len(chunk) - 1
+            where = f"row {offset + int(found.group(1))}" if found else f"a row in {offset}..{last}"
+            raise LongkdError(
+                f"{source}: {where} of text field '{field}' is not valid UTF-8; re-encode the data as UTF-8 "
+                "(e.g. iconv -f latin1 -t utf-8)"
+            ) from err
+        offset += len(chunk)
 
 
 def _check_ids(row, source: str, field: str, index: int) -> list[int]:

@@ -1,32 +1,34 @@
-"""The cache ledger, ``manifest.json``: built, written last and atomically, loaded and validated.
+"""The cache's ``manifest.json``: built, written last and atomically, loaded and validated.
 
 A cache is finished exactly when its manifest exists, so the builder writes it only after
-every shard is complete, and readers refuse a directory without one. Loading validates the
-structure (docs/format.md) and that every shard path stays inside the cache directory, so a
-manifest cannot point a reader at arbitrary files.
+every shard is complete, and readers refuse a directory without one. Loading checks it against
+the one schema (cache/manifest_schema.py: types, ranges, nesting, string lengths, claimed
+sizes) and against the filesystem: every shard path stays inside the cache directory, also
+through symbolic links, and every shard has the size the manifest claims, so a manifest can
+neither point a reader at arbitrary files nor make it allocate for rows that are not there.
 
 The producer's own bookkeeping lives here too: ``build.json`` (the settings a build started
-with, compared on every rerun) and recovery of the shards a progress ledger lists, which is
-what makes an interrupted build resumable.
+with, compared on every rerun) and recovery of the shards a progress ledger
+(cache/ledger.py) lists, which is what makes an interrupted build resumable.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import posixpath
+
+import pyarrow as pa
+import pyarrow.fs as pafs
 
 from longkd import __version__
 from longkd.cache import format as fmt
-from longkd.cache.storage import Location
-from longkd.cache.writer import ShardInfo, read_ledger, write_ledger
-from longkd.errors import LongkdError
-
-REQUIRED_KEYS = (
-    "format_version", "producer", "created", "teacher", "tokenizer", "vocab", "window", "packing",
-    "selection", "temperature", "encoding", "dataset", "shards", "totals",
-)  # fmt: skip
-SHARD_KEYS = ("path", "rows", "tokens", "bytes", "sha256", "first_window")
+from longkd.cache import manifest_schema as schema
+from longkd.cache.ledger import ShardInfo, read_ledger, remove_ledger_temporaries, write_ledger
+from longkd.cache.storage import Location, os_reason
+from longkd.errors import LongkdError, one_line
+from longkd.fileio import is_temp_of, write_point
 
 
 def build_manifest(
@@ -79,16 +81,29 @@ def build_manifest(
 
 
 def write_manifest(location: Location, manifest: dict) -> None:
-    """Validate and write ``manifest.json`` atomically (temporary file, fsync, rename)."""
+    """Validate and write ``manifest.json`` atomically (temporary file, fsync, rename).
+
+    Raises:
+        LongkdError: the write failed (disk full, permissions); no manifest and no temporary
+            file are left, and rerunning the same build finishes the cache from its shards.
+    """
     validate_manifest(manifest, location.uri)
-    location.write_text_atomic(fmt.MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    try:
+        location.write_text_atomic(fmt.MANIFEST_NAME, text)
+    except (OSError, pa.ArrowException) as err:
+        raise LongkdError(
+            f"writing {location.uri}/{fmt.MANIFEST_NAME} failed ({os_reason(err)}); the shards are kept: "
+            "free space (or fix permissions) and rerun the same command to finish the cache"
+        ) from err
 
 
 def check_shard_path(path, where: str) -> str:
     """Return ``path`` if it is a relative POSIX path resolving inside the cache directory.
 
     Raises:
-        LongkdError: absolute, a URI, a backslash path, or escaping with ``..``.
+        LongkdError: absolute, a URI, a backslash path, escaping with ``..``, or a path or
+            component longer than the schema's limits.
     """
     if not isinstance(path, str) or not path:
         raise LongkdError(f"{where}: shard path {path!r} is not a non-empty string; the manifest is corrupt")
@@ -106,11 +121,16 @@ def check_shard_path(path, where: str) -> str:
             f"{where}: shard path {path!r} is not a relative path inside the cache directory; "
             "the manifest is corrupt or was edited, rebuild the cache"
         )
+    if len(path) > schema.MAX_PATH or any(len(part) > schema.MAX_NAME for part in path.split("/")):
+        raise LongkdError(
+            f"{where}: shard path {path[:40]!r}... is longer than {schema.MAX_PATH} characters or has a "
+            f"name over {schema.MAX_NAME}; the manifest is corrupt or was edited, rebuild the cache"
+        )
     return path
 
 
 def validate_manifest(manifest, where: str) -> dict:
-    """Check a manifest's structure (docs/format.md); return it unchanged.
+    """Check a manifest against the schema (cache/manifest_schema.py); return it unchanged.
 
     Args:
         manifest: the parsed JSON.
@@ -119,62 +139,87 @@ def validate_manifest(manifest, where: str) -> dict:
     Raises:
         LongkdError: naming the first problem found.
     """
+    name = f"{where}/{fmt.MANIFEST_NAME}"
     if not isinstance(manifest, dict):
-        raise LongkdError(f"{where}/manifest.json is not a JSON object; the cache is corrupt, rebuild it")
-    version = manifest.get("format_version")
-    if version != fmt.FORMAT_VERSION:
-        hint = (
-            "written by a newer longkd; upgrade longkd"
-            if isinstance(version, int) and version > 1
-            else ("not a longkd cache manifest")
-        )
-        raise LongkdError(
-            f"{where}/manifest.json has format_version {version!r} (this longkd reads 1): {hint}"
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise LongkdError(
-            f"{where}/manifest.json lacks {', '.join(missing)}; the cache is corrupt, rebuild it"
-        )
-    window = manifest["window"]
-    if not isinstance(window, int) or window <= 0:
-        raise LongkdError(f"{where}/manifest.json: window {window!r} is not a positive integer")
-    selection = manifest["selection"]
-    mode = selection.get("mode") if isinstance(selection, dict) else None
-    if mode == "topk":
-        size_key = "k"
-    elif mode == "sampled":
-        size_key = "draws"
-    else:
-        raise LongkdError(
-            f"{where}/manifest.json: selection {selection!r} has no valid mode (topk or sampled)"
-        )
-    if not isinstance(selection.get(size_key), int) or selection[size_key] <= 0:
-        raise LongkdError(
-            f"{where}/manifest.json: selection {size_key} {selection.get(size_key)!r} is not positive"
-        )
-    if manifest["encoding"].get("logprobs", "float32") not in fmt.LOGPROB_DTYPES:
-        raise LongkdError(
-            f"{where}/manifest.json: unknown logprobs encoding {manifest['encoding'].get('logprobs')!r}"
-        )
-    shards = manifest["shards"]
-    if not isinstance(shards, list):
-        raise LongkdError(f"{where}/manifest.json: shards is not a list")
-    for i, shard in enumerate(shards):
-        if not isinstance(shard, dict) or any(k not in shard for k in SHARD_KEYS):
-            raise LongkdError(
-                f"{where}/manifest.json: shard {i} lacks one of {', '.join(SHARD_KEYS)}; the cache is corrupt"
-            )
-        check_shard_path(shard["path"], f"{where}/manifest.json")
+        raise LongkdError(f"{name} is not a JSON object; the cache is corrupt, rebuild it")
+    schema.check_format_version(manifest.get("format_version"), name)
+    schema.check_document(manifest, schema.MANIFEST, name)
+    for shard in manifest["shards"]:
+        check_shard_path(shard["path"], name)
+    schema.check_manifest_rules(manifest, name)
     return manifest
 
 
-def load_manifest(location: Location) -> dict:
-    """Read and validate ``manifest.json``.
+def _read_json(location: Location, rel: str, limit: int, where: str):
+    """Parse the JSON file ``rel`` of ``location`` after checking that it stays inside the
+    directory and is not larger than ``limit`` bytes."""
+    check_inside(location, rel, where)
+    size = location.size(rel)
+    if size > limit:
+        raise LongkdError(f"{where} is {size} bytes, over the limit of {limit}; {schema.CORRUPT}")
+    try:
+        data = location.read_bytes(rel)
+    except OSError as err:
+        raise LongkdError(f"{where} cannot be read: {one_line(err)}") from err
+    return schema.parse_json(data, where)
+
+
+def check_inside(location: Location, rel: str, where: str) -> None:
+    """Refuse a file of a local cache that a symbolic link leads outside the cache directory.
+
+    Links that stay inside the directory are followed; object stores have no links.
 
     Raises:
-        LongkdError: no such directory, no manifest (an unfinished build), bad JSON, or an
-            invalid manifest.
+        LongkdError: ``rel`` resolves outside the cache directory.
+    """
+    if not location.is_local:
+        return
+    root = os.path.realpath(location.root)
+    try:
+        real = os.path.realpath(location.path(rel))
+    except (OSError, ValueError) as err:
+        raise LongkdError(f"{where}: {rel!r} cannot be resolved ({one_line(err)})") from err
+    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise LongkdError(
+            f"{where}: {rel} is a symbolic link leading outside the cache directory (to {real}); "
+            "a cache must hold its own files, copy them in"
+        )
+
+
+def check_shard_files(location: Location, manifest: dict) -> None:
+    """Check each listed shard against the filesystem: a regular file, inside the cache
+    directory (after following links), of exactly the size the manifest claims.
+
+    Raises:
+        LongkdError: naming the first shard that is missing, outside, or of another size.
+    """
+    name = f"{location.uri}/{fmt.MANIFEST_NAME}"
+    shards = manifest["shards"]
+    for shard in shards:
+        check_inside(location, shard["path"], name)
+    try:
+        infos = location.fs.get_file_info([location.path(shard["path"]) for shard in shards])
+    except (OSError, pa.ArrowException) as err:
+        raise LongkdError(f"{name}: the shard files cannot be listed ({one_line(err)})") from err
+    for shard, info in zip(shards, infos):
+        path = shard["path"]
+        if info.type == pafs.FileType.NotFound:
+            raise LongkdError(f"{name}: shard {path}: missing (listed in manifest.json but not on disk)")
+        if info.type != pafs.FileType.File:
+            raise LongkdError(f"{name}: shard {path}: not a regular file; {schema.CORRUPT}")
+        if info.size != shard["bytes"]:
+            raise LongkdError(
+                f"{name}: shard {path}: size is {info.size} bytes, manifest says {shard['bytes']} "
+                "(file truncated or changed); run `longkd cache verify` and rebuild the cache"
+            )
+
+
+def load_manifest(location: Location) -> dict:
+    """Read ``manifest.json`` and validate it against the schema and the shard files' sizes.
+
+    Raises:
+        LongkdError: no such directory, no manifest (an unfinished build), bad JSON, an
+            invalid manifest, or shards that are missing, linked from outside or of another size.
     """
     if not location.exists():
         raise LongkdError(f"{location.uri} does not exist; pass the --out directory of `longkd cache build`")
@@ -183,13 +228,23 @@ def load_manifest(location: Location) -> dict:
             f"{location.uri} is not a finished longkd cache (no manifest.json); "
             "rerun `longkd cache build` with the same --out to finish it"
         )
-    try:
-        manifest = json.loads(location.read_text(fmt.MANIFEST_NAME))
-    except ValueError as err:
-        raise LongkdError(
-            f"{location.uri}/manifest.json is not valid JSON ({err}); rebuild the cache"
-        ) from err
-    return validate_manifest(manifest, location.uri)
+    where = f"{location.uri}/{fmt.MANIFEST_NAME}"
+    manifest = validate_manifest(_read_json(location, fmt.MANIFEST_NAME, schema.MAX_MANIFEST_BYTES, where),
+                                 location.uri)  # fmt: skip
+    check_shard_files(location, manifest)
+    return manifest
+
+
+def load_build_record(location: Location) -> dict:
+    """Read ``build.json`` of an existing build and check it against the schema.
+
+    Raises:
+        LongkdError: unreadable, not JSON, or not the schema's build record.
+    """
+    where = f"--out {location.uri}/{fmt.BUILD_NAME}"
+    record = _read_json(location, fmt.BUILD_NAME, schema.MAX_BUILD_RECORD_BYTES, where)
+    schema.check_document(record, schema.BUILD_RECORD, where)
+    return record
 
 
 # ----------------------------------------------------------------- build.json and resume
@@ -234,8 +289,16 @@ def compare_build_record(location: Location, stored: dict, wanted: dict) -> None
             )
 
 
+def _is_root_temporary(name: str) -> bool:
+    """A temporary file of build.json or manifest.json that a killed run left in the cache root."""
+    return is_temp_of(name, {fmt.BUILD_NAME, fmt.MANIFEST_NAME}.__contains__)
+
+
 def out_dir_state(location: Location) -> dict | None:
     """build.json of an existing longkd build at ``location``, None when it is new/empty.
+
+    Temporary build.json / manifest.json files a killed run left are removed first, so a run
+    killed before its build.json was in place starts afresh rather than being refused.
 
     Raises:
         LongkdError: the directory exists, is not empty and is not a longkd build.
@@ -244,13 +307,12 @@ def out_dir_state(location: Location) -> dict | None:
         return None
     if not location.is_dir():
         raise LongkdError(f"--out {location.uri} exists and is not a directory; choose another --out")
+    location.remove_temporaries("", _is_root_temporary)
     if location.is_file(fmt.BUILD_NAME):
         try:
-            return json.loads(location.read_text(fmt.BUILD_NAME))
-        except ValueError as err:
-            raise LongkdError(
-                f"--out {location.uri}/build.json is unreadable ({err}); use another --out"
-            ) from err
+            return load_build_record(location)
+        except LongkdError as err:
+            raise LongkdError(f"{err} (or use another --out)") from err
     if location.listdir():
         raise LongkdError(
             f"--out {location.uri} exists, is not empty and is not a longkd cache; "
@@ -264,8 +326,8 @@ def recover_shards(location: Location, rank: int) -> list[ShardInfo]:
 
     Keeps the longest prefix of the progress ledger whose files exist with the recorded size
     and sha256 under the expected names, deletes every other file of that rank in shards/
-    (temporary files, shards the ledger does not list; rank 0 also removes foreign files),
-    and rewrites the ledger to the kept prefix.
+    (temporary files, shards the ledger does not list; rank 0 also removes foreign files) and
+    the rank's temporary ledger files, and rewrites the ledger to the kept prefix.
 
     Returns:
         The kept shards, in order.
@@ -284,5 +346,7 @@ def recover_shards(location: Location, rank: int) -> list[ShardInfo]:
     for name in location.listdir(fmt.SHARDS_DIR):
         if name not in keep and (tag in name or rank == 0 and "shard-" not in name):
             location.delete(f"{fmt.SHARDS_DIR}/{name}")
+            write_point("removed", location.path(f"{fmt.SHARDS_DIR}/{name}"))
+    remove_ledger_temporaries(location, rank)
     write_ledger(location, rank, kept)
     return kept

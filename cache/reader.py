@@ -5,8 +5,17 @@ Shards are Arrow IPC files, so a window is found by (shard, row) from the manife
 interleaves window ids, shard of rank r holding r, r+N, r+2N, ...) and read through
 ``pa.ipc.RecordBatchFileReader`` without scanning the file, so a cache on an object store is
 read with range requests, never downloaded whole.
-Sampled caches (ids + counts + row_splits) are expanded here into the same dense [W, K] view
-as top-k caches, so a trainer handles both alike.
+Sampled caches (ids + counts + row_splits) are expanded (cache/rows.py) into the same dense
+[W, K] view as top-k caches, so a trainer handles both alike.
+
+Every read is checked, since a cache may come from elsewhere: the manifest against its schema
+and the shard files' sizes when the reader opens, each shard's Arrow schema when it is first
+used, and each window's Arrow structure, checksum (format 2) and cheap row rules when it is
+read (cache/rows.py). A damaged window is a one-line :class:`~longkd.cache.rows.DamagedWindow`
+naming the shard and the window, or, with ``skip_damaged``, left out of :meth:`iter_windows`
+and counted. Format-1 caches have no per-window checksum: with ``full_pass`` (a caller that
+reads every window, such as training) each shard is checked against the manifest's sha256
+when it is first opened.
 
     from longkd.cache.reader import CacheReader
     reader = CacheReader("runs/cache")
@@ -16,17 +25,29 @@ as top-k caches, so a trainer handles both alike.
 from __future__ import annotations
 
 import bisect
+import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from longkd.cache import format as fmt
 from longkd.cache.manifest import load_manifest
+from longkd.cache.rows import (
+    BadShard,
+    DamagedWindow,
+    RowRules,
+    ShardFile,
+    UnreadableShard,
+    WindowColumns,
+    dense_rows,
+    read_columns,
+)
 from longkd.cache.storage import Location
 from longkd.errors import LongkdError
+
+log = logging.getLogger(__name__)
 
 _OPEN_SHARDS = 8  # open file handles kept for random access (at least 2 x stride, see CacheReader)
 
@@ -57,36 +78,6 @@ class CachedWindow:
     ids: np.ndarray
     logprobs: np.ndarray
     counts: np.ndarray | None
-
-
-def expand_sampled(
-    ids: np.ndarray, counts: np.ndarray, row_splits: np.ndarray, draws: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dense [W, Kmax] arrays from the ragged sampled encoding.
-
-    Args:
-        ids: int32[M] unique ids per row, concatenated.
-        counts: uint16[M] draws that hit each id.
-        row_splits: int32[W+1], row t owns entries [row_splits[t], row_splits[t+1]).
-        draws: N, the number of draws per row.
-
-    Returns:
-        ids int32[W, Kmax] (-1 padding), logprobs float32[W, Kmax] (log(counts / draws), -inf
-        padding), counts uint16[W, Kmax] (0 padding); Kmax is the largest row's entry count.
-    """
-    splits = np.asarray(row_splits, dtype=np.int64)
-    per_row = np.diff(splits)
-    w = per_row.shape[0]
-    kmax = int(per_row.max()) if w else 0
-    rows = np.repeat(np.arange(w), per_row)
-    cols = np.arange(splits[-1] - splits[0]) - np.repeat(splits[:-1] - splits[0], per_row)
-    out_ids = np.full((w, kmax), -1, dtype=np.int32)
-    out_counts = np.zeros((w, kmax), dtype=np.uint16)
-    out_ids[rows, cols] = ids
-    out_counts[rows, cols] = counts
-    with np.errstate(divide="ignore"):
-        out_logprobs = np.log(out_counts.astype(np.float64) / float(draws)).astype(np.float32)
-    return out_ids, out_logprobs, out_counts
 
 
 class WindowIndex:
@@ -146,11 +137,6 @@ class WindowIndex:
                 )
             self._chains[residue] = ([f for f, _ in chain], [i for _, i in chain])
 
-    @property
-    def contiguous(self) -> bool:
-        """True when shards in manifest order hold 0, 1, 2, ... (one producer rank)."""
-        return self.stride == 1 and self._chains[0][1] == sorted(self._chains[0][1])
-
     def locate(self, window_id: int) -> tuple[int, int]:
         """``(shard_index, row)`` of ``window_id``.
 
@@ -173,9 +159,15 @@ class CacheReader:
 
     Args:
         uri: the cache directory (local path or pyarrow.fs URI).
+        skip_damaged: :meth:`iter_windows` leaves damaged windows out (logging one line each
+            and listing them in ``damaged``) instead of raising; :meth:`read_window` always raises.
+        full_pass: the caller will read every window: shards of a format-1 cache (no
+            per-window checksum) are then checked against the manifest's sha256 when first opened.
 
     Attributes:
         manifest: the validated manifest dict.
+        version: its format version.
+        damaged: window ids :meth:`iter_windows` skipped (with ``skip_damaged``).
         window: W.
         num_windows: total windows.
         selection: ``{"mode": "topk", "k": K}`` or ``{"mode": "sampled", "draws": N}``.
@@ -184,12 +176,24 @@ class CacheReader:
         shards: the manifest's shard entries.
 
     Raises:
-        LongkdError: missing directory, an unfinished build (no manifest.json), an invalid manifest.
+        LongkdError: missing directory, an unfinished build (no manifest.json), an invalid
+            manifest, or shard files that are missing or of another size.
     """
 
-    def __init__(self, uri):
+    def __init__(self, uri, *, skip_damaged: bool = False, full_pass: bool = False):
         self.location = uri if isinstance(uri, Location) else Location(uri)
         self.manifest = load_manifest(self.location)
+        self.version = int(self.manifest["format_version"])
+        self.skip_damaged, self.full_pass = bool(skip_damaged), bool(full_pass)
+        self.damaged: list[int] = []
+        self.rules = RowRules.of(self.manifest)
+        self._schema = fmt.shard_schema(
+            self.manifest["selection"]["mode"],
+            self.manifest["encoding"].get("logprobs", "float32"),
+            self.version,
+        )
+        self._broken: dict[int, UnreadableShard] = {}  # shards that cannot be used at all
+        self._hashed: set[int] = set()  # format-1 shards whose sha256 matched
         self.window = int(self.manifest["window"])
         self.selection = dict(self.manifest["selection"])
         self.temperature = float(self.manifest["temperature"])
@@ -199,7 +203,7 @@ class CacheReader:
         self.num_windows = self.index.total
         # Reading in window-id order cycles through `stride` shards; keep them all open.
         self._max_open = max(_OPEN_SHARDS, 2 * self.index.stride)
-        self._open: OrderedDict[int, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = OrderedDict()
+        self._open: OrderedDict[int, ShardFile] = OrderedDict()
 
     def __len__(self) -> int:
         return self.num_windows
@@ -226,94 +230,100 @@ class CacheReader:
         """Window ids of shard ``shard``'s rows in row order, int64 [rows]."""
         return self.index.shard_windows(shard)
 
-    def _shard(self, shard: int, scan: bool = False) -> tuple[pa.ipc.RecordBatchFileReader, list[int]]:
+    def _shard(self, shard: int, scan: bool = False) -> ShardFile:
+        """Shard ``shard``, open. Without ``scan`` row r is taken to be batch r when the batch
+        count allows it (:class:`ShardFile`); read_window checks the window id it gets and
+        rescans if a foreign writer broke that assumption.
+
+        Raises:
+            UnreadableShard: the shard cannot be opened, has another schema, or (format 1 with
+                ``full_pass``) differs from the manifest's sha256; remembered, so a skipped
+                shard is not opened again for each of its windows.
+        """
+        if shard in self._broken:
+            raise self._broken[shard]
         if shard in self._open and not scan:
             self._open.move_to_end(shard)
             return self._open[shard]
-        path = self.shards[shard]["path"]
+        entry = self.shards[shard]
+        rows = None if scan else int(entry["rows"])
         try:
-            reader = pa.ipc.open_file(self.location.open_input(path))
-        except (OSError, pa.ArrowException) as err:
-            raise LongkdError(
-                f"cannot read shard {path} of {self.location.uri}: {err}; run `longkd cache verify`"
-            ) from err
-        if not scan and reader.num_record_batches == int(self.shards[shard]["rows"]):
-            # longkd writes one batch per window: row r is batch r, known without reading any
-            # batch (on an object store that would fetch the whole shard). read_window checks
-            # the window id it gets and rescans if a foreign writer broke the assumption.
-            starts = list(range(reader.num_record_batches))
-        else:
-            starts, total = [], 0
-            for i in range(reader.num_record_batches):
-                starts.append(total)
-                total += reader.get_batch(i).num_rows
-        self._open[shard] = (reader, starts)
+            if self.version < 2 and self.full_pass and shard not in self._hashed:
+                if self.location.sha256(entry["path"]) != entry["sha256"]:
+                    raise UnreadableShard(self.location, entry["path"], "sha256 differs from the manifest's")
+                self._hashed.add(shard)
+            opened = ShardFile(self.location, entry["path"], rows, schema=self._schema)
+        except OSError as err:
+            error = UnreadableShard(self.location, entry["path"], err)
+            self._broken[shard] = error
+            raise error from None
+        except UnreadableShard as err:
+            self._broken[shard] = err
+            raise
+        self._open[shard] = opened
         self._open.move_to_end(shard)
         if len(self._open) > self._max_open:
             self._open.popitem(last=False)
-        return reader, starts
+        return opened
 
     def read_window(self, index: int) -> CachedWindow:
-        """The window with global index ``index`` (equal to its window_id).
+        """The window with global index ``index`` (equal to its window_id), checked.
 
         Raises:
             IndexError: ``index`` outside ``[0, num_windows)``.
+            DamagedWindow: the window's bytes are damaged (Arrow structure, checksum, row rules).
+            UnreadableShard: its shard cannot be used at all.
             LongkdError: the shard does not hold that window where the manifest says.
         """
         shard, row = self.shard_of(index)
-        for scan in (False, True):
-            reader, starts = self._shard(shard, scan=scan)
-            b = bisect.bisect_right(starts, row) - 1
-            batch = reader.get_batch(b)
-            r = row - starts[b]
-            if r < batch.num_rows and batch.column(fmt.WINDOW_ID)[r].as_py() == index:
-                return self._decode(batch, r)
+        try:
+            for scan in (False, True):
+                batch, r = self._shard(shard, scan=scan).locate(row)
+                if r < batch.num_rows:
+                    columns = read_columns(batch, r, self.selection["mode"])
+                    self.rules.check_read(columns)
+                    if columns.window_id == index:
+                        return self._decode(columns)
+        except BadShard as bad:
+            raise DamagedWindow(self.location, self.shards[shard]["path"], index, str(bad)) from None
         raise LongkdError(
             f"shard {self.shards[shard]['path']} of {self.location.uri} does not hold window {index} "
             "at the row the manifest implies; run `longkd cache verify`"
         )
 
     def iter_windows(self, indices: Iterable[int] | None = None) -> Iterator[CachedWindow]:
-        """Windows in ``indices`` order (default: all, in window-id order; a one-rank cache
-        reads each batch once)."""
-        if indices is None and not self.index.contiguous:
-            indices = range(self.num_windows)
-        if indices is not None:
-            for index in indices:
-                yield self.read_window(int(index))
-            return
-        for shard in range(len(self.shards)):
-            reader, _ = self._shard(shard)
-            for b in range(reader.num_record_batches):
-                batch = reader.get_batch(b)
-                for row in range(batch.num_rows):
-                    yield self._decode(batch, row)
+        """Windows in ``indices`` order (default: all, in window-id order). With
+        ``skip_damaged`` a damaged window, or each window of an unreadable shard, is left out
+        and its id appended to ``damaged``.
 
-    def _decode(self, batch: pa.RecordBatch, row: int) -> CachedWindow:
-        def values(name: str) -> np.ndarray:
-            return batch.column(name)[row].values.to_numpy(zero_copy_only=False)
+        Raises:
+            DamagedWindow, UnreadableShard: without ``skip_damaged``, as :meth:`read_window`.
+        """
+        for index in range(self.num_windows) if indices is None else indices:
+            try:
+                window = self.read_window(int(index))
+            except (DamagedWindow, UnreadableShard) as err:
+                if not self.skip_damaged:
+                    raise
+                self.damaged.append(int(index))
+                log.warning("skipped damaged window %d: %s", int(index), err.reason)
+                continue
+            yield window
 
+    def _decode(self, columns: WindowColumns) -> CachedWindow:
         from longkd.cache.packing import position_ids_for
 
-        w = self.window
-        segment_starts = values(fmt.SEGMENT_STARTS).astype(np.int32)
-        ids = values(fmt.IDS).astype(np.int32)
-        if self.selection["mode"] == "topk":
-            k = int(self.selection["k"])
-            ids = ids.reshape(w, k)
-            logprobs = values(fmt.LOGPROBS).astype(np.float32).reshape(w, k)
-            counts = None
-        else:
-            ids, logprobs, counts = expand_sampled(
-                ids, values(fmt.COUNTS), values(fmt.ROW_SPLITS), int(self.selection["draws"])
-            )
+        segment_starts = columns.segment_starts.astype(np.int32)
+        ids, logprobs, counts = dense_rows(columns, self.window, self.selection)
         return CachedWindow(
-            window_id=int(batch.column(fmt.WINDOW_ID)[row].as_py()),
-            length=int(batch.column(fmt.LENGTH)[row].as_py()),
-            input_ids=values(fmt.INPUT_IDS).astype(np.int32),
+            window_id=columns.window_id,
+            length=columns.length,
+            input_ids=columns.input_ids.astype(np.int32),
             segment_starts=segment_starts,
-            position_ids=np.asarray(position_ids_for(w, segment_starts, self.position_mode), dtype=np.int64),
-            target_logprob=values(fmt.TARGET_LOGPROB).astype(np.float32),
+            position_ids=np.asarray(
+                position_ids_for(self.window, segment_starts, self.position_mode), dtype=np.int64
+            ),
+            target_logprob=columns.target_logprob.astype(np.float32),
             ids=ids,
             logprobs=logprobs,
             counts=counts,

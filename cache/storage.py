@@ -4,6 +4,9 @@ Writer, manifest, reader and verify only talk to a :class:`Location`, a director
 pyarrow filesystem addressed by relative POSIX paths, so one code path serves a local disk
 and object stores. Local paths get real durability (``fsync``) and atomic renames; object
 stores get whatever their "move" offers.
+
+Temporary files are named ``.tmp-...`` here as in longkd/fileio.py, and every instant between
+two writes calls ``fileio.write_point`` (a no-op outside fault-injection tests).
 """
 
 from __future__ import annotations
@@ -11,20 +14,26 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import uuid
 from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from longkd.errors import LongkdError, one_line
-from longkd.fileio import write_bytes_atomic
+from longkd.fileio import temp_file_name, write_bytes_atomic, write_point
 
 _HASH_BLOCK = 1 << 20
 
 
 def _is_uri(text: str) -> bool:
     return "://" in text
+
+
+def os_reason(err: BaseException) -> str:
+    """An ``OSError`` (or Arrow I/O error) as ``[Errno 28] No space left on device``, for messages."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"[Errno {err.errno}] {err.strerror}" if err.errno else err.strerror
+    return one_line(err, 200)
 
 
 class Location:
@@ -96,7 +105,9 @@ class Location:
 
     def move(self, src: str, dst: str) -> None:
         """Rename ``src`` to ``dst`` (atomic on local filesystems)."""
+        write_point("file-written", self.path(dst))
         self.fs.move(self.path(src), self.path(dst))
+        write_point("file-moved", self.path(dst))
 
     def open_input(self, rel: str) -> pa.NativeFile:
         """A random-access file for reading (what ``pa.ipc.open_file`` needs)."""
@@ -105,8 +116,11 @@ class Location:
     def open_output(self, rel: str) -> BinaryIO:
         """A writable binary file; ``sync_close`` makes its bytes durable before closing."""
         if self.is_local:
-            return open(self.path(rel), "wb")  # noqa: SIM115 (closed by sync_close)
-        return self.fs.open_output_stream(self.path(rel))
+            handle = open(self.path(rel), "wb")  # noqa: SIM115 (closed by sync_close)
+        else:
+            handle = self.fs.open_output_stream(self.path(rel))
+        write_point("file-opened", self.path(rel))
+        return handle
 
     @staticmethod
     def sync_close(handle) -> None:
@@ -136,16 +150,24 @@ class Location:
         if self.is_local:
             write_bytes_atomic(self.path(rel), data)
             return
-        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(rel)}")
+        tmp = posixpath.join(parent, temp_file_name(posixpath.basename(rel)))
         handle = self.open_output(tmp)
         try:
             handle.write(data)
             self.sync_close(handle)
+            self.move(tmp, rel)
         except BaseException:
             handle.close()
             self.delete(tmp)
             raise
-        self.move(tmp, rel)
+
+    def remove_temporaries(self, rel: str, match) -> list[str]:
+        """Delete the ``.tmp-`` files in directory ``rel`` for which ``match(name)`` holds
+        (what killed writers left); returns their names."""
+        names = [n for n in self.listdir(rel) if n.startswith(".tmp-") and match(n)]
+        for name in names:
+            self.delete(posixpath.join(rel, name) if rel else name)
+        return names
 
     def write_text_atomic(self, rel: str, text: str) -> None:
         self.write_bytes_atomic(rel, text.encode("utf-8"))

@@ -2,10 +2,11 @@
 
 ``ShardWriter.put`` queues ``(PackedWindow, TeacherRows)`` on a bounded queue (the producer
 blocks only when the queue is full, which bounds memory); a thread turns each window into a
-one-row Arrow record batch, appends it to an Arrow IPC file with zstd buffer compression
-under a temporary name, and when the file reaches ``shard_size`` bytes closes it, fsyncs,
-renames it to ``shards/shard-RRRRR-SSSSSS.arrow`` and appends it to the rank's progress
-ledger. The sha256 is computed on the bytes as they are written, so nothing is read back.
+one-row Arrow record batch (cache/rows.py), appends it to an Arrow IPC file with zstd buffer
+compression under a temporary name, and when the file reaches ``shard_size`` bytes closes it,
+fsyncs, renames it to ``shards/shard-RRRRR-SSSSSS.arrow`` and appends it to the rank's
+progress ledger (cache/ledger.py). The sha256 is computed on the bytes as they are written,
+so nothing is read back.
 
 A failure in the thread (disk full, permissions...) is re-raised in the caller's thread at
 the next ``put`` or at ``close`` as a :class:`LongkdError` naming the shard and the OS error.
@@ -14,16 +15,15 @@ the next ``put`` or at ``close`` as a :class:`LongkdError` naming the shard and 
 from __future__ import annotations
 
 import hashlib
-import json
 import queue
 import re
 import threading
-from dataclasses import asdict, dataclass
 
-import numpy as np
 import pyarrow as pa
 
 from longkd.cache import format as fmt
+from longkd.cache.ledger import ShardInfo, write_ledger
+from longkd.cache.rows import window_record_batch
 from longkd.cache.storage import Location
 from longkd.errors import LongkdError
 
@@ -54,84 +54,6 @@ def parse_size(value: int | str) -> int:
     if size <= 0:
         raise LongkdError(f"shard size must be positive, got {value!r}")
     return size
-
-
-@dataclass
-class ShardInfo:
-    """One completed shard, as the progress ledger and the manifest record it."""
-
-    path: str
-    rows: int
-    tokens: int
-    bytes: int
-    sha256: str
-    first_window: int
-    last_window: int
-    stride: int = 1  # window ids are first_window + stride * i (a build by N ranks: N)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _list_array(values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
-    """A one-element list array holding ``values`` (flattened)."""
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=type_)
-    return pa.ListArray.from_arrays(pa.array([0, len(flat)], type=pa.int32()), flat)
-
-
-def window_record_batch(window, rows, schema: pa.Schema) -> pa.RecordBatch:
-    """One window as a one-row record batch of ``schema`` (see docs/format.md).
-
-    Args:
-        window: a ``PackedWindow`` (``window_id``, ``input_ids`` int32[W], ``length``,
-            ``segment_starts`` int32[S]).
-        rows: the teacher's ``TeacherRows`` for it: top-k ``ids`` int32[W, K] and ``logprobs``
-            float32[W, K], or sampled ``ids`` int32[M], ``counts`` uint16[M], ``row_splits``
-            int32[W+1]; and ``target_logprob`` float32[W].
-        schema: from :func:`longkd.cache.format.shard_schema`.
-
-    Returns:
-        The record batch.
-
-    Raises:
-        ValueError: shapes that disagree with the window (a bug upstream, not a user error).
-    """
-    input_ids = np.asarray(window.input_ids, dtype=np.int32)
-    w = input_ids.shape[0]
-    length = int(window.length)
-    target = np.array(rows.target_logprob, dtype=np.float32, copy=True).reshape(-1)
-    if target.shape[0] != w:
-        raise ValueError(
-            f"window {window.window_id}: target_logprob has {target.shape[0]} rows, expected {w}"
-        )
-    # Rows whose next token is padding or beyond the window have no target (format rule).
-    target[max(length - 1, 0) :] = np.nan
-    ids = np.asarray(rows.ids)
-    columns = {
-        fmt.WINDOW_ID: pa.array([int(window.window_id)], type=pa.int64()),
-        fmt.LENGTH: pa.array([length], type=pa.int32()),
-        fmt.INPUT_IDS: _list_array(input_ids, pa.int32()),
-        fmt.SEGMENT_STARTS: _list_array(np.asarray(window.segment_starts, dtype=np.int32), pa.int32()),
-    }
-    if fmt.LOGPROBS in schema.names:
-        logprobs = np.asarray(rows.logprobs)
-        if ids.ndim != 2 or ids.shape[0] != w or logprobs.shape != ids.shape:
-            raise ValueError(f"window {window.window_id}: top-k ids {ids.shape} / logprobs {logprobs.shape}")
-        value_type = schema.field(fmt.LOGPROBS).type.value_type
-        columns[fmt.IDS] = _list_array(ids.astype(np.int32, copy=False), pa.int32())
-        columns[fmt.LOGPROBS] = _list_array(
-            logprobs.astype(value_type.to_pandas_dtype(), copy=False), value_type
-        )
-    else:
-        splits = np.asarray(rows.row_splits, dtype=np.int32)
-        counts = np.asarray(rows.counts)
-        if splits.shape != (w + 1,) or counts.shape != ids.shape or ids.ndim != 1:
-            raise ValueError(f"window {window.window_id}: sampled ids {ids.shape} counts {counts.shape}")
-        columns[fmt.IDS] = _list_array(ids.astype(np.int32, copy=False), pa.int32())
-        columns[fmt.COUNTS] = _list_array(counts.astype(np.uint16, copy=False), pa.uint16())
-        columns[fmt.ROW_SPLITS] = _list_array(splits, pa.int32())
-    columns[fmt.TARGET_LOGPROB] = _list_array(target, pa.float32())
-    return pa.RecordBatch.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 
 class _HashingFile:
@@ -169,8 +91,8 @@ class ShardWriter:
 
     Args:
         location: the cache directory.
-        selection_mode: ``"topk"`` or ``"sampled"``.
-        logprob_dtype: ``"float32"`` or ``"float16"`` (top-k value encoding).
+        selection_mode: a selection mode of cache/format.py: ``"topk"`` or ``"sampled"``.
+        logprob_dtype: a log-prob encoding of cache/format.py: ``"float32"`` or ``"float16"``.
         shard_size: roll over to a new shard once a file reaches this many bytes (int or "256MB").
         compression_level: zstd level (None: pyarrow's default, 1).
         rank: producer rank (shard names ``shard-RRRRR-*`` and ledger ``rank-RRRRR.jsonl``).
@@ -194,6 +116,7 @@ class ShardWriter:
     ):
         self.location = location
         self.schema = fmt.shard_schema(selection_mode, logprob_dtype)
+        self.selection_mode, self.logprob_dtype = selection_mode, logprob_dtype
         self.shard_size = parse_size(shard_size)
         level = fmt.DEFAULT_COMPRESSION_LEVEL if compression_level is None else int(compression_level)
         try:
@@ -318,7 +241,7 @@ class ShardWriter:
         )
 
     def _write(self, window, rows) -> None:
-        batch = window_record_batch(window, rows, self.schema)
+        batch = window_record_batch(window, rows, self.selection_mode, self.logprob_dtype)
         if self._current is None:
             self._open_shard()
         cur = self._current
@@ -356,22 +279,3 @@ class ShardWriter:
         self._next_index += 1
         write_ledger(self.location, self.rank, self.completed)
 
-
-def write_ledger(location: Location, rank: int, shards: list[ShardInfo]) -> None:
-    """Rewrite the rank's progress ledger atomically: one JSON line per completed shard."""
-    text = "".join(json.dumps(s.to_dict(), sort_keys=True) + "\n" for s in shards)
-    location.write_text_atomic(fmt.ledger_name(rank), text)
-
-
-def read_ledger(location: Location, rank: int) -> list[ShardInfo]:
-    """The rank's ledger entries in order; an unreadable trailing line ends the list."""
-    name = fmt.ledger_name(rank)
-    if not location.is_file(name):
-        return []
-    shards = []
-    for line in location.read_text(name).splitlines():
-        try:
-            shards.append(ShardInfo(**json.loads(line)))
-        except (ValueError, TypeError):
-            break
-    return shards

@@ -11,7 +11,10 @@ by ``longkd.kernels.sparse_kl.sparse_kl(impl="cupy")``). ``loss_and_grad_chunk``
 per-chunk loss of the fused-linear path.
 
 Launches go on torch's current stream and work on torch tensors by ``data_ptr`` (no copies,
-no host sync). Nothing here has run on a GPU yet; see docs/kernels.md.
+no host sync). The first use of each logits dtype on a device checks the kernel against the
+torch reference on a small random problem (``self_check``); a kernel that fails is not used.
+Nothing here has run on a GPU yet; in tests the same code runs the kernel on the CPU through
+kernels/host/ (``use_host_execution``). See docs/kernels.md.
 
     python -c "from longkd.kernels import cupy_kl as k; print(k.is_available(), k.unavailable_reason())"
 """
@@ -19,6 +22,9 @@ no host sync). Nothing here has run on a GPU yet; see docs/kernels.md.
 from __future__ import annotations
 
 import functools
+import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +32,63 @@ import torch
 
 from longkd.errors import LongkdError
 from longkd.kernels.loss_modes import MODES
+from longkd.kernels.reference import sparse_kl_reference
 from longkd.kernels.validation import validate_loss_args
 
 SOURCE_PATH = Path(__file__).with_name("sparse_kl.cu")
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-# Dynamic shared memory holds K fp32 values per block; 48 KiB is the limit without opting in.
-MAX_K = 48 * 1024 // 4
+# Dynamic shared memory holds K fp32 values per block. A block may use 48 KiB of shared memory
+# without opting in, static and dynamic together, and the forward kernel's block reduction
+# keeps 96 floats (`red` in sparse_kl.cu) in static shared memory.
+FWD_STATIC_SHARED_BYTES = 96 * 4
+MAX_K = (48 * 1024 - FWD_STATIC_SHARED_BYTES) // 4
 
 _state: dict = {}
+_self_checks: dict = {}  # (device, dtype) -> SelfCheck
+
+
+class CudaRuntime:
+    """What the launches take from CuPy and torch.cuda. ``set_runtime`` swaps it: in tests,
+    kernels/host/cupy_host.py puts a CPU stand-in with the same surface in its place."""
+
+    device_type = "cuda"
+    device_name = "CUDA"
+
+    def cupy(self):
+        import cupy  # noqa: PLC0415 - optional dependency, imported only when used
+
+        return cupy
+
+    def check_device(self) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA device")
+
+    def current_device(self):
+        return torch.cuda.current_device()
+
+    def stream(self, device: torch.device) -> int:
+        return torch.cuda.current_stream(device).cuda_stream
+
+
+_runtime = CudaRuntime()
+
+
+def set_runtime(runtime) -> CudaRuntime:
+    """Launch through ``runtime`` from now on; forgets compiled modules and checks.
+
+    Returns:
+        The runtime in use before.
+    """
+    global _runtime
+    previous, _runtime = _runtime, runtime
+    _module.cache_clear()
+    _state.clear()
+    _self_checks.clear()
+    return previous
 
 
 def _cupy():
-    import cupy  # noqa: PLC0415 - optional dependency, imported only when used
-
-    return cupy
+    return _runtime.cupy()
 
 
 @functools.cache
@@ -63,23 +112,55 @@ def is_available() -> bool:
     if "available" not in _state:
         try:
             _cupy()
-            if not torch.cuda.is_available():
-                raise RuntimeError("torch sees no CUDA device")
-            _function(torch.cuda.current_device(), "fwd", torch.float32)
+            _runtime.check_device()
+            _function(_runtime.current_device(), "fwd", torch.float32)
             _state["available"], _state["reason"] = True, ""
         except Exception as exc:  # any failure means "use the reference", with the reason kept
             _state["available"], _state["reason"] = False, f"{type(exc).__name__}: {exc}"
     return _state["available"]
 
 
-def unavailable_reason() -> str:
-    """Why ``is_available()`` is False ("" when it is True)."""
-    is_available()
-    return _state["reason"]
+def unavailable_reason(logits: torch.Tensor | None = None) -> str:
+    """Why ``is_available()`` is False, or why the kernel is not used for ``logits`` ("" if it is)."""
+    if not is_available() or logits is None:
+        return _state["reason"]
+    check = _self_checks.get((str(logits.device), logits.dtype))
+    return "" if check is None or check.passed else f"self-check failed: {check.describe()}"
+
+
+def runs_on(logits: torch.Tensor) -> bool:
+    """Whether ``logits`` are on the kind of device the kernel launches on (CUDA, or the CPU
+    under host execution)."""
+    return logits.device.type == _runtime.device_type
+
+
+def ready_for(logits: torch.Tensor) -> bool:
+    """Whether the kernel will be used for these logits: available, on its kind of device, a
+    supported dtype, and its self-check for this device and dtype passed (run on first use;
+    a failure warns once and the callers fall back to the torch reference)."""
+    if not runs_on(logits) or logits.dtype not in _SUFFIX or not is_available():
+        return False
+    return _checked(logits.device, logits.dtype)
+
+
+def _checked(device: torch.device, dtype: torch.dtype) -> bool:
+    """The self-check's verdict for (device, dtype), running it the first time."""
+    key = (str(device), dtype)
+    if key not in _self_checks:
+        _self_checks[key] = check = self_check(dtype, device)
+        if not check.passed:
+            warnings.warn(
+                f"sparse_kl: the CUDA kernel failed its self-check ({check.describe()}); "
+                "using the torch reference for these logits",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    return _self_checks[key].passed
 
 
 def warmup(dtypes=(torch.float32, torch.bfloat16, torch.float16), device=None) -> None:
-    """Compile and load the kernels ahead of time, keeping first-call cost out of training.
+    """Compile and load the kernels and run their self-checks ahead of time, keeping first-call
+    cost out of training (a failed self-check warns, and the reference is used for that dtype).
 
     Args:
         dtypes: logits dtypes to prepare.
@@ -90,12 +171,127 @@ def warmup(dtypes=(torch.float32, torch.bfloat16, torch.float16), device=None) -
     """
     if not is_available():
         raise LongkdError(f"CuPy sparse-KL kernel unavailable ({unavailable_reason()}); use impl='reference'")
-    index = torch.device(device).index if device is not None else torch.cuda.current_device()
+    device = torch.device(device) if device is not None else _default_device()
     for dtype in dtypes:
         if dtype not in _SUFFIX:
             raise LongkdError(f"warmup: unsupported dtype {dtype}; use float32, bfloat16 or float16")
         for kind in ("fwd", "bwd"):
-            _function(index, kind, dtype)
+            _function(device.index, kind, dtype)
+        _checked(device, dtype)
+
+
+def _default_device() -> torch.device:
+    index = _runtime.current_device()
+    return (
+        torch.device(_runtime.device_type, index) if index is not None else torch.device(_runtime.device_type)
+    )
+
+
+# Self-check bounds per logits dtype, (loss, gradient), on errors relative to the reference's
+# largest |value|. Both sides see the same fp32 values, so the loss differs by summation order
+# and fast exp only; the kernel's gradient is rounded once to the logits' dtype (2^-24, 2^-8,
+# 2^-11 relative). A shifted index gives errors hundreds of times larger.
+SELF_CHECK_TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (1e-4, 1e-2),
+    torch.float16: (1e-4, 2e-3),
+}
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """Outcome of ``self_check``: errors relative to the reference's largest |value|, or the
+    exception the kernel raised (``failure``)."""
+
+    dtype: torch.dtype
+    device: str
+    loss_error: float
+    grad_error: float
+    seconds: float
+    failure: str = ""
+
+    @property
+    def passed(self) -> bool:
+        loss_tol, grad_tol = SELF_CHECK_TOLERANCES[self.dtype]
+        return not self.failure and self.loss_error <= loss_tol and self.grad_error <= grad_tol
+
+    def describe(self) -> str:
+        what = f"{self.dtype} on {self.device}"
+        if self.failure:
+            return f"{what}: {self.failure}"
+        loss_tol, grad_tol = SELF_CHECK_TOLERANCES[self.dtype]
+        return (
+            f"{what}: largest loss error {self.loss_error:.2e} (bound {loss_tol:.0e}), largest gradient "
+            f"error {self.grad_error:.2e} (bound {grad_tol:.0e}), relative to the reference"
+        )
+
+
+def _self_check_problem(dtype, device):
+    """6 rows over V = 517 (odd: rows start off 16-byte boundaries, ragged tails), K = 9 with
+    padding and one row without targets, one masked row; a private generator, so the check
+    leaves torch's global random state alone."""
+    gen = torch.Generator().manual_seed(1729)
+    N, V, K = 6, 517, 9
+    logits = (torch.randn(N, V, generator=gen) * 3).to(dtype)
+    tlp, ids = torch.log_softmax(torch.randn(N, V, generator=gen) * 2, dim=-1).topk(K, dim=-1)
+    pad = torch.zeros(N, K, dtype=torch.bool)
+    pad[1, -3:] = True
+    pad[4] = True
+    ids = ids.masked_fill(pad, -1)
+    tlp = tlp.masked_fill(pad, float("-inf"))
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[2] = False
+    row_scale = torch.rand(N, generator=gen) + 0.5
+    return [t.to(device) for t in (logits, ids, tlp, mask, row_scale)]
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    diff = (got.float() - want).abs().nan_to_num(nan=float("inf")).max()
+    return float(diff / want.abs().max().clamp_min(1e-6))
+
+
+def self_check(dtype: torch.dtype, device=None) -> SelfCheck:
+    """Run the kernel on a small random problem and compare it with the torch reference.
+
+    Two launches patterns are checked: the two-pass bucket loss (forward, then backward from
+    its stats with a scalar grad_scale) and the same-pass renorm loss (the forward writing the
+    gradient, per-row grad_scale), at T = 1.25. Milliseconds on a GPU.
+
+    Args:
+        dtype: logits dtype (float32, bfloat16, float16).
+        device: where to run (default: the runtime's current device).
+
+    Returns:
+        A ``SelfCheck``; ``.passed`` says whether the kernel is within ``SELF_CHECK_TOLERANCES``.
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    start = time.perf_counter()
+    T = 1.25
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            logits, ids, tlp, mask, row_scale = _self_check_problem(dtype, device)
+            scale = torch.full((1,), 0.5, device=device)
+            loss_b, stats = launch_forward(logits, ids, tlp, mask, mode="bucket", temperature=T)
+            grad_b = torch.empty_like(logits)
+            launch_backward(logits, ids, tlp, mask, stats, grad_b, scale, temperature=T)
+            grad_r = torch.empty_like(logits)
+            loss_r, _ = launch_forward(
+                logits, ids, tlp, mask, mode="renorm", temperature=T, grad=grad_r, grad_scale=row_scale
+            )
+            loss_error = grad_error = 0.0
+            runs = (("bucket", loss_b, grad_b, scale), ("renorm", loss_r, grad_r, row_scale))
+            for mode, loss, grad, s in runs:
+                leaf = logits.detach().float().requires_grad_(True)
+                rows = sparse_kl_reference(
+                    leaf, ids, tlp, mode=mode, temperature=T, mask=mask, reduction="none"
+                )
+                rows.backward(s.expand_as(rows))
+                loss_error = max(loss_error, _relative_error(loss, rows.detach()))
+                grad_error = max(grad_error, _relative_error(grad, leaf.grad))
+    except Exception as exc:  # a kernel that cannot run at all fails its check, with the reason
+        return SelfCheck(dtype, str(device), float("inf"), float("inf"), time.perf_counter() - start,
+                         f"{type(exc).__name__}: {exc}")  # fmt: skip
+    return SelfCheck(dtype, str(device), loss_error, grad_error, time.perf_counter() - start)
 
 
 def _threads(V: int) -> int:
@@ -131,12 +327,19 @@ def check_kernel_inputs(logits, ids, target_logprobs, mask):
         raise LongkdError(
             f"sparse_kl: K={ids.shape[1]} exceeds the kernel's limit {MAX_K}; use impl='reference'"
         )
+    if logits.dtype not in _SUFFIX:
+        raise LongkdError(
+            f"sparse_kl: the kernel takes float32, bfloat16 or float16 logits, not {logits.dtype}; "
+            "use impl='reference'"
+        )
     tensors = {"logits": logits, "ids": ids, "target_logprobs": target_logprobs, "mask": mask}
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.device != logits.device or t.device.type != "cuda":
-            raise LongkdError(f"sparse_kl: {name} must be on the logits' CUDA device, found {t.device}")
+        if t.device != logits.device or t.device.type != _runtime.device_type:
+            raise LongkdError(
+                f"sparse_kl: {name} must be on the logits' {_runtime.device_name} device, found {t.device}"
+            )
         if not t.is_contiguous():
             raise LongkdError(f"sparse_kl: {name} must be contiguous; call .contiguous() first")
 
@@ -252,7 +455,7 @@ def _launch(fn, logits, N, V, K, args):
     if V >= 2**31:
         raise LongkdError(f"sparse_kl: V={V} does not fit the kernel's 32-bit column index")
     cupy = _cupy()
-    stream = torch.cuda.current_stream(logits.device).cuda_stream
+    stream = _runtime.stream(logits.device)
     with cupy.cuda.Device(logits.device.index), cupy.cuda.ExternalStream(stream):
         fn((N,), (_threads(V),), args, shared_mem=4 * K)
 
@@ -339,7 +542,8 @@ def sparse_kl_cupy(
         float32 scalar, or [N] for reduction="none".
 
     Raises:
-        LongkdError: on bad shapes, dtypes, devices, non-contiguous inputs, or K > MAX_K.
+        LongkdError: on bad shapes, dtypes, devices, non-contiguous inputs, K > MAX_K, or a
+            kernel that is unavailable or failed its self-check for these logits.
     """
     validate_loss_args(
         logits, ids, target_logprobs, mode=mode, temperature=temperature, mask=mask,
@@ -362,8 +566,9 @@ def cupy_on_validated(
             kernel cannot run here.
     """
     check_kernel_inputs(logits, ids, target_logprobs, mask)
-    if not is_available():
-        raise LongkdError(f"CuPy sparse-KL kernel unavailable ({unavailable_reason()}); use impl='reference'")
+    if not ready_for(logits):
+        why = unavailable_reason(logits)
+        raise LongkdError(f"CuPy sparse-KL kernel unavailable ({why}); use impl='reference'")
     return SparseKLCupyFunction.apply(
         logits, ids, target_logprobs, mask, mode, float(temperature), reduction, inplace_grad
     )
@@ -379,9 +584,14 @@ def loss_and_grad_chunk(z, ids, target_logprobs, mask, *, mode, temperature, gra
         grad_scale: float32 device tensor, 1 element or [n]; None = loss only.
 
     Returns:
-        (loss_rows float32 [n], dz [n, V] aliasing ``z``, or None without ``grad_scale``).
+        (loss_rows float32 [n], dz [n, V] aliasing ``z``, or None without ``grad_scale``);
+        computed by the torch reference when the kernel failed its self-check for ``z``.
     """
     check_kernel_inputs(z, ids, target_logprobs, mask)  # the fused path validated the rest
+    if not is_available():
+        raise LongkdError(f"CuPy sparse-KL kernel unavailable ({unavailable_reason()}); use impl='reference'")
+    if not ready_for(z):  # failed its self-check (warned once): the reference, as "auto" would
+        return _reference_chunk(z, ids, target_logprobs, mask, mode, temperature, grad_scale)
     grad = z if grad_scale is not None else None
     loss_rows, _ = launch_forward(
         z,
@@ -394,3 +604,18 @@ def loss_and_grad_chunk(z, ids, target_logprobs, mask, *, mode, temperature, gra
         grad_scale=grad_scale,
     )
     return loss_rows, grad
+
+
+def _reference_chunk(z, ids, target_logprobs, mask, mode, temperature, grad_scale):
+    """``loss_and_grad_chunk``'s contract through the torch reference and autograd (the
+    fallback for a kernel that failed its self-check): (loss_rows float32 [n], dz [n, V] or None)."""
+    kwargs = dict(mode=mode, temperature=temperature, mask=mask, reduction="none")
+    if grad_scale is None:
+        with torch.no_grad():
+            return sparse_kl_reference(z, ids, target_logprobs, **kwargs).float(), None
+    leaf = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        rows = sparse_kl_reference(leaf, ids, target_logprobs, **kwargs)
+        weights = grad_scale.to(rows.dtype).reshape(-1).expand(rows.shape[0])
+        (dz,) = torch.autograd.grad(rows, leaf, grad_outputs=weights)
+    return rows.detach().float(), dz

@@ -8,7 +8,10 @@
 //
 // Compiled at run time through cupy.RawModule (NVRTC) from the packaged source, or offline
 // with `nvcc -arch=sm_90 -cubin` for checking. It includes no headers: bf16/fp16 conversions
-// are written with PTX `cvt` (sm_80+), so NVRTC needs no CUDA include path.
+// are written with PTX `cvt` (sm_80+), so NVRTC needs no CUDA include path. The same file
+// also runs on the CPU in tests: g++ compiles it with -DLONGKD_HOST against
+// kernels/host/cuda_host.h (threads, barriers, shuffles, shared memory; docs/kernels.md);
+// the block below is the only place where the two builds differ.
 //
 // Contract (shared with kernels/reference.py):
 //   logits  [N, V] row-major contiguous, dtype fp32 | bf16 | fp16
@@ -35,6 +38,29 @@
 typedef unsigned short u16;
 
 // ---------------------------------------------------------------------------------------
+// What differs on the host: the PTX conversions (cuda_host.h gives bit-exact C++ versions)
+// and the dynamic shared memory declaration (`extern __shared__` has no host spelling).
+// ---------------------------------------------------------------------------------------
+#ifndef LONGKD_HOST
+__device__ __forceinline__ u16 cvt_rn_bf16_f32(float f) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+__device__ __forceinline__ u16 cvt_rn_f16_f32(float f) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+__device__ __forceinline__ float cvt_f32_f16(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+#define LONGKD_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
+// ---------------------------------------------------------------------------------------
 // dtype adapters: storage type, scalar load/store in fp32, elements per 16-byte vector.
 // ---------------------------------------------------------------------------------------
 struct F32 {
@@ -49,26 +75,14 @@ struct BF16 {
     static const int VEC = 8;
     // bf16 is the top half of an fp32: widening is a shift, exact.
     static __device__ __forceinline__ float load(S v) { return __uint_as_float(((unsigned int)v) << 16); }
-    static __device__ __forceinline__ S store(float f) {
-        S r;
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-        return r;
-    }
+    static __device__ __forceinline__ S store(float f) { return cvt_rn_bf16_f32(f); }
 };
 
 struct F16 {
     typedef u16 S;
     static const int VEC = 8;
-    static __device__ __forceinline__ float load(S v) {
-        float f;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-        return f;
-    }
-    static __device__ __forceinline__ S store(float f) {
-        S r;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
-        return r;
-    }
+    static __device__ __forceinline__ float load(S v) { return cvt_f32_f16(v); }
+    static __device__ __forceinline__ S store(float f) { return cvt_rn_f16_f32(f); }
 };
 
 template <class D>
@@ -238,7 +252,7 @@ __device__ void fwd_impl(const typename D::S* logits, const long long* ids, cons
                          const unsigned char* mask, int V, int K, float inv_T, int mode,
                          float* loss_out, float* stats, typename D::S* grad, const float* grad_scale,
                          long long scale_stride) {
-    extern __shared__ float zK[];  // K floats: z_i / T of this row's gathered entries
+    LONGKD_DYNAMIC_SHARED(float, zK);  // K floats: z_i / T of this row's gathered entries
     __shared__ float red[96];
     const long long row = blockIdx.x;
     const size_t off = (size_t)row * (size_t)V;  // 64-bit: N * V exceeds 2^31 at scale
@@ -317,7 +331,7 @@ template <class D>
 __device__ void bwd_impl(const typename D::S* logits, const long long* ids, const float* tlp,
                          const unsigned char* mask, int V, int K, float inv_T, const float* stats,
                          typename D::S* grad, const float* grad_scale, long long scale_stride) {
-    extern __shared__ float zK[];
+    LONGKD_DYNAMIC_SHARED(float, zK);
     const long long row = blockIdx.x;
     const size_t off = (size_t)row * (size_t)V;
     if (mask != nullptr && mask[row] == 0) {

@@ -35,15 +35,13 @@ def _cupy_module():
 
 
 def _cupy_ready(logits: torch.Tensor, k: int | None = None):
-    """The cupy_kl module if it can run on these logits (and K entries per row), else None."""
-    if not logits.is_cuda or logits.dtype == torch.float64:
-        return None
+    """The cupy_kl module if it can run on these logits (and K entries per row), else None.
+    Its first use for a device and dtype runs the kernel's self-check (a failure warns once
+    and leaves the reference in use)."""
     mod = _cupy_module()
-    if mod is None or not mod.is_available():
-        return None
-    if k is not None and k > getattr(mod, "MAX_K", k):
+    if mod is None or (k is not None and k > mod.MAX_K):
         return None  # the kernel keeps K values in shared memory; larger K runs the reference
-    return mod
+    return mod if mod.ready_for(logits) else None
 
 
 def resolve_impl(impl: str, logits: torch.Tensor, k: int | None = None) -> str:
@@ -67,8 +65,9 @@ def resolve_impl(impl: str, logits: torch.Tensor, k: int | None = None) -> str:
     ready = _cupy_ready(logits, None if impl == "cupy" else k) is not None
     if impl == "cupy" and not ready:
         mod = _cupy_module()
-        why = mod.unavailable_reason() if (mod is not None and logits.is_cuda) else ""
-        where = "" if logits.is_cuda else f" (logits are on {logits.device})"
+        on_device = mod is not None and mod.runs_on(logits)
+        why = mod.unavailable_reason(logits) if on_device else ""
+        where = "" if on_device else f" (logits are on {logits.device})"
         raise LongkdError(CUPY_MISSING + where + (f" ({why})" if why else ""))
     return "cupy" if ready else "reference"
 

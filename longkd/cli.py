@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from longkd.cache.cli import register as register_cache
     from longkd.tools.cli import register as register_tools
-    from longkd.tools.inspect import register_inspect
+    from longkd.tools.inspect_cache import register_inspect
     from longkd.trainer.cli import register as register_trainer
 
     register_inspect(register_cache(sub))

@@ -3,7 +3,9 @@
 Directions (README.md, "Layout"): tools -> trainer -> cache, trainer -> kernels, and every part
 -> the ground layer (``longkd/*.py``: errors, models, fileio, devices, distributed). cache never
 imports trainer or tools, kernels import only the ground, the ground imports no part, and
-only the front door (``longkd/cli.py``, ``longkd/__main__.py``) may import any part. Every
+only the front doors may import any part: the command line (``longkd/cli.py``,
+``longkd/__main__.py``) and the package itself (``longkd/__init__.py``, whose module
+``__getattr__`` hands out the public dataset and loss API from trainer/ on first use). Every
 import counts, at module level or inside a function, in any of its spellings.
 """
 
@@ -17,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("cache", "trainer", "kernels", "tools")
-FRONT_DOOR = ("cli.py", "__main__.py")
+# longkd/__init__.py is the API's front door: `from longkd import CacheDataset` imports trainer/ lazily
+FRONT_DOOR = ("cli.py", "__main__.py", "__init__.py")
 GROUND = "ground"
 
 # what each layer may import besides itself

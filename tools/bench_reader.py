@@ -8,6 +8,11 @@ collation into torch tensors) with ``num_workers=0``, three epochs of the cache 
 Each is run once to warm the page cache, then timed ``--repeats`` times; the fastest pass is
 reported.
 
+It then prices the checks every read makes (cache/rows.py): the per-window checksum and the
+cheap row rules, each timed alone over the same windows, as a share of the decode time
+without them (``read_window`` minus both), in ``--rounds`` interleaved rounds; the median and
+the range over the rounds are reported.
+
     python -m longkd.tools.bench_reader --windows 32 --window 1024 --top-k 64
 """
 
@@ -43,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="windows per WindowStream batch")
     parser.add_argument("--logprob-dtype", default="float32", help="stored log-prob type")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per measurement")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds pricing the read checks")
     parser.add_argument("--workdir", default=None, help="keep the model, data and cache here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             (f"WindowStream batch {args.batch_size}, num_workers 0", batches * args.batch_size,
              _timed(stream, args.repeats)),
         ]  # fmt: skip
+        checks = _price_checks(reader, sequential, args.rounds)
 
     cpu = platform.processor() or platform.machine()
     print(f"# cache reader, {_dt.date.today().isoformat()}, CPU ({cpu}), 1 torch thread, num_workers 0")
@@ -122,7 +129,61 @@ def main(argv: list[str] | None = None) -> int:
     for label, windows, seconds in rows:
         rate = windows / seconds
         print(f"| {label} | {windows} | {rate:,.1f} | {rate * args.window:,.0f} | {1000 / rate:.2f} |")
+    print()
+    print(f"# read checks over {n} windows, {args.rounds} interleaved rounds (median, range)")
+    print("| check | us/window | % of decode time |")
+    print("|---|---:|---:|")
+    for label, micros, shares in checks:
+        low, mid, high = np.percentile(shares, [0, 50, 100])
+        print(f"| {label} | {np.median(micros):.0f} | {mid:.1f}% ({low:.1f}-{high:.1f}) |")
     return 0
+
+
+def _price_checks(reader, read_all, rounds: int, passes: int = 10):
+    """Time the per-window checksum and the cheap row rules alone, and ``read_all`` (every
+    window through ``read_window``, checks included), in interleaved rounds.
+
+    Each round times ``passes`` passes of each, so a scheduling hiccup on a shared machine
+    weighs little; the decode time of a round is ``read_all``'s minus the checks' own.
+
+    Returns:
+        ``(label, microseconds per window per round, percent of the decode time per round)``
+        for the checksum, the row rules and both.
+    """
+    from longkd.cache.rows import RowRules, ShardFile, read_columns, window_checksum
+
+    mode = reader.selection["mode"]
+    columns = []
+    for entry in reader.shards:
+        shard = ShardFile(reader.location, entry["path"], int(entry["rows"]))
+        for row in range(int(entry["rows"])):
+            columns.append(read_columns(*shard.locate(row), mode))
+    rules = RowRules.of({**reader.manifest, "format_version": 1})  # the rules without the checksum
+
+    def checksums():
+        for c in columns:
+            window_checksum(c, mode)
+
+    def row_rules():
+        for c in columns:
+            rules.check_read(c)
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        for _ in range(passes):
+            fn()
+        return (time.perf_counter() - start) / (passes * len(columns))
+
+    read_all()  # warm
+    out = {"checksum": ([], []), "row rules": ([], []), "both": ([], [])}
+    for _ in range(rounds):
+        spent = {"read": timed(read_all), "checksum": timed(checksums), "row rules": timed(row_rules)}
+        spent["both"] = spent["checksum"] + spent["row rules"]
+        decode = spent["read"] - spent["both"]
+        for name in out:
+            out[name][0].append(1e6 * spent[name])
+            out[name][1].append(100.0 * spent[name] / decode)
+    return [(name, micros, shares) for name, (micros, shares) in out.items()]
 
 
 if __name__ == "__main__":

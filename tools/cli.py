@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 
 from longkd.devices import resolve_device
@@ -111,6 +112,7 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cache", metavar="DIR", help="teacher-logit cache to compare against")
     g.add_argument("--windows", type=int, help="held-out cached windows to evaluate")
     g.add_argument("--buckets", type=int, help="position buckets")
+    g.add_argument("--skip-damaged", action="store_true", help="leave damaged cached windows out (counted)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -128,7 +130,11 @@ def _cmd_eval(args) -> int:
 
         dtype = evals.resolve_dtype(args.dtype, device)
         result = eval_cache.run_cache_kl(args.model, args.cache, windows=args.windows, buckets=args.buckets,
-                                         device=device, dtype=dtype)  # fmt: skip
+                                         device=device, dtype=dtype,
+                                         skip_damaged=args.skip_damaged or None)  # fmt: skip
+        skipped = result.get("damaged")
+        if skipped:
+            print(f"longkd: skipped {len(skipped)} damaged windows: {skipped[:20]}", file=sys.stderr)
         paths = eval_cache.write_cache_kl(result, out)
         _print(json.dumps(result, indent=2, default=str) if args.json else paths["table"])
         return 0
@@ -386,8 +392,9 @@ def demo_settings_from_args(args):
 
 
 def _cmd_demo(args) -> int:
-    from longkd.tools.demo import run_demo
+    from longkd.tools.demo import pin_cpu_numerics, run_demo
 
+    pin_cpu_numerics()  # before torch is imported (docs/demo.md, "How much the numbers move")
     settings = demo_settings_from_args(args)
     if args.device.startswith("cuda"):
         import torch

@@ -37,6 +37,8 @@ import contextlib
 import io
 import json
 import logging
+import os
+import platform
 import shutil
 import sys
 import time
@@ -51,6 +53,15 @@ log = logging.getLogger(__name__)
 MARKER = ".longkd-demo"  # names a directory as the demo's own, so a rerun may clear it
 STAGES = ("data", "caches", "train", "eval")  # sub-folders of OUT rebuilt on every run
 
+# The demo is bitwise repeatable on one machine, but each trained model is a chaotic function
+# of every rounding: a kernel that sums in another order (another instruction set, another
+# MKL code path, another thread count) gives other models and other numbers, about as far
+# apart as another seed (docs/demo.md, "How much the numbers move"). These settings put every
+# x86 CPU with AVX2 on the same code paths (ATen's vectorised kernels, MKL's and oneDNN's
+# matmuls), so that a machine with AVX-512 computes what one with AVX2 does. They act only
+# when set before torch is imported (``longkd demo`` does so first); a value already in the
+# environment wins.
+CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 @dataclass
@@ -103,6 +114,43 @@ class Demo:
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
+
+
+# ----------------------------------------------------------------------------- CPU numerics
+
+
+def pin_cpu_numerics() -> None:
+    """Put :data:`CPU_NUMERICS` into the environment (x86 only; values already set win).
+
+    Call before torch is imported: ATen and MKL read these once, at their first use. The
+    child process that pre-trains the student inherits them.
+    """
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        for name, value in CPU_NUMERICS.items():
+            os.environ.setdefault(name, value)
+
+
+def numerics() -> dict:
+    """What decides the demo's numbers bit for bit: library versions, CPU code paths, threads.
+
+    Returns:
+        ``torch``, ``transformers``, ``numpy`` versions, ``cpu_capability`` (the ATen kernels
+        in use), ``threads`` (torch's intra-op threads), ``machine``, and the value of each
+        :data:`CPU_NUMERICS` variable (None when unset).
+    """
+    import numpy
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        **{name: os.environ.get(name) for name in CPU_NUMERICS},
+    }
 
 
 # ----------------------------------------------------------------------------- running commands
@@ -480,6 +528,7 @@ def _run_stages(demo: Demo) -> dict:
 
     settings, device, out = demo.settings, demo.device, demo.out
     t0 = time.perf_counter()
+    demo.record["numerics"] = numerics()
     teacher, student = stage_models(demo)
     evals = {}
     for seed in range(settings.seeds):
@@ -502,4 +551,29 @@ def _run_stages(demo: Demo) -> dict:
     )
     demo_report.write(results, out)
     print(demo_report.markdown(results), flush=True)
+    check_claims(results, out, demo.checks)
     return results
+
+
+def check_claims(results: dict, out: Path, checks: bool = True) -> None:
+    """Stop when a claim of ``demo_report.CLAIMS`` failed in some seed (results are written).
+
+    Args:
+        results: the demo's results (``results["claims"]`` from ``demo_report.summarize``).
+        out: where they were written (named in the message).
+        checks: False (``--no-checks``) only prints the failures.
+
+    Raises:
+        LongkdError: naming each failed claim, its lowest value and its bound.
+    """
+    failed = [
+        f"{c['claim']} ({c['measures']}: {100 * min(c['per_seed'].values()):.1f} < {100 * c['bound']:.0f})"
+        for c in results["claims"]
+        if not c["ok"]
+    ]
+    if not failed:
+        return
+    message = f"the demo's claims failed: {'; '.join(failed)} (every number in {out / 'results.md'})"
+    if checks:
+        raise LongkdError(message)
+    print(f"[demo] WARNING: {message}", flush=True)

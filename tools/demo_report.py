@@ -27,6 +27,30 @@ DESCRIPTIONS = {
 }
 
 
+# The claims the README states, as the demo checks them in every seed: (name, statement,
+# minuend, subtrahend or None, distances, bound). The value checked is the minuend's mean
+# retrieval over the distances, less the subtrahend's, per seed; the claim holds when every
+# seed's value is >= the bound. Distances are "beyond" (S < d) or "far" (2S < d <= W - S:
+# past twice the student's context, short of the window's edge, where no student retrieves
+# and a difference is noise). The bounds sit below the lowest value measured over seeds,
+# presets and CPU configurations by a margin (docs/demo.md, "How much the numbers move"), so
+# that a run on another machine passes them and a pipeline that lost the effect does not.
+CLAIMS = (
+    ("kd_beyond_S", "KD (phase-wise) retrieves beyond S", "kd-phasewise", None, "beyond", 0.70),
+    ("kd_over_ce", "KD beats cross-entropy on the same windows beyond S", "kd-phasewise", "ce-phasewise",
+     "beyond", 0.15),
+    ("phasewise_vs_static", "phase-wise scaling is level with static scaling or ahead", "kd-phasewise",
+     "kd-static", "beyond", -0.05),
+    ("kd_over_control", "KD beats the reset-positions control past 2S", "kd-phasewise", "kd-reset-control",
+     "far", 0.15),
+)  # fmt: skip
+
+
+def claim_distances(where: str, short: int, window: int) -> tuple[int, int]:
+    """The distances ``(low, high]`` a claim of :data:`CLAIMS` averages over."""
+    return {"beyond": (short, window), "far": (2 * short, window - short)}[where]
+
+
 def accuracy_by_distance(result: dict) -> dict[int, float]:
     """``{distance: accuracy in [0, 1]}`` from a ``longkd eval --task toy`` results.json."""
     return {int(r["distance"]): float(r["score"]) / 100.0 for r in result["by_distance"]}
@@ -56,6 +80,41 @@ def kl_split(kl: dict, short: int) -> tuple[float | None, float | None]:
     return weighted([e for e in parts if e["start"] < short]), weighted(
         [e for e in parts if e["start"] >= short]
     )
+
+
+def claim_checks(models: dict, short: int, window: int) -> list[dict]:
+    """Test each of :data:`CLAIMS` on every seed of ``models`` (``summarize``'s models).
+
+    Args:
+        models: ``{name: {"per_seed": {seed: {"by_distance": {distance: accuracy}}}}}``.
+        short: the student's context S.
+        window: the teacher's window W.
+
+    Returns:
+        One dict per claim: ``name``, ``claim`` (the statement), ``measures`` (what is
+        compared), ``bound``, ``per_seed`` (seed -> value, accuracy in [0, 1]), ``ok``;
+        a claim whose models are missing is left out.
+    """
+
+    def mean_in(row: dict, low: int, high: int) -> float:
+        return _mean(a for d, a in row["by_distance"].items() if low < int(d) <= high)
+
+    checks = []
+    for name, claim, minuend, subtrahend, where, bound in CLAIMS:
+        if minuend not in models or (subtrahend and subtrahend not in models):
+            continue
+        low, high = claim_distances(where, short, window)
+        per_seed = {}
+        for seed, row in models[minuend]["per_seed"].items():
+            value = mean_in(row, low, high)
+            if subtrahend:
+                value -= mean_in(models[subtrahend]["per_seed"][seed], low, high)
+            per_seed[seed] = value
+        span = f"distances {low} < d <= {high}"
+        measures = f"{minuend} - {subtrahend}, {span}" if subtrahend else f"{minuend}, {span}"
+        checks.append(dict(name=name, claim=claim, measures=measures, bound=bound, per_seed=per_seed,
+                           ok=min(per_seed.values()) >= bound))  # fmt: skip
+    return checks
 
 
 def summarize(evals: dict, *, recipe, settings: dict, timings: dict, record: dict, device: str) -> dict:
@@ -156,6 +215,8 @@ def summarize(evals: dict, *, recipe, settings: dict, timings: dict, record: dic
         "models": models,
         "preconditions": preconditions,
         "inspect": inspect,
+        "claims": claim_checks(models, short, window),
+        "numerics": record.get("numerics", {}),
         "pretrain": record.get("pretrain", {}),
         "precondition_error": record.get("precondition_error"),
         "timings_s": timings,
@@ -171,6 +232,11 @@ def _pm(agg: dict | None, scale: float = 100.0, digits: int = 1) -> str:
         return "-"
     text = f"{scale * agg['mean']:.{digits}f}"
     return text + (f" ± {scale * agg['sd']:.{digits}f}" if agg["n"] > 1 else "")
+
+
+def _claim_value(claim: dict, value: float, digits: int = 1) -> str:
+    """A claim's value in %, signed when it is a difference of two models."""
+    return f"{100 * value:{'+' if ' - ' in claim['measures'] else ''}.{digits}f}"
 
 
 def markdown(results: dict) -> str:
@@ -243,6 +309,21 @@ def markdown(results: dict) -> str:
         f"(needs <= {p['student_ceiling_chances']:g} x chance = "
         f"{100 * p['student_ceiling_chances'] * r['chance']:.1f}%): "
         f"{'ok' if p['student_ok'] else 'FAILED'}",
+        "",
+        "## Claims (checked in every seed)",
+        "",
+        "| claim | measured (retrieval, %) | needs | per seed | |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {c['claim']} | {c['measures']} | >= {_claim_value(c, c['bound'], 0)} | "
+            f"{', '.join(_claim_value(c, v) for v in c['per_seed'].values())} | "
+            f"{'ok' if c['ok'] else 'FAILED'} |"
+            for c in results["claims"]
+        ),
+        *(
+            ["", "Computed with " + ", ".join(f"{k} {v}" for k, v in results["numerics"].items()) + "."]
+            if results["numerics"] else []
+        ),
         "",
         "## Timings (s)",
         "",

@@ -20,6 +20,7 @@ split. Rows t >= length - 1 are masked (row W-1 predicts a token the cache does 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -171,6 +172,7 @@ def kl_by_position(
     indices=None,
     dtype: str = "float32",
     chunk_size: int = 1024,
+    skip_damaged: bool = False,
 ) -> dict:
     """KL(teacher || student) and the student's perplexity by position on held-out cached windows.
 
@@ -189,6 +191,7 @@ def kl_by_position(
         indices: explicit window indices instead of the last ``windows``.
         dtype: when ``model`` is a path.
         chunk_size: positions per LM-head chunk (bounds the [B, c, V] fp32 logits).
+        skip_damaged: leave damaged windows out (listed under ``damaged``) instead of stopping.
 
     Returns:
         JSON-serialisable dict: ``model``, ``cache``, ``windows`` (indices), ``window`` (P),
@@ -199,15 +202,16 @@ def kl_by_position(
         row), ``ce`` (mean student cross-entropy at T = 1 on the true next tokens),
         ``perplexity`` = exp(ce), ``teacher_nll`` (mean -target_logprob, at the cache's T),
         ``max_position_id``, ``extrapolation`` (a row's position id >= ``max_positions``)),
-        and ``extrapolation`` (any bucket).
+        ``extrapolation`` (any bucket), and ``damaged`` (window ids skipped with
+        ``skip_damaged``; ``windows`` lists those evaluated).
 
     Raises:
         LongkdError: not a cache, a model that cannot load, a student vocabulary smaller than
-            the teacher's ids, or bad arguments.
+            the teacher's ids, bad arguments, or (without ``skip_damaged``) a damaged window.
     """
     from longkd.cache.reader import CacheReader
 
-    reader = CacheReader(uri)
+    reader = CacheReader(uri, skip_damaged=skip_damaged)
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
         model = load_student(model, device=device, dtype=dtype)
@@ -237,13 +241,19 @@ def kl_by_position(
     limit = position_limit(model.config)
     sparse_kl = _loss()
     parts: dict[str, list[np.ndarray]] = {}
-    for s in range(0, len(indices), batch_size):
-        batch = [reader.read_window(i) for i in indices[s : s + batch_size]]
+    windows_read = reader.iter_windows(indices)
+    evaluated = []
+    while batch := list(itertools.islice(windows_read, batch_size)):
+        evaluated.extend(w.window_id for w in batch)
         scored = _score_batch(model, batch, prefix=prefix, mode=mode, temperature=reader.temperature,
                               chunk_size=chunk_size, sparse_kl=sparse_kl)  # fmt: skip
         for key, values in scored.items():
             parts.setdefault(key, []).append(values)
     reader.close()
+    if not evaluated:
+        raise LongkdError(
+            f"all {len(indices)} selected windows of {reader.location.uri} are damaged; rebuild the cache"
+        )
     rows = {k: np.concatenate(v) for k, v in parts.items()}
     group = np.searchsorted(edges, rows["row"], side="right") - 1
     by_position = []
@@ -258,7 +268,8 @@ def kl_by_position(
     return {
         "model": name,
         "cache": reader.location.uri,
-        "windows": indices,
+        "windows": evaluated,
+        "damaged": reader.damaged,
         "window": prefix,
         "cache_window": reader.window,
         "selection": dict(reader.selection),

@@ -1,6 +1,6 @@
 """The terminal, PNG and HTML views of ``longkd cache inspect``.
 
-:mod:`longkd.tools.inspect` computes the statistics of a cache and of single positions as
+:mod:`longkd.tools.inspect_cache` computes the statistics of a cache and of single positions as
 JSON-serialisable dicts; this module only renders those dicts (tables on the terminal, a
 2 x 2 figure, a self-contained HTML report), so what is measured and how it is shown can be
 read and changed apart.
@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from longkd.tools import report
-from longkd.tools.inspect import STATS
+from longkd.tools.inspect_cache import STATS
 
 
 def format_inspect(result: dict) -> str:
-    """The terminal view of :func:`~longkd.tools.inspect.inspect_cache`."""
+    """The terminal view of :func:`~longkd.tools.inspect_cache.inspect_cache`."""
     s = result["summary"]
     sel = s["selection"]
     selection = f"top-k {sel['k']}" if sel["mode"] == "topk" else f"sampled, {sel['draws']} draws"
@@ -58,7 +58,7 @@ def format_inspect(result: dict) -> str:
 
 
 def format_position(result: dict) -> str:
-    """The terminal view of :func:`~longkd.tools.inspect.show_position`."""
+    """The terminal view of :func:`~longkd.tools.inspect_cache.show_position`."""
     ctx = result["context"]
     shown = ctx["text"] if ctx["text"] is not None else " ".join(map(str, ctx["ids"]))
     lines = [
@@ -122,7 +122,7 @@ def html_inspect(result: dict, path, png=None) -> Path:
     """A self-contained HTML report: summary, statistics tables and the plot embedded (base64).
 
     Args:
-        result: from :func:`~longkd.tools.inspect.inspect_cache`.
+        result: from :func:`~longkd.tools.inspect_cache.inspect_cache`.
         path: the HTML file to write.
         png: an existing PNG of :func:`plot_inspect`; drawn to a temporary file when None.
     """

@@ -49,7 +49,10 @@ class LossConfig:
     """The per-student loss: ``kd_weight * sparse_kl + ce_weight * cross_entropy``.
 
     ``mode`` None picks ``sampled`` for a sampled cache and ``bucket`` for a top-k cache;
-    ``temperature`` None uses the cache's temperature (the one its log-probs were taken at).
+    ``temperature`` None uses the cache's temperature (the one its log-probs were taken at);
+    another one re-tempers the teacher's stored entries (modes renorm and sampled; bucket is
+    refused there, kernels/temperature.py). ``t2_scaling`` multiplies the KL by T^2, which
+    keeps its gradient comparable across temperatures (a no-op at T = 1; docs/loss.md).
     ``fused`` computes both terms through the LM head in token chunks, never building the
     [N, V] logits (false: materialise them); ``chunk_size`` is the rows per chunk (None: as
     many as keep a chunk within 2^25 logits, kernels/reference.py ``chunk_rows``).
@@ -57,6 +60,7 @@ class LossConfig:
 
     mode: str | None = field(default=None, metadata=_choices(*LOSS_MODES))
     temperature: float | None = field(default=None, metadata={"min_exclusive": 0.0})
+    t2_scaling: bool = True
     kd_weight: float = field(default=1.0, metadata={"min": 0.0})
     ce_weight: float = field(default=0.0, metadata={"min": 0.0})
     skip_first_tokens: int = field(default=0, metadata={"min": 0})
@@ -85,8 +89,9 @@ class StudentConfig:
     """One student.
 
     ``init`` is a Hugging Face model directory (or hub name), or a mapping describing a fresh
-    model: ``{arch: llama|qwen2|gemma2|phi3, seed: 0, <any longkd/models.py tiny_config keyword>}``
-    (``vocab_size`` defaults to the cache's embedding size). ``schedule`` is a rope schedule
+    model: ``{arch: llama|qwen2|gemma2|phi3, seed: 0, <any longkd/models.py tiny_config keyword
+    or field of the architecture's transformers config>}`` (``vocab_size`` defaults to the
+    cache's embedding size; any other key is refused by name). ``schedule`` is a rope schedule
     (trainer/rope.py: a preset mapping or a list of phases); None trains on the full cache
     window with the student's own rope. ``seed`` seeds the student's private RNG (dropout);
     None uses the run's seed.
@@ -266,6 +271,9 @@ def _check_student(s: StudentConfig, where: str) -> None:
         seed = s.init.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise LongkdError(f"{where}.init.seed: expected an integer, got {seed!r}")
+        from longkd.trainer.student_init import check_init_keys  # here: it imports this module
+
+        check_init_keys(arch, s.init, f"{where}.init")
     elif not s.init:
         raise LongkdError(f"{where}.init: give a model directory or a mapping with 'arch'")
     if s.loss.kd_weight == 0 and s.loss.ce_weight == 0:

@@ -14,6 +14,12 @@ ends bitwise equal (on CPU) to the same student trained alone.
     from longkd.trainer.config import load_config
     from longkd.trainer.loop import train
     result = train(load_config("examples/train.yaml"))
+
+``--resume`` continues exactly the run that was started: the settings that define it (data,
+students, losses, optimizers, schedules, steps, batch) are saved with every committed step
+and a resumed run that differs in one of them is refused, naming it. Only the settings in
+:data:`RESUME_MAY_CHANGE` may differ (a line says so): they change where the run goes, how
+fast, and how often it saves and logs, never what is trained.
 """
 
 from __future__ import annotations
@@ -27,13 +33,27 @@ from pathlib import Path
 import torch
 
 from longkd.devices import resolve_device
-from longkd.errors import LongkdError
+from longkd.errors import LongkdError, one_line
+from longkd.fileio import check_out_dir, write_text_atomic
+from longkd.kernels.temperature import Temperatures
 from longkd.trainer import checkpoint as ckpt
 from longkd.trainer.config import RunConfig, StudentConfig, to_dict
+from longkd.trainer.losses import temperatures_in_force
 from longkd.trainer.student_init import build_model, load_tokenizer
 from longkd.trainer.students import StepMetrics, Student, train_step
 
 log = logging.getLogger(__name__)
+
+# Run settings a resumed run may change, as dotted keys of run_settings (``*`` stands for a
+# student's name). They decide where the run goes and how it is computed and recorded, not
+# what is trained: the device, the process layout and the loss kernel may change the
+# rounding, nothing else.
+RESUME_MAY_CHANGE = (
+    "device", "distributed", "log_every", "checkpoint_every", "keep_checkpoints",
+    "loader.num_workers", "loader.pin_memory", "loader.prefetch_factor",
+    "students.*.tokenizer", "students.*.compile", "students.*.activation_checkpointing",
+    "students.*.loss.impl", "students.*.loss.chunk_size", "students.*.loss.fused",
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- setup
@@ -70,6 +90,7 @@ class Run:
     modes: dict[str, str]
     temperatures: dict[str, float]
     amp: torch.dtype | None
+    settings: dict = field(default_factory=dict)  # run_settings: saved with every committed step
     step: int = 0
     writers: dict = field(default_factory=dict)
     parallel: object = None  # trainer/distributed.py Parallel under torchrun, else None
@@ -83,22 +104,29 @@ class Run:
 def prepare(cfg: RunConfig, *, resume: bool = False) -> Run:
     """Open the cache, build and check every student, and restore a checkpoint on ``resume``.
 
-    Every check that can fail runs before the first step: the cache opens; each student's
-    tokenizer and vocabulary fit the cache (``check_student_compatible``); its schedule is
-    valid, its rope types are accepted by its architecture and its windows fit in the cache's.
+    Every check that can fail runs before the first step, and before anything is written: the
+    run directory can be created; the cache opens; each student's tokenizer and vocabulary fit
+    the cache (``check_student_compatible``); its schedule is valid, its rope types are
+    accepted by its architecture and its windows fit in the cache's; on ``resume``, the run's
+    settings and every checkpoint match the config.
 
     Raises:
         LongkdError: the first problem found, on one line.
     """
     from longkd.trainer.distributed import from_config
 
+    out = Path(cfg.out)
+    check_out_dir(out, "out")
+    names = [s.name for s in cfg.students]
+    if resume:
+        step = ckpt.resume_step(out, names)
+    else:
+        _refuse_existing_run(out)
+        step = 0
     parallel = from_config(cfg.distributed, cfg.device)  # None in a single process
     device = parallel.device if parallel is not None else torch.device(resolve_device(cfg.device, check=True))
     stream = _make_stream(cfg, parallel)  # opens every cache and checks they agree, before any model is built
     reader = stream.readers[0]
-    out = Path(cfg.out)
-    if not resume:
-        _refuse_existing_checkpoints(cfg, out)
     students, modes, temps = [], {}, {}
     for i, s in enumerate(cfg.students):
         student, modes[s.name], temps[s.name] = _make_student(cfg, i, reader, device, out)
@@ -113,10 +141,11 @@ def prepare(cfg: RunConfig, *, resume: bool = False) -> Run:
         modes=modes,
         temperatures=temps,
         amp=autocast_dtype(cfg.precision, device),
+        settings=run_settings(cfg, stream.readers),
         parallel=parallel,
     )
     if resume:
-        _restore(run)
+        _restore(run, step)
     if parallel is not None:
         # wrapped after the checkpoint is loaded into the plain model: resume is the same for all modes
         for s in students:
@@ -125,13 +154,105 @@ def prepare(cfg: RunConfig, *, resume: bool = False) -> Run:
     return run
 
 
-def _refuse_existing_checkpoints(cfg: RunConfig, out: Path) -> None:
-    """A fresh run must not mix its checkpoints into an earlier run's."""
-    for s in cfg.students:
-        if ckpt.checkpoint_steps(out / s.name / "checkpoints"):
+def _refuse_existing_run(out: Path) -> None:
+    """A fresh run must not mix its checkpoints into an earlier run's: refuse a directory with a
+    committed step (what a kill before the first commit left is cleared when the run starts)."""
+    if ckpt.run_state_steps(out) or any((out / "run_state").glob("step-*.pt")):
+        raise LongkdError(
+            f"out: {out} already holds checkpoints; pass --resume to continue it or choose another --out"
+        )
+
+
+def run_settings(cfg: RunConfig, readers) -> dict:
+    """What the run is, as flat dotted keys: every config setting (students by name) but the
+    run directory, and the caches by content (teacher weights, data fingerprint, window,
+    selection, windows) rather than by path, so a run directory or a cache may move but a cache
+    may not change.
+
+    Returns:
+        ``{"steps": 20, "students.a.optimizer.lr": 0.003, "cache": [...], ...}`` (JSON values).
+    """
+    data = json.loads(json.dumps(to_dict(cfg), default=str))
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            flat[prefix] = value
+
+    for student in data.pop("students"):
+        walk(f"students.{student.pop('name')}", student)
+    data.pop("cache")
+    data.pop("out")  # the run directory itself, which may be moved or copied
+    walk("", data)
+    flat["cache"] = [
+        {
+            "teacher": r.manifest.get("teacher", {}).get("weights_sha256"),
+            "data": r.manifest.get("dataset", {}).get("fingerprint"),
+            "window": r.window,
+            "selection": r.selection,
+            "temperature": r.temperature,
+            "windows": r.num_windows,
+        }
+        for r in readers
+    ]
+    return json.loads(json.dumps(flat))
+
+
+def _may_change(key: str) -> bool:
+    parts = key.split(".")
+    for allowed in RESUME_MAY_CHANGE:
+        pattern = allowed.split(".")
+        if len(pattern) == len(parts) and all(a in ("*", b) for a, b in zip(pattern, parts)):
+            return True
+    return False
+
+
+def _check_settings(saved: dict, now: dict, step: int) -> None:
+    """Refuse a resumed run whose settings differ from the run's, naming the first setting;
+    say which allowed settings changed, and which students were dropped.
+
+    Raises:
+        LongkdError: a setting outside :data:`RESUME_MAY_CHANGE` differs.
+    """
+    students_now = {k.split(".")[1] for k in now if k.startswith("students.")}
+    dropped = sorted({k.split(".")[1] for k in saved if k.startswith("students.")} - students_now)
+    missing = object()
+    for key in sorted(set(saved) | set(now)):
+        if key.startswith("students.") and key.split(".")[1] in dropped:
+            continue
+        before, after = saved.get(key, missing), now.get(key, missing)
+        if before == after:
+            continue
+        shown = [json.dumps(v) if v is not missing else "(not set)" for v in (before, after)]
+        if key == "cache":
             raise LongkdError(
-                f"out: {out / s.name} already holds checkpoints; "
-                "pass --resume to continue it or choose another --out"
+                "--resume: the cache differs from the one the run started with (teacher, data, window, "
+                "selection or size); resume with that cache or start a new run with another --out"
+            )
+        if not _may_change(key):
+            raise LongkdError(
+                f"--resume: {key} was {shown[0]} at step {step} and is {shown[1]} now; a resumed run "
+                f"continues the run it was, so set {key} back (or start a new run with another --out)"
+            )
+        log.warning("--resume: %s changed from %s to %s (it does not change what is trained)", key, *shown)
+    for name in dropped:
+        log.warning(
+            "--resume: student %r is no longer in the config; its checkpoints stay at step %d", name, step
+        )
+
+
+def _check_shapes(student: Student, weights: dict, step: int) -> None:
+    """Refuse a checkpoint whose tensors do not fit the model the config builds, naming one."""
+    expected = student.model.state_dict()
+    for key, value in weights.items():
+        if key in expected and tuple(expected[key].shape) != tuple(value.shape):
+            raise LongkdError(
+                f"--resume: student {student.name!r}'s checkpoint at step {step} holds {key} of shape "
+                f"{list(value.shape)}, the model its init builds has {list(expected[key].shape)}; "
+                "restore the student's init or start a new run with another --out"
             )
 
 
@@ -169,7 +290,8 @@ def _make_student(
     except LongkdError as err:
         raise LongkdError(f"{where}.schedule: {err}") from err
     mode = _loss_mode(s, reader.selection, where)
-    temperature = s.loss.temperature if s.loss.temperature is not None else reader.temperature
+    temps = temperatures_in_force(s.loss, mode=mode, cache_temperature=reader.temperature, where=where)
+    temperature = temps.student
     student = Student(
         s,
         model=model,
@@ -216,14 +338,26 @@ def _make_stream(cfg: RunConfig, parallel=None):
     )
 
 
-def _restore(run: Run) -> None:
-    """Load every student's checkpoint at the newest committed step, and the shared reader state."""
+def _restore(run: Run, step: int) -> None:
+    """Load every student's checkpoint at committed ``step``, and the shared reader state.
+
+    Everything is checked (the settings, every file, every tensor's shape) before anything in
+    the run directory changes.
+
+    Raises:
+        LongkdError: a changed setting, a damaged or mismatched checkpoint, naming it.
+    """
     import random
 
     import numpy as np
 
-    step = ckpt.resume_step(run.out, [s.name for s in run.students])
     state = ckpt.load_run_state(run.out, step)
+    if not isinstance(state["settings"], dict):
+        raise LongkdError(
+            f"{run.out}/run_state holds no settings for step {step}; the run directory is damaged"
+        )
+    _check_settings(state["settings"], run.settings, step)
+    loaded = []
     for s in run.students:
         path = s.out_dir / "checkpoints" / ckpt.step_name(step)
         weights, optim, saved, reader_state = ckpt.load_student_checkpoint(path)
@@ -232,10 +366,17 @@ def _restore(run: Run) -> None:
                 f"--resume: student {s.name!r}'s checkpoint at step {step} was taken at a different reader "
                 "position than the run's; the run directory is inconsistent"
             )
-        s.restore_from(path, weights=weights, optimizer_state=optim, trainer_state=saved)
-        if run.is_main:
-            ckpt.truncate_metrics(s.out_dir / "metrics.jsonl", step)
+        _check_shapes(s, weights, step)
+        loaded.append((s, path, weights, optim, saved))
     run.stream.load_state_dict(state["reader"])
+    try:
+        for s, path, weights, optim, saved in loaded:
+            s.restore_from(path, weights=weights, optimizer_state=optim, trainer_state=saved)
+    except (KeyError, ValueError, TypeError, IndexError) as err:  # well-formed files holding the wrong things
+        raise LongkdError(
+            f"--resume: the checkpoint at step {step} does not fit the run ({one_line(err, 120)}); "
+            "the run directory is damaged or from another config"
+        ) from err
     random.setstate(state["python_rng"])
     np.random.set_state(state["numpy_rng"])
     run.step = step
@@ -243,6 +384,31 @@ def _restore(run: Run) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+def _start_writing(run: Run) -> None:
+    """The run's first writes: the directory, what killed runs left in it, config.json.
+
+    Raises:
+        LongkdError: the run directory cannot be created or written.
+    """
+    names = [s.name for s in run.students]
+    try:
+        run.out.mkdir(parents=True, exist_ok=True)
+        removed = ckpt.remove_temporaries(run.out, names)
+        if run.step:
+            ckpt.discard_after(run.out, names, run.step)
+        else:
+            ckpt.discard_uncommitted(run.out, names)
+        for s in run.students:  # a fresh start after a kill before the first commit keeps no line
+            ckpt.truncate_metrics(s.out_dir / "metrics.jsonl", run.step)
+        write_text_atomic(run.out / "config.json", json.dumps(to_dict(run.cfg), indent=2, default=str) + "\n")
+    except OSError as err:
+        raise LongkdError(
+            f"out: cannot write the run directory {run.out} ({err.strerror or err}); choose a writable --out"
+        ) from err
+    if removed:
+        log.info("removed %d temporary file(s) a killed run left in %s", len(removed), run.out)
 
 
 def _open_writers(run: Run) -> None:
@@ -282,14 +448,13 @@ def save_checkpoint(run: Run) -> None:
             counters=s.counters(),
             rng=s.rng_state(),
             reader_state=reader_state,
-            keep=run.cfg.keep_checkpoints,
             model_state=model_state,
             optimizer_state=optimizer_state,
         )
     if run.is_main:
-        ckpt.save_run_state(
-            run.out, run.step, reader_state, [s.name for s in run.students], run.cfg.keep_checkpoints
-        )
+        names = [s.name for s in run.students]
+        ckpt.save_run_state(run.out, run.step, reader_state, names, run.settings)
+        ckpt.prune(run.out, names, run.cfg.keep_checkpoints)  # only once the new step is committed
     if run.parallel is not None:
         run.parallel.group.barrier()  # the step is committed before any rank goes on
 
@@ -344,9 +509,11 @@ def run_loop(run: Run, *, progress: bool | None = None, stop_after: int | None =
 
     cfg = run.cfg
     if run.is_main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str) + "\n")
+        _start_writing(run)
         _open_writers(run)
+        for s in run.students:  # the temperatures in force, one line per student
+            temps = Temperatures(run.stream.temperature, run.temperatures[s.name], s.cfg.loss.t2_scaling)
+            print(f"{s.name}: {temps.describe()}", flush=True)
     end = run.total_steps if stop_after is None else min(stop_after, run.total_steps)
     start_tokens = {s.name: s.tokens for s in run.students}
     start_time = time.perf_counter()
@@ -377,6 +544,7 @@ def run_loop(run: Run, *, progress: bool | None = None, stop_after: int | None =
                     mode=run.modes[s.name],
                     temperature=run.temperatures[s.name],
                     amp=run.amp,
+                    cache_temperature=run.stream.temperature,
                 )
                 if run.is_main:
                     _log(run, s, m)

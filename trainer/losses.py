@@ -1,9 +1,13 @@
 """The loss of one student on one batch: sparse KL to the cached teacher plus cross-entropy.
 
-    loss = kd_weight * sparse_kl(student || teacher top-k) + ce_weight * cross_entropy
+    loss = kd_weight * s * sparse_kl(student || teacher top-k) + ce_weight * cross_entropy
 
-over the batch's loss mask (docs/loss.md). A term whose weight is 0 is still computed, without
-a gradient, so that every student logs its distance to the teacher and its next-token loss.
+over the batch's loss mask (docs/loss.md), with s = T^2 under ``loss.t2_scaling`` (else 1).
+At a student temperature T other than the cache's T_c the teacher's stored entries are
+re-tempered first (kernels/temperature.py). Both happen here, in :meth:`LossTerms.of`, once
+for every path below, so the fused, materialised and CUDA-kernel losses get them identically.
+A term whose weight is 0 is still computed, without a gradient, so that every student logs
+its distance to the teacher and its next-token loss.
 
 By default (``loss.fused: true``) both terms are computed through the LM head in token chunks
 (kernels/fused_linear.py): the student's [N, V] logits never exist, and one matmul per chunk
@@ -28,6 +32,7 @@ from torch import nn
 from longkd.errors import LongkdError
 from longkd.kernels.fused_linear import fused_linear_losses
 from longkd.kernels.sparse_kl import cross_entropy_chunked, sparse_kl
+from longkd.kernels.temperature import Temperatures, check_retemperable, retemper_targets
 from longkd.models import lm_head_logits, logit_postprocess
 
 if TYPE_CHECKING:
@@ -40,11 +45,13 @@ class LossTerms:
 
     Attributes:
         ids: int64 [N, K] teacher ids (< 0 = padding).
-        target_logprobs: float32 [N, K] teacher log-probs.
+        target_logprobs: float32 [N, K] teacher log-probs at the student's temperature
+            (re-tempered from the cache's when they differ).
         mask: bool [N], rows trained on.
         targets: int64 [N] next-token ids, -100 where the mask is False.
-        mode, temperature: the sparse-KL settings.
-        kd_weight, ce_weight: the terms' weights (0: computed for the log only).
+        mode, temperature: the sparse-KL settings (temperature: the student's T).
+        kd_weight, ce_weight: the terms' weights (0: computed for the log only); kd_weight
+            includes the T^2 factor when ``loss.t2_scaling`` is on.
         chunk_size: rows per chunk (None: automatic, kernels/reference.py ``chunk_rows``).
         impl: "auto" | "reference" | "cupy", the sparse-KL implementation.
         amp: the autocast dtype or None.
@@ -65,18 +72,33 @@ class LossTerms:
     fused: bool
 
     @classmethod
-    def of(cls, batch, loss_cfg, *, mode, temperature, amp, fused) -> LossTerms:
-        """From a (prefix-cut) ``WindowBatch`` of B windows of P tokens and a ``LossConfig``."""
+    def of(cls, batch, loss_cfg, *, mode, temperature, amp, fused, cache_temperature=None) -> LossTerms:
+        """From a (prefix-cut) ``WindowBatch`` of B windows of P tokens and a ``LossConfig``.
+
+        ``temperature`` is the student's T, ``cache_temperature`` the cache's T_c (None: the
+        same as T, nothing re-tempered). The teacher's entries are re-tempered to T and the
+        KL's weight takes the T^2 factor of ``loss_cfg.t2_scaling``: the one place either
+        happens, whichever path computes the loss afterwards.
+        """
         b, p = batch.input_ids.shape
         mask = batch.loss_mask(skip_first_tokens=loss_cfg.skip_first_tokens).reshape(b * p)
+        temps = Temperatures(
+            cache=temperature if cache_temperature is None else cache_temperature,
+            student=temperature,
+            t2_scaling=loss_cfg.t2_scaling,
+        )
+        ids = batch.ids.reshape(b * p, -1).long()
+        tlp = batch.teacher_logprobs.reshape(b * p, -1).float()
         return cls(
-            ids=batch.ids.reshape(b * p, -1).long(),
-            target_logprobs=batch.target_logprobs.reshape(b * p, -1).float(),
+            ids=ids,
+            target_logprobs=retemper_targets(
+                tlp, ids, cache_temperature=temps.cache, temperature=temps.student, mode=mode
+            ),
             mask=mask,
             targets=batch.next_tokens().reshape(b * p).long().masked_fill(~mask, -100),
             mode=mode,
             temperature=temperature,
-            kd_weight=loss_cfg.kd_weight,
+            kd_weight=loss_cfg.kd_weight * temps.kd_scale,
             ce_weight=loss_cfg.ce_weight,
             chunk_size=loss_cfg.chunk_size,
             impl=loss_cfg.impl,
@@ -191,23 +213,55 @@ def body_hidden(body, input_ids: torch.Tensor, position_ids: torch.Tensor) -> to
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def batch_losses(student: Student, batch, *, mode: str, temperature: float, amp: torch.dtype | None):
+def temperatures_in_force(loss_cfg, *, mode: str, cache_temperature: float, where: str) -> Temperatures:
+    """The temperatures a student trains at, checked against its loss mode before any step.
+
+    Args:
+        loss_cfg: the student's ``LossConfig`` (``temperature`` None: the cache's).
+        mode: the resolved loss mode.
+        cache_temperature: T_c, the cache's manifest temperature.
+        where: the student's config path, prefixing the error.
+
+    Returns:
+        The :class:`~longkd.kernels.temperature.Temperatures` in force.
+
+    Raises:
+        LongkdError: bucket mode at a temperature other than the cache's, naming the options.
+    """
+    student_t = cache_temperature if loss_cfg.temperature is None else loss_cfg.temperature
+    check_retemperable(mode, cache_temperature=cache_temperature, temperature=student_t, name=f"{where}.loss")
+    return Temperatures(cache=cache_temperature, student=student_t, t2_scaling=loss_cfg.t2_scaling)
+
+
+def batch_losses(
+    student: Student,
+    batch,
+    *,
+    mode: str,
+    temperature: float,
+    amp: torch.dtype | None,
+    cache_temperature: float | None = None,
+):
     """Forward one (already prefix-cut) batch and compute the loss terms.
 
     Args:
         student: the student.
         batch: a ``WindowBatch`` of B windows of P tokens on the student's device.
-        mode, temperature: sparse-KL settings.
+        mode, temperature: sparse-KL settings (temperature: the student's T).
         amp: autocast dtype or None.
+        cache_temperature: the cache's T_c (None: equal to ``temperature``); the teacher's
+            entries are re-tempered to T when they differ.
 
     Returns:
-        ``(loss, kl, ce, tokens)``: loss a scalar with a graph (kd_weight * kl + ce_weight * ce),
+        ``(loss, kl, ce, tokens)``: loss a scalar with a graph (kd_weight * s * kl + ce_weight * ce,
+        s = T^2 under ``loss.t2_scaling``),
         kl and ce detached scalars (each computed without a gradient when its weight is 0),
         tokens the number of rows trained on.
     """
     terms = LossTerms.of(
-        batch, student.cfg.loss, mode=mode, temperature=temperature, amp=amp, fused=student.fused
-    )
+        batch, student.cfg.loss, mode=mode, temperature=temperature, amp=amp, fused=student.fused,
+        cache_temperature=cache_temperature,
+    )  # fmt: skip
 
     def head(model, hidden):
         return head_losses(model, hidden, terms)

@@ -59,9 +59,9 @@ class WindowBatch:
         segment_starts: long [B, Smax], starts of packed samples (first is 0), -1 padded.
         ids: long [B, W, K], teacher token ids; -1 marks padding (sampled caches, where K is
             the batch's largest per-row entry count).
-        target_logprobs: float32 [B, W, K], teacher log-probs over the full vocabulary at the
+        teacher_logprobs: float32 [B, W, K], teacher log-probs over the full vocabulary at the
             cache's temperature (sampled caches: log(counts / draws)); -inf at padding.
-        target_logprob: float32 [B, W], teacher log-prob of the true next token; NaN where
+        next_token_logprob: float32 [B, W], teacher log-prob of the true next token; NaN where
             t >= length - 1.
         window_ids: long [B], pool indices: a cache's window_id plus the windows of the caches
             listed before it (equal to the window_id for a single cache).
@@ -72,8 +72,8 @@ class WindowBatch:
     lengths: torch.Tensor
     segment_starts: torch.Tensor
     ids: torch.Tensor
-    target_logprobs: torch.Tensor
-    target_logprob: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    next_token_logprob: torch.Tensor
     window_ids: torch.Tensor
 
     def _map(self, fn) -> WindowBatch:
@@ -115,8 +115,8 @@ class WindowBatch:
             lengths=self.lengths.clamp(max=p),
             segment_starts=starts[:, :width],
             ids=self.ids[:, :p],
-            target_logprobs=self.target_logprobs[:, :p],
-            target_logprob=self.target_logprob[:, :p],
+            teacher_logprobs=self.teacher_logprobs[:, :p],
+            next_token_logprob=self.next_token_logprob[:, :p],
             window_ids=self.window_ids,
         )
 
@@ -164,20 +164,10 @@ def _manifest_of(source) -> dict:
 
 
 def _max_cached_id(reader) -> int:
-    """The largest teacher id stored in a cache, reading only its ``ids`` column."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """The largest teacher id stored in a cache, from its shards' ``ids`` columns."""
+    from longkd.cache.rows import max_stored_id
 
-    from longkd.cache import format as fmt
-
-    best = -1
-    for shard in reader.shards:
-        table = pa.ipc.open_file(reader.location.open_input(shard["path"])).read_all().select([fmt.IDS])
-        for chunk in table.column(0).chunks:
-            values = pc.list_flatten(chunk)
-            if len(values):
-                best = max(best, int(pc.max(values).as_py()))
-    return best
+    return max((max_stored_id(reader.location, shard["path"]) for shard in reader.shards), default=-1)
 
 
 def check_student_compatible(reader_or_manifest, student_config, tokenizer=None) -> None:
@@ -242,7 +232,9 @@ class _Pool:
 
         self.uris = uris
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
-        self.readers = [CacheReader(u) for u in uris]
+        # Training reads every window: a format-1 cache (no per-window checksum) has each
+        # shard checked against its sha256 when first opened.
+        self.readers = [CacheReader(u, full_pass=True) for u in uris]
         self.offsets = np.cumsum([0] + [r.num_windows for r in self.readers]).astype(np.int64)
         self.size = int(self.offsets[-1])
         # (first pool index, rows) per shard, over all caches in order
@@ -305,10 +297,21 @@ def collate(windows, pool_indices) -> WindowBatch:
         lengths=torch.tensor([win.length for win in windows], dtype=torch.int64),
         segment_starts=torch.from_numpy(starts),
         ids=torch.from_numpy(ids),
-        target_logprobs=torch.from_numpy(logprobs),
-        target_logprob=torch.from_numpy(np.stack([win.target_logprob for win in windows]).astype(np.float32)),
+        teacher_logprobs=torch.from_numpy(logprobs),
+        next_token_logprob=torch.from_numpy(
+            np.stack([win.target_logprob for win in windows]).astype(np.float32)
+        ),
         window_ids=torch.tensor(pool_indices, dtype=torch.int64),
     )
+
+
+@dataclass
+class _ReadFailure:
+    """A worker's :class:`LongkdError`, handed to the consumer as an item: re-raised there as
+    the same one line (an exception raised inside a DataLoader worker would come back wrapped
+    in the worker's traceback)."""
+
+    message: str
 
 
 class _Batches(IterableDataset):
@@ -318,6 +321,7 @@ class _Batches(IterableDataset):
     windows at offsets ``[b*B + r*B/world, b*B + (r+1)*B/world)``.
 
     Readers are opened inside ``__iter__``, so every worker process has its own file handles.
+    A damaged window ends the iteration with a :class:`_ReadFailure`.
     """
 
     def __init__(self, uris, seed, shuffle, shuffle_buffer, batch_size, start, rank=0, world=1):
@@ -328,10 +332,13 @@ class _Batches(IterableDataset):
     def __iter__(self) -> Iterator[WindowBatch]:
         info = get_worker_info()
         wid, n = (0, 1) if info is None else (info.id, info.num_workers)
-        pool = _Pool(*self.args)
         local = self.batch_size // self.world
-        for b in itertools.count(wid, n):
-            yield pool.batch(self.start + b * self.batch_size + self.rank * local, local)
+        try:
+            pool = _Pool(*self.args)
+            for b in itertools.count(wid, n):
+                yield pool.batch(self.start + b * self.batch_size + self.rank * local, local)
+        except LongkdError as err:
+            yield _ReadFailure(str(err))
 
 
 class WindowStream:
@@ -482,6 +489,11 @@ class WindowStream:
         self._flat = epoch * self.windows_per_epoch + position
 
     def __iter__(self) -> Iterator[WindowBatch]:
+        """Batches from the resume point on, endlessly.
+
+        Raises:
+            LongkdError: a damaged window or shard (one line naming it, also from a worker).
+        """
         dataset = _Batches(
             self.uris, self.seed, self.shuffle, self.shuffle_buffer, self.batch_size, start=self._flat,
             rank=self.rank, world=self.world,
@@ -494,6 +506,8 @@ class WindowStream:
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
         )
         for batch in loader:
+            if isinstance(batch, _ReadFailure):
+                raise LongkdError(batch.message)
             # counted when handed over, so a checkpoint taken after training on it resumes after it
             self._flat += self.batch_size
             yield batch

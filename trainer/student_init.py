@@ -10,6 +10,9 @@ trainer compares against the cache's (or None when the student has none).
 
 from __future__ import annotations
 
+import difflib
+import inspect
+
 import torch
 
 from longkd.errors import LongkdError, one_line
@@ -50,6 +53,48 @@ def build_model(init, *, vocab_size: int | None):
         except (OSError, ValueError) as err:
             raise LongkdError(f"student model {init!r} could not be loaded: {one_line(err)}") from err
     return model.float().train()
+
+
+# Keys every transformers config takes into its rope_parameters, though its class does not declare them.
+_ROPE_KEYS = {"rope_theta", "rope_scaling", "partial_rotary_factor"}
+
+
+def init_keys(arch: str) -> set[str]:
+    """The keys a fresh-model ``init`` mapping may hold for ``arch``: ``arch`` and ``seed``,
+    longkd/models.py ``tiny_config``'s own keywords, the fields of the architecture's
+    transformers config class and the rope keys every config accepts."""
+    from transformers import AutoConfig
+
+    config_class = type(AutoConfig.for_model(arch))
+    fields = set(inspect.signature(config_class.__init__).parameters) - {"self", "args", "kwargs"}
+    fields |= set(getattr(config_class, "attribute_map", {}))
+    return fields | _TINY_KEYS | _ROPE_KEYS | {"arch", "seed"}
+
+
+_TINY_KEYS = set(inspect.signature(tiny_config).parameters) - {"arch", "overrides"}
+
+
+def check_init_keys(arch: str, keys, where: str = "init") -> None:
+    """Refuse an unknown key in a fresh-model ``init`` mapping (a typo would train a default model).
+
+    Args:
+        arch: the mapping's ``arch`` (one of longkd/models.py ``ARCHITECTURES``).
+        keys: the mapping's keys.
+        where: the mapping's place in the config, for the message.
+
+    Raises:
+        LongkdError: naming the key, the closest valid one and which keys are valid.
+    """
+    valid = init_keys(arch)
+    for key in keys:
+        if key in valid:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(valid), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise LongkdError(
+            f"{where}.{key}: unknown key for a fresh {arch} model; {hint}valid keys are arch, seed, "
+            f"{', '.join(sorted(_TINY_KEYS))} and the fields of transformers' {arch} config"
+        )
 
 
 def load_tokenizer(cfg: StudentConfig):

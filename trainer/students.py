@@ -285,12 +285,13 @@ def train_step(
     mode: str,
     temperature: float,
     amp: torch.dtype | None,
+    cache_temperature: float | None = None,
 ) -> StepMetrics:
     """One optimizer step of one student over ``batches`` (gradient accumulation).
 
     The phase for this step is chosen from the student's counters before the step; on a phase
     change its rope is put in force first. All randomness (dropout) comes from the student's
-    own RNG state.
+    own RNG state. ``cache_temperature`` is the cache's T_c (None: equal to ``temperature``).
 
     Raises:
         LongkdError: a non-finite loss or gradient norm, naming the student and the step.
@@ -319,7 +320,9 @@ def train_step(
     with student.own_rng():
         for batch in batches:
             cut = batch.prefix(phase.window) if phase.window < batch.input_ids.shape[1] else batch
-            loss, kl, ce, n = batch_losses(student, cut, mode=mode, temperature=temperature, amp=amp)
+            loss, kl, ce, n = batch_losses(
+                student, cut, mode=mode, temperature=temperature, amp=amp, cache_temperature=cache_temperature
+            )
             value = float(loss.detach())
             if student.parallel is not None:  # means over the global batch, as in one process
                 loss, value, kl, ce = student.parallel.global_mean(loss, kl, ce, n)

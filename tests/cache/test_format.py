@@ -18,10 +18,12 @@ import pytest
 
 from longkd.cache import format as fmt
 from longkd.cache import writer as writer_mod
+from longkd.cache.ledger import read_ledger
 from longkd.cache.manifest import build_manifest, check_shard_path, load_manifest, write_manifest
-from longkd.cache.reader import CacheReader, expand_sampled
+from longkd.cache.reader import CacheReader
+from longkd.cache.rows import expand_sampled
 from longkd.cache.storage import Location
-from longkd.cache.writer import ShardWriter, parse_size, read_ledger
+from longkd.cache.writer import ShardWriter, parse_size
 from longkd.errors import LongkdError
 from tests.helpers import fail_writes_after
 
@@ -139,7 +141,10 @@ def test_schema_columns():
         "ids",
         "logprobs",
         "target_logprob",
+        "checksum",
     ]
+    assert topk.field("checksum").type == pa.uint64()
+    assert fmt.shard_schema("topk", "float16", version=1).names == topk.names[:-1]
     assert topk.field("logprobs").type == pa.list_(pa.float16())
     sampled = fmt.shard_schema("sampled")
     assert "counts" in sampled.names and "row_splits" in sampled.names and "logprobs" not in sampled.names
@@ -239,7 +244,7 @@ def test_manifest_version_and_keys(tmp_path):
     loc, _, _ = write_synthetic_cache(tmp_path / "c", n=2)
     path = tmp_path / "c" / "manifest.json"
     m = json.loads(path.read_text())
-    path.write_text(json.dumps({**m, "format_version": 2}))
+    path.write_text(json.dumps({**m, "format_version": 3}))
     with pytest.raises(LongkdError, match="newer longkd"):
         load_manifest(loc)
     del m["window"]

@@ -80,7 +80,9 @@ def test_manifest_path_escape(cache, capsys):
 def test_manifest_hash_edited_to_match_still_checked(cache, capsys):
     """Replacing a shard with another valid shard (hash updated) breaks window-id contiguity."""
     m = json.loads((cache / "manifest.json").read_text())
-    m["shards"][2] = {**m["shards"][3], "first_window": 2}
+    m["shards"][2] = {**m["shards"][3], "first_window": 2, "last_window": 2}
+    for key, name in (("windows", "rows"), ("tokens", "tokens"), ("bytes", "bytes")):
+        m["totals"][key] = sum(s[name] for s in m["shards"])  # a consistent edit
     (cache / "manifest.json").write_text(json.dumps(m))
     code, _, err = run_verify(capsys, cache)
     assert code == 1 and "shards/shard-00000-000003.arrow: row 0 has window_id 3, expected 2" in err
@@ -109,7 +111,7 @@ def _synthetic(tmp_path, rows_fn, mode="topk", w=8, vocab=20, k=3, draws=4):
         loc,
         build_manifest(
             teacher={},
-            tokenizer={"size": vocab},
+            tokenizer={"size": vocab, "fingerprint": "synthetic"},
             embedding_size=vocab,
             window=w,
             packing={},

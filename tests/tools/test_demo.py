@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -123,6 +124,61 @@ def test_summary_statistics_match_numpy_on_random_evals():
         assert res["models"][name]["per_seed"]["1"]["kl_from_S"] == pytest.approx(want)
     text = demo_report.markdown(res)
     assert "kd-reset-control" in text and "±" in text
+
+
+def test_claim_checks_match_numpy_on_random_evals():
+    rng = np.random.default_rng()
+    recipe = RECIPES["w256"]
+    distances = recipe.distances()
+    evals = {
+        seed: {name: _fake_eval(rng, distances, name != "teacher") for name in demo_report.ORDER}
+        for seed in range(3)
+    }
+    res = demo_report.summarize(evals, recipe=recipe, settings={"steps": 1, "batch_size": 1}, timings={},
+                                record={}, device="cpu")  # fmt: skip
+    claims = {c["name"]: c for c in res["claims"]}
+    assert set(claims) == {c[0] for c in demo_report.CLAIMS}
+
+    def mean(seed, name, low, high=recipe.window):
+        return np.mean([a for d, a in evals[seed][name]["toy"].items() if low < d <= high])
+
+    S, W = recipe.short, recipe.window
+    for seed in range(3):
+        want = {
+            "kd_beyond_S": mean(seed, "kd-phasewise", S),
+            "kd_over_ce": mean(seed, "kd-phasewise", S) - mean(seed, "ce-phasewise", S),
+            "phasewise_vs_static": mean(seed, "kd-phasewise", S) - mean(seed, "kd-static", S),
+            "kd_over_control": mean(seed, "kd-phasewise", 2 * S, W - S)
+            - mean(seed, "kd-reset-control", 2 * S, W - S),
+        }
+        for name, value in want.items():
+            assert claims[name]["per_seed"][str(seed)] == pytest.approx(value), name
+    for c in claims.values():
+        assert c["ok"] == (min(c["per_seed"].values()) >= c["bound"])
+    table = _table(demo_report.markdown(res), "## Claims")
+    assert [row[-1] for row in table.values()] == ["ok" if c["ok"] else "FAILED" for c in res["claims"]]
+
+
+def test_a_failed_claim_stops_the_demo_unless_no_checks(tmp_path, capsys):
+    claim = dict(name="kd_over_ce", claim="KD beats cross-entropy", measures="a - b, distances 64 < d <= 256",
+                 bound=0.25, per_seed={"0": 0.40, "1": 0.21}, ok=False)  # fmt: skip
+    with pytest.raises(LongkdError, match=r"cross-entropy \(a - b, distances 64 < d <= 256: 21.0 < 25\)"):
+        demo.check_claims({"claims": [claim]}, tmp_path)
+    demo.check_claims({"claims": [claim]}, tmp_path, checks=False)
+    assert "WARNING: the demo's claims failed" in capsys.readouterr().out
+    demo.check_claims({"claims": [dict(claim, ok=True)]}, tmp_path)  # nothing failed: no error
+
+
+def test_cpu_numerics_are_set_before_torch_and_never_override(monkeypatch):
+    monkeypatch.setattr(demo.platform, "machine", lambda: "x86_64")
+    for name in demo.CPU_NUMERICS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    demo.pin_cpu_numerics()
+    assert os.environ["MKL_CBWR"] == "COMPATIBLE"  # the user's value wins
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2" and os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    record = demo.numerics()
+    assert record["MKL_CBWR"] == "COMPATIBLE" and record["threads"] >= 1 and record["torch"]
 
 
 # ----------------------------------------------------------------------------- the whole demo
@@ -241,6 +297,22 @@ def test_quick_demo_end_to_end(tmp_path):
             config = json.loads((ckpt / "config.json").read_text())
             # Every trained student ends in the last phase: window W, scaled rope.
             assert config["max_position_embeddings"] == recipe.window
+    # The README's claims hold in this run; each value checked is re-derived from the eval files.
+    scores = {
+        name: {r["distance"]: r["score"] / 100 for r in json.loads(
+            (out / "eval" / "s0" / name / "toy" / "results.json").read_text())["by_distance"]}
+        for name in demo_report.ORDER
+    }  # fmt: skip
+    for name, claim, minuend, subtrahend, where, bound in demo_report.CLAIMS:
+        low, high = {"beyond": (recipe.short, recipe.window),
+                     "far": (2 * recipe.short, recipe.window - recipe.short)}[where]  # fmt: skip
+        want = np.mean([a for d, a in scores[minuend].items() if low < d <= high])
+        if subtrahend:
+            want -= np.mean([a for d, a in scores[subtrahend].items() if low < d <= high])
+        got = next(c for c in results["claims"] if c["name"] == name)
+        assert got["per_seed"]["0"] == pytest.approx(want) and want >= bound, (claim, want, bound)
+    assert all(row[-1] == "ok" for row in _table(md, "## Claims").values())
+    assert results["numerics"]["threads"] == 1 and results["numerics"]["torch"].startswith("2.")
     # The held-out cache is other documents than the training cache.
     held = (out / "data" / "heldout.jsonl").read_text().splitlines()
     train = set((out / "data" / "train-s0.jsonl").read_text().splitlines())

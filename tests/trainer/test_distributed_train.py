@@ -35,8 +35,9 @@ VOCAB = 64
 W = 32
 STEPS = 3
 # fp32 on CPU: the 2-rank gradient is a sum of two partial sums (different summation order),
-# so weights agree to rounding, amplified a little by AdamW's normalisation over the steps.
-ATOL = 1e-5
+# so weights agree to rounding, amplified a little by AdamW's normalisation over the steps;
+# how much depends on the data order (up to 1.4e-5 seen for qwen2 with other shard sizes).
+ATOL = 2e-5
 ARCHS = {"llama": {}, "gemma2": {"tie_word_embeddings": True}, "qwen2": {}}
 # every architecture fused; llama also materialised (fused vs materialised in one process, for
 # every architecture, is tests/trainer/test_fused_train.py)

@@ -44,7 +44,10 @@ def cache(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fused")
     data = write_random_text(root / "train.jsonl", samples=80, vocab=VOCAB, lengths=(5, 40), seed=4)
     teacher = tiny_model_dir("llama", vocab_size=VOCAB, hidden_size=64, max_position_embeddings=256)
-    return build_cache(teacher, data, root / "cache", window=W, top_k=8, max_windows=24, batch_size=8)
+    # built at T = 1.5, the students' temperature: the bucket loss needs the cache's
+    return build_cache(
+        teacher, data, root / "cache", "--temperature", "1.5", window=W, top_k=8, max_windows=24, batch_size=8
+    )
 
 
 def student(name, arch="llama", fused=True, **init):
@@ -56,13 +59,15 @@ def student(name, arch="llama", fused=True, **init):
         "name": name,
         "init": base,
         "optimizer": {"lr": 3e-3, "warmup_steps": 0},
-        # T != 1 gives the CE its own softmax; skip_first_tokens masks rows inside windows
+        # T != 1 gives the CE its own softmax; skip_first_tokens masks rows inside windows;
+        # without the T^2 factor, the bf16 comparison below keeps the trajectory it was sized on
         "loss": {
             "fused": fused,
             "ce_weight": 0.3,
             "temperature": 1.5,
             "skip_first_tokens": 1,
             "chunk_size": 24,
+            "t2_scaling": False,
         },
     }
 

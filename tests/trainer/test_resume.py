@@ -131,15 +131,15 @@ def test_uncommitted_and_partial_checkpoints_are_ignored(cache, tmp_path):
 
 
 def test_resume_errors(cache, tmp_path):
-    with pytest.raises(LongkdError, match="no checkpoint in .*start the run without --resume"):
+    with pytest.raises(LongkdError, match="nothing was committed in .*start the run without --resume"):
         train(parse_config(run_config(cache, tmp_path / "empty")), resume=True, progress=False)
     out = tmp_path / "run"
-    train(parse_config(run_config(cache, out, steps=2)), progress=False)
+    train(parse_config(run_config(cache, out, steps=4)), progress=False, stop_after=2)
     data = run_config(cache, out, steps=4)
     data["students"].append({"name": "c", "init": {"arch": "llama", "hidden_size": 32, "num_heads": 2}})
     with pytest.raises(LongkdError, match="student 'c' has no checkpoint"):
         train(parse_config(data), resume=True, progress=False)
-    with pytest.raises(LongkdError, match="stream state has seed=0 but this stream has 5"):
+    with pytest.raises(LongkdError, match="--resume: seed was 0 at step 2 and is 5 now"):
         train(parse_config(run_config(cache, out, steps=4, seed=5)), resume=True, progress=False)
 
 

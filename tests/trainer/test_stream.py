@@ -165,11 +165,11 @@ def check_against_reader(batch, readers, offsets):
         assert (batch.segment_starts[i, s:] == -1).all()
         assert batch.ids[i, :, :k].tolist() == win.ids.tolist()
         assert (batch.ids[i, :, k:] == -1).all()
-        np.testing.assert_array_equal(batch.target_logprobs[i, :, :k].numpy(), win.logprobs)
-        assert torch.isneginf(batch.target_logprobs[i, :, k:]).all()
-        np.testing.assert_array_equal(batch.target_logprob[i].numpy(), win.target_logprob)
+        np.testing.assert_array_equal(batch.teacher_logprobs[i, :, :k].numpy(), win.logprobs)
+        assert torch.isneginf(batch.teacher_logprobs[i, :, k:]).all()
+        np.testing.assert_array_equal(batch.next_token_logprob[i].numpy(), win.target_logprob)
     assert batch.input_ids.dtype == batch.ids.dtype == batch.position_ids.dtype == torch.int64
-    assert batch.target_logprobs.dtype == batch.target_logprob.dtype == torch.float32
+    assert batch.teacher_logprobs.dtype == batch.next_token_logprob.dtype == torch.float32
 
 
 def test_batches_equal_reader_windows_topk_and_pool(caches):
@@ -188,7 +188,7 @@ def test_batches_equal_reader_windows_sampled(caches):
     for batch in batches:
         check_against_reader(batch, [reader], [0])
         # log(counts / draws) over the kept entries: each row's probabilities sum to 1
-        probs = batch.target_logprobs.exp().sum(-1)
+        probs = batch.teacher_logprobs.exp().sum(-1)
         torch.testing.assert_close(probs, torch.ones_like(probs))
     assert any((b.ids == -1).any() for b in batches)  # rows of fewer unique ids are padded
 
@@ -204,8 +204,8 @@ def random_batch(seed, b=4, w=20):
         lengths=lengths,
         segment_starts=starts,
         ids=torch.randint(0, 90, (b, w, 3), generator=g),
-        target_logprobs=-torch.rand(b, w, 3, generator=g),
-        target_logprob=-torch.rand(b, w, generator=g),
+        teacher_logprobs=-torch.rand(b, w, 3, generator=g),
+        next_token_logprob=-torch.rand(b, w, generator=g),
         window_ids=torch.arange(b),
     )
 
@@ -234,9 +234,9 @@ def test_prefix_by_hand():
     assert torch.equal(pre.input_ids, batch.input_ids[:, :p])
     assert torch.equal(pre.position_ids, batch.position_ids[:, :p])
     assert torch.equal(pre.ids, batch.ids[:, :p]) and torch.equal(
-        pre.target_logprobs, batch.target_logprobs[:, :p]
+        pre.teacher_logprobs, batch.teacher_logprobs[:, :p]
     )
-    assert torch.equal(pre.target_logprob, batch.target_logprob[:, :p])
+    assert torch.equal(pre.next_token_logprob, batch.next_token_logprob[:, :p])
     assert pre.lengths.tolist() == [10, 10, 10, 10]
     assert pre.segment_starts.tolist() == [[0, 5, 9], [0, 1, 2], [0, -1, -1], [0, -1, -1]]
     mask = pre.loss_mask(1)

@@ -135,13 +135,32 @@ def bucket_kl_direct(logits, ids, logprobs, mask, temperature):
     return rows[mask].mean()
 
 
-def test_loss_equals_direct_computation(caches, tmp_path):
+def renorm_kl_direct(logits, ids, logprobs, mask, temperature, cache_temperature):
+    """KL(teacher renormalised over K || student) per row, float64, the teacher's cached entries
+    re-tempered by hand from T_c to T (p^(T_c / T) renormalised over K)."""
+    logq = torch.log_softmax(logits.double() / temperature, dim=-1)
+    valid = ids >= 0
+    lq = torch.gather(logq, 1, ids.clamp(min=0))
+    p = torch.where(valid, logprobs.double().exp() ** (cache_temperature / temperature), torch.zeros_like(lq))
+    p = p / p.sum(-1, keepdim=True)
+    rows = torch.where(p > 0, p * (p.log() - lq), torch.zeros_like(lq)).sum(-1)
+    return rows[mask].mean()
+
+
+@pytest.mark.parametrize("t2_scaling", [True, False])
+def test_loss_equals_direct_computation(caches, tmp_path, t2_scaling):
+    """At T = 1.5 on a cache built at T_c = 1, renorm: the teacher re-tempered, the KL times T^2
+    under t2_scaling."""
     s = student(seed=3)
-    s["loss"] = {"kd_weight": 0.7, "ce_weight": 0.3, "skip_first_tokens": 2, "temperature": 1.5}
+    s["loss"] = {
+        "mode": "renorm", "kd_weight": 0.7, "ce_weight": 0.3, "skip_first_tokens": 2, "temperature": 1.5,
+        "t2_scaling": t2_scaling,
+    }  # fmt: skip
     run = prepare(parse_config(config(caches["train"], tmp_path / "run", [s])))
     st = run.students[0]
+    assert run.stream.temperature == 1.0 and run.temperatures["s"] == 1.5
     batch = next(iter(run.stream)).prefix(20)
-    loss, kl, ce, n = batch_losses(st, batch, mode="bucket", temperature=1.5, amp=None)
+    loss, kl, ce, n = batch_losses(st, batch, mode="renorm", temperature=1.5, amp=None, cache_temperature=1.0)
     st.model.eval()  # no dropout in this model; eval to compare against a plain forward
     with torch.no_grad():
         logits = st.model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
@@ -154,15 +173,15 @@ def test_loss_equals_direct_computation(caches, tmp_path):
             if start >= 0:
                 mask[i, start : start + 2] = False  # skip_first_tokens=2 at every packed sample
     flat = logits.reshape(b * p, -1)
-    want_kl = bucket_kl_direct(
-        flat, batch.ids.reshape(b * p, -1), batch.target_logprobs.reshape(b * p, -1), mask.reshape(-1), 1.5
-    )
+    ids, cached = batch.ids.reshape(b * p, -1), batch.teacher_logprobs.reshape(b * p, -1)
+    want_kl = renorm_kl_direct(flat, ids, cached, mask.reshape(-1), 1.5, 1.0)
     targets = torch.cat([batch.input_ids[:, 1:], torch.zeros(b, 1, dtype=torch.long)], 1).reshape(-1)
     want_ce = F.cross_entropy(flat.double()[mask.reshape(-1)], targets[mask.reshape(-1)])
     assert n == int(mask.sum()) and 0 < n < b * p
     assert float(kl) == pytest.approx(float(want_kl), rel=1e-5)
     assert float(ce) == pytest.approx(float(want_ce), rel=1e-5)
-    assert float(loss.detach()) == pytest.approx(0.7 * float(want_kl) + 0.3 * float(want_ce), rel=1e-5)
+    kd_weight = 0.7 * (1.5**2 if t2_scaling else 1.0)
+    assert float(loss.detach()) == pytest.approx(kd_weight * float(want_kl) + 0.3 * float(want_ce), rel=1e-5)
     assert loss.requires_grad
 
 
@@ -294,13 +313,21 @@ def test_cli_trains_and_prints_a_summary(caches, tmp_path, capsys):
         str(tmp_path / "run"),
         "--set",
         "students.y.loss.ce_weight=0.5",
+        "--set",
+        "students.y.loss={mode: renorm, temperature: 2, t2_scaling: false, ce_weight: 0.5}",
         "--device",
         "cpu",
         capsys=capsys,
     )
     assert code == 0, err
     assert "trained 2 student(s) to step 2" in out
-    table = out.splitlines()
+    lines = out.splitlines()
+    # the temperatures in force, one line per student, before the first step
+    assert lines[:2] == [
+        "x: cache T_c=1, student T=1 (teacher as cached), T^2 scaling on (KL x 1)",
+        "y: cache T_c=1, student T=2 (teacher re-tempered within its top entries), T^2 scaling off",
+    ]
+    table = lines[2:]
     assert table[1].split()[:3] == ["student", "steps", "tokens"]
     assert [line.split()[0] for line in table[3:5]] == ["x", "y"]
     assert not (tmp_path / "ignored").exists()
@@ -329,6 +356,11 @@ def test_cli_trains_and_prints_a_summary(caches, tmp_path, capsys):
             "unknown rope type 'ntk'",
         ),
         (lambda d, c: d["students"][0]["loss"].update(mode="sampled"), "needs a sampled cache"),
+        (
+            lambda d, c: d["students"][0]["loss"].update(temperature=2.0),
+            "students[0] (s).loss: mode 'bucket' at temperature 2 needs the teacher's tail mass at T=2, "
+            "which a cache built at T=1 does not hold; use mode renorm",
+        ),
         (lambda d, c: d["students"][0].update(init=str(c.parent / "no-model")), "could not be loaded"),
         (lambda d, c: d["students"][0]["optimizer"].update(lr_schedule="linear"), "is not one of cosine"),
     ],

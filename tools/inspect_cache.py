@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 import numpy as np
 
@@ -137,24 +138,31 @@ class _RawSizer:
     (the decoded buffers' sizes), read through the cache's own filesystem."""
 
     def __init__(self, reader):
-        import pyarrow as pa
-
-        self._pa = pa
         self.reader = reader
-        self._files: dict[int, tuple] = {}
+        self._files: dict = {}  # shard index -> rows.ShardFile (one at a time)
 
     def row_bytes(self, index: int) -> int:
+        """The raw size of window ``index``, one the reader has already read and checked.
+
+        Raises:
+            DamagedWindow: its batch no longer reads (the file changed meanwhile).
+        """
+        from longkd.cache.rows import BadShard, DamagedWindow, ShardFile
+
         shard, row = self.reader.shard_of(index)
+        entry = self.reader.shards[shard]
         if shard not in self._files:
-            f = self._pa.ipc.open_file(self.reader.location.open_input(self.reader.shards[shard]["path"]))
-            starts = np.cumsum([0] + [f.get_batch(i).num_rows for i in range(f.num_record_batches)])
-            self._files = {shard: (f, starts)}  # windows are sorted, so one open shard suffices
-        f, starts = self._files[shard]
-        b = int(np.searchsorted(starts, row, side="right") - 1)
-        return int(f.get_batch(b).slice(row - int(starts[b]), 1).nbytes)
+            # windows are sorted, so one open shard suffices
+            self._files = {shard: ShardFile(self.reader.location, entry["path"], int(entry["rows"]))}
+        try:
+            batch, r = self._files[shard].locate(row)
+        except BadShard as bad:
+            raise DamagedWindow(self.reader.location, entry["path"], index, str(bad)) from None
+        return int(batch.slice(r, 1).nbytes)
 
 
 def _summary(reader, sampled: list[int], raw_sampled: int, tokens_sampled: int) -> dict:
+    """The cache-wide part of :func:`inspect_cache`; ``sampled`` are the windows actually read."""
     m = reader.manifest
     on_disk = sum(max(reader.location.size(s["path"]), 0) for s in reader.shards)
     tokens = int(m["totals"]["tokens"])
@@ -186,7 +194,9 @@ def _summary(reader, sampled: list[int], raw_sampled: int, tokens_sampled: int) 
     }
 
 
-def inspect_cache(uri, *, sample_windows: int = 64, seed: int = 0, buckets: int = 8) -> dict:
+def inspect_cache(
+    uri, *, sample_windows: int = 64, seed: int = 0, buckets: int = 8, skip_damaged: bool = False
+) -> dict:
     """Summary and distribution statistics of a cache.
 
     Args:
@@ -194,31 +204,36 @@ def inspect_cache(uri, *, sample_windows: int = 64, seed: int = 0, buckets: int 
         sample_windows: how many windows to read (all when the cache has fewer).
         seed: seed of the window sample (see :func:`sample_indices`).
         buckets: equal-width buckets of the row index along the window.
+        skip_damaged: leave damaged windows of the sample out (listed under
+            ``sample.damaged``) instead of stopping at the first.
 
     Returns:
         A JSON-serialisable dict: ``summary`` (teacher, vocabulary, window, selection, packing,
         ``bytes_on_disk`` (shard files), ``raw_bytes`` (uncompressed Arrow buffers; measured on
         the sample and scaled to all windows unless ``raw_bytes_exact``), bytes per token on
-        disk and raw, ``compression_ratio`` = raw / disk), ``sample`` (the window indices),
+        disk and raw, ``compression_ratio`` = raw / disk), ``sample`` (the window indices read,
+        and ``damaged``: those skipped),
         ``definitions``, ``overall`` (mean of each statistic), ``by_position`` (per window
         bucket), ``by_segment_offset`` (per :data:`SEGMENT_EDGES` bucket) and ``histograms``
         (``top1`` and ``entropy``: ``edges`` [HIST_BINS+1], ``counts`` [HIST_BINS]).
 
     Raises:
-        LongkdError: not a finished cache, or bad arguments.
+        LongkdError: not a finished cache, bad arguments, or (without ``skip_damaged``) a
+            damaged window.
     """
     from longkd.cache.reader import CacheReader
 
-    reader = CacheReader(uri)
+    reader = CacheReader(uri, skip_damaged=skip_damaged)
     edges = window_edges(reader.window, buckets)
     indices = sample_indices(reader.num_windows, sample_windows, seed)
     mode = reader.selection["mode"]
     sizer = _RawSizer(reader)
     parts: dict[str, list[np.ndarray]] = {}
     raw_sampled = tokens_sampled = 0
-    for index in indices:
-        window = reader.read_window(index)
-        raw_sampled += sizer.row_bytes(index)
+    read = []
+    for window in reader.iter_windows(indices):
+        read.append(window.window_id)
+        raw_sampled += sizer.row_bytes(window.window_id)
         tokens_sampled += window.length
         for name, values in row_statistics(window, mode).items():
             parts.setdefault(name, []).append(values)
@@ -235,8 +250,8 @@ def inspect_cache(uri, *, sample_windows: int = 64, seed: int = 0, buckets: int 
     overall = {"rows": int(stats["row"].size)}
     overall.update({name: _mean(stats[name]) for name in STATS})
     return {
-        "summary": _summary(reader, indices, raw_sampled, tokens_sampled),
-        "sample": {"windows": indices, "seed": seed, "rows": int(stats["row"].size)},
+        "summary": _summary(reader, read, raw_sampled, tokens_sampled),
+        "sample": {"windows": read, "seed": seed, "rows": int(stats["row"].size), "damaged": reader.damaged},
         "definitions": {
             "rows": "row t (t < length - 1) is the teacher's distribution for input_ids[t+1]",
             "entropy": ENTROPY_NOTE[mode],
@@ -370,6 +385,8 @@ def register_inspect(cache_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write a PNG of the statistics")
     p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="leave damaged windows out (counted) instead of stopping at the first")  # fmt: skip
     p.set_defaults(func=_cmd_inspect)
 
 
@@ -385,7 +402,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         result = show_position(args.cache, args.window, args.at, top=args.top)
         print(json.dumps(result, indent=2) if args.json else inspect_report.format_position(result))
         return 0
-    result = inspect_cache(args.cache, sample_windows=args.windows, seed=args.seed, buckets=args.buckets)
+    result = inspect_cache(
+        args.cache, sample_windows=args.windows, seed=args.seed, buckets=args.buckets,
+        skip_damaged=args.skip_damaged,
+    )  # fmt: skip
+    damaged = result["sample"]["damaged"]
+    if damaged:
+        print(f"longkd: skipped {len(damaged)} damaged windows: {damaged[:20]}", file=sys.stderr)
     png = inspect_report.plot_inspect(result, args.plot) if args.plot else None
     if args.html:
         inspect_report.html_inspect(result, args.html, png=png)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from longkd.errors import LongkdError
-from longkd.tools.inspect import SEGMENT_EDGES, inspect_cache, register_inspect, show_position
+from longkd.tools.inspect_cache import SEGMENT_EDGES, inspect_cache, register_inspect, show_position
 from tests.helpers import build_cache, write_random_text
 
 VOCAB = 64
@@ -244,3 +244,23 @@ def test_bad_input_is_one_line_error(argv, words, topk_cache, tmp_path):
     with pytest.raises(LongkdError) as err:
         _cli(argv)
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_damaged_window_stops_or_is_skipped(topk_cache, tmp_path, capsys):
+    from tests.cache.test_fault_injection import bad_checksum, rewrite_shard
+
+    cache = tmp_path / "cache"
+    shutil.copytree(topk_cache, cache)
+    shard = json.loads((cache / "manifest.json").read_text())["shards"][0]["path"]
+    rewrite_shard(cache, shard, bad_checksum(3), resign_rows=False)
+    with pytest.raises(LongkdError, match=f"window 3 in shard {shard} .* is damaged: checksum mismatch"):
+        _cli([str(cache), "--json"])
+    with pytest.raises(LongkdError, match="window 3 in shard"):
+        _cli([str(cache), "--window", "3", "--at", "0"])
+    assert _cli([str(cache), "--json", "--skip-damaged"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["sample"]["damaged"] == [3] and 3 not in data["sample"]["windows"]
+    assert captured.err.strip() == "longkd: skipped 1 damaged windows: [3]"
+    clean = inspect_cache(str(topk_cache), sample_windows=1000)
+    assert data["sample"]["rows"] < clean["sample"]["rows"]

@@ -1,0 +1,694 @@
+"""Compact encodings of a window's cache columns: bit-packed integers and log-probs on a grid.
+
+A plain top-64 cache stores every entry as an int32 id and a float32 log-prob, 8 bytes an
+entry before zstd, and zstd gains little on either. The encodings here store the same rows in
+far fewer bytes, and each one is a pair of pure-numpy functions working on whole windows at
+once (no Python loop over rows), so decoding keeps up with a trainer on one core:
+
+- :func:`encode_ids` / :func:`decode_ids`: each row's ids sorted by id and stored as gaps,
+  bit-packed (or byte-shuffled); the permutation it applied is returned so companion columns
+  follow the same order. :func:`frequency_remap` builds an optional id -> rank permutation.
+- :func:`encode_logprobs` / :func:`decode_logprobs`: log-probs rounded to a fixed grid of
+  ``1 / steps`` nat, stored as integers relative to the row's largest log-prob
+  (``grid-max``, any order) or as gaps in rank order (``grid-delta``), plus each row's exact
+  tail mass as float32 so the bucket loss keeps its tail.
+- :func:`encode_target_logprob`, :func:`encode_uints` (input ids, segment-start gaps,
+  sampled counts, per-row entry counts) and their decoders.
+- :func:`select_entry_counts`: mass-adaptive selection of how many of a row's sorted entries
+  to keep; every entry encoding takes per-row entry counts, so rows may differ in length.
+
+Every encoded column is one ``bytes`` blob made of sections (docs/encodings.md is the byte-level
+specification, with a worked example). Decoders check what is cheap to check (lengths, widths,
+counts, ranges) and raise :class:`~longkd.errors.LongkdError` naming the column instead of
+returning wrong numbers; a flipped bit inside a payload that keeps every value in range cannot
+be detected here (the shard's sha256 in the manifest is what catches it).
+
+    from longkd.cache import encodings as enc
+    counts = np.full(W, K)                                  # fixed top-K rows
+    blob, order = enc.encode_ids(ids.reshape(-1), counts, vocab_size=V)
+    lp_blob = enc.encode_logprobs(logprobs.reshape(-1)[order], counts)
+    ids2 = enc.decode_ids(blob, counts, vocab_size=V)       # sorted by id within each row
+    logprobs2, tail = enc.decode_logprobs(lp_blob, counts)  # same order, |error| <= 1 / (2 * 64)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from longkd.errors import LongkdError
+
+DEFAULT_STEPS = 64  # grid steps per nat: rounding error at most 1/128 nat
+MAX_WIDTH = 32
+KIND_FLOAT32 = 0xF4
+KIND_SHUFFLED = {1: 0x81, 2: 0x82, 4: 0x84}  # itemsize -> section kind
+SHUFFLED_ITEMSIZE = {kind: size for size, kind in KIND_SHUFFLED.items()}
+PACKINGS = ("bits", "bytes")
+LOGPROB_LAYOUTS = ("grid-max", "grid-delta")
+SECTION_HEADER = 5  # kind (uint8) + count (uint32)
+POSITIVE_SLACK = 1e-6  # a stored log-prob may exceed 0 by this much (float rounding)
+TAIL_MIN = -2e-3  # the most negative tail rounding can give (float16 log-probs, docs/format.md)
+
+
+# ----------------------------------------------------------------------------- bit packing
+
+
+def bits_for(value: int) -> int:
+    """The number of bits an unsigned ``value`` needs (0 for 0)."""
+    return int(value).bit_length()
+
+
+def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
+    """Pack unsigned integers into a little-endian, LSB-first bit stream.
+
+    Value i occupies stream bits ``[i * width, (i + 1) * width)``, its least significant bit
+    first; stream bit b is bit ``b % 8`` (LSB = 0) of byte ``b // 8``. The last byte's unused
+    high bits are 0.
+
+    Args:
+        values: [n] non-negative integers, each below ``2 ** width``.
+        width: bits per value, 0 to 32 (0 stores nothing; every value must be 0).
+
+    Returns:
+        uint8[ceil(n * width / 8)].
+
+    Raises:
+        LongkdError: a width outside 0..32, a negative value or one that does not fit.
+    """
+    values = np.asarray(values)
+    if not 0 <= width <= MAX_WIDTH:
+        raise LongkdError(f"bit width {width} is outside 0..{MAX_WIDTH}")
+    n = values.size
+    if n and (values.min() < 0 or bits_for(values.max()) > width):
+        raise LongkdError(f"values in [{values.min()}, {values.max()}] do not fit {width} unsigned bits")
+    if width == 0 or n == 0:
+        return np.zeros(0, np.uint8)
+    groups = -(-n // 8)  # 8 values of w bits fill exactly w bytes: one row of `out` per group
+    padded = np.zeros(groups * 8, np.uint64)
+    padded[:n] = values.reshape(-1)
+    grouped = padded.reshape(groups, 8)
+    out = np.zeros((groups, width), np.uint8)
+    for j in range(8):
+        start, shift = divmod(j * width, 8)
+        shifted = grouped[:, j] << np.uint64(shift)
+        for k in range((shift + width + 7) // 8):
+            out[:, start + k] |= (shifted >> np.uint64(8 * k)).astype(np.uint8)
+    return out.reshape(-1)[: -(-n * width // 8)]
+
+
+def unpack_bits(data: np.ndarray, count: int, width: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`.
+
+    Args:
+        data: uint8[ceil(count * width / 8)].
+        count: number of values.
+        width: bits per value, 0 to 32.
+
+    Returns:
+        uint32[count].
+
+    Raises:
+        LongkdError: a width outside 0..32 or a byte length that does not match.
+    """
+    if not 0 <= width <= MAX_WIDTH:
+        raise LongkdError(f"bit width {width} is outside 0..{MAX_WIDTH}")
+    need = -(-count * width // 8)
+    if data.size != need:
+        raise LongkdError(f"{data.size} bytes hold no {count} values of {width} bits (need {need})")
+    if width == 0 or count == 0:
+        return np.zeros(count, np.uint32)
+    groups = -(-count // 8)  # 8 values of w bits fill exactly w bytes
+    padded = np.zeros(groups * width + 8, np.uint8)  # + 8: room for the last 8-byte read
+    padded[:need] = data
+    out = np.empty((groups, 8), np.uint32)
+    mask = np.uint64((1 << width) - 1)
+    for j in range(8):
+        # value j of every group starts at the same bit of its group: read 8 bytes from there
+        start, shift = divmod(j * width, 8)
+        words = np.ndarray((groups,), dtype="<u8", buffer=padded, offset=start, strides=(width,))
+        out[:, j] = (words >> np.uint64(shift)) & mask
+    return out.reshape(-1)[:count]
+
+
+def shuffle_bytes(values: np.ndarray, itemsize: int) -> np.ndarray:
+    """Unsigned integers as ``itemsize`` byte planes: plane b holds byte b (little-endian) of
+    every value, so the mostly-zero high bytes sit together where zstd finds them.
+
+    Returns:
+        uint8[n * itemsize].
+    """
+    as_le = np.ascontiguousarray(values, dtype=f"<u{itemsize}")
+    return np.ascontiguousarray(as_le.view(np.uint8).reshape(-1, itemsize).T).reshape(-1)
+
+
+def unshuffle_bytes(data: np.ndarray, count: int, itemsize: int) -> np.ndarray:
+    """Inverse of :func:`shuffle_bytes`: uint32[count] (or uint8/16/32 by ``itemsize``)."""
+    planes = data.reshape(itemsize, count)
+    return np.ascontiguousarray(planes.T).view(f"<u{itemsize}").reshape(count).astype(np.uint32)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _section_ints(
+    values: np.ndarray, packing: str, width: int | None = None, missing: np.ndarray | None = None
+) -> bytes:
+    """One section of unsigned integers: bit-packed at ``width`` (default: the narrowest that
+    holds the largest value) or byte-shuffled at the smallest of 1, 2, 4 bytes that holds it.
+
+    With ``missing`` (bool[n]) the all-ones value of the chosen width (or itemsize) is reserved
+    as a sentinel, even when nothing is missing, and stored at the missing entries: the width
+    is chosen to hold the largest present value plus one.
+    """
+    values = np.asarray(values).reshape(-1).astype(np.int64)
+    if values.size and values.min() < 0:
+        raise LongkdError(f"value {values.min()} is negative; sections hold unsigned integers")
+    present = values if missing is None else values[~missing]
+    top = (int(present.max()) if present.size else 0) + (missing is not None and values.size > 0)
+    if packing == "bits":
+        width = bits_for(top) if width is None else width
+        if missing is not None:
+            values = np.where(missing, (1 << width) - 1, values)
+        return _header(width, values.size) + pack_bits(values, width).tobytes()
+    if packing == "bytes":
+        itemsize = next((s for s in (1, 2, 4) if bits_for(top) <= 8 * s), None)
+        if itemsize is None:
+            raise LongkdError(f"value {top} does not fit 32 bits")
+        if missing is not None:
+            values = np.where(missing, (1 << (8 * itemsize)) - 1, values)
+        return _header(KIND_SHUFFLED[itemsize], values.size) + shuffle_bytes(values, itemsize).tobytes()
+    raise LongkdError(f"unknown packing {packing!r}; use one of {', '.join(PACKINGS)}")
+
+
+def _section_float32(values: np.ndarray) -> bytes:
+    return _header(KIND_FLOAT32, values.size) + np.ascontiguousarray(values, "<f4").tobytes()
+
+
+def _header(kind: int, count: int) -> bytes:
+    if count >= 2**32:
+        raise LongkdError(f"a section holds at most 2**32 - 1 values, got {count}")
+    return bytes([kind]) + int(count).to_bytes(4, "little")
+
+
+class _Sections:
+    """Reads a blob's sections in order, checking each against what the column expects."""
+
+    def __init__(self, blob: bytes | np.ndarray, column: str):
+        self.data = np.frombuffer(blob, np.uint8) if not isinstance(blob, np.ndarray) else blob.view(np.uint8)
+        self.pos = 0
+        self.column = column
+
+    def fail(self, what: str) -> LongkdError:
+        return LongkdError(
+            f"corrupt {self.column} encoding: {what}; rebuild the cache or run `longkd cache verify`"
+        )
+
+    def uint16(self, name: str) -> int:
+        if self.pos + 2 > self.data.size:
+            raise self.fail(f"{name} is cut off")
+        value = int(self.data[self.pos]) | int(self.data[self.pos + 1]) << 8
+        self.pos += 2
+        return value
+
+    def _head(self, name: str, count: int | None) -> tuple[int, int]:
+        if self.pos + SECTION_HEADER > self.data.size:
+            raise self.fail(f"section {name!r} is cut off")
+        kind = int(self.data[self.pos])
+        n = int.from_bytes(self.data[self.pos + 1 : self.pos + 5].tobytes(), "little")
+        if count is not None and n != count:
+            raise self.fail(f"section {name!r} holds {n} values, expected {count}")
+        self.pos += SECTION_HEADER
+        return kind, n
+
+    def _payload(self, name: str, size: int) -> np.ndarray:
+        if self.pos + size > self.data.size:
+            raise self.fail(f"section {name!r} needs {size} bytes, {self.data.size - self.pos} left")
+        out = self.data[self.pos : self.pos + size]
+        self.pos += size
+        return out
+
+    def ints(self, name: str, count: int | None = None) -> tuple[np.ndarray, int]:
+        """The next section's integers as uint32, and the sentinel its width reserves
+        (``2 ** width - 1``, or the itemsize's maximum for byte-shuffled sections)."""
+        kind, n = self._head(name, count)
+        if kind <= MAX_WIDTH:
+            return unpack_bits(self._payload(name, -(-n * kind // 8)), n, kind), (1 << kind) - 1
+        if kind in SHUFFLED_ITEMSIZE:
+            size = SHUFFLED_ITEMSIZE[kind]
+            return unshuffle_bytes(self._payload(name, n * size), n, size), (1 << (8 * size)) - 1
+        raise self.fail(f"section {name!r} has unknown kind {kind:#04x}")
+
+    def float32(self, name: str, count: int) -> np.ndarray:
+        kind, n = self._head(name, count)
+        if kind != KIND_FLOAT32:
+            raise self.fail(f"section {name!r} has kind {kind:#04x}, expected float32 ({KIND_FLOAT32:#04x})")
+        return self._payload(name, 4 * n).view("<f4").astype(np.float32)
+
+    def done(self) -> None:
+        if self.pos != self.data.size:
+            raise self.fail(f"{self.data.size - self.pos} bytes left after the last section")
+
+
+# ----------------------------------------------------------------------------- row helpers
+
+
+def _check_counts(counts: np.ndarray, total: int | None, column: str) -> np.ndarray:
+    counts = np.asarray(counts)
+    if counts.ndim != 1 or (counts.size and counts.min() < 0):
+        raise LongkdError(f"{column}: per-row entry counts must be a 1-D array of non-negative integers")
+    counts = counts.astype(np.int64)
+    if total is not None and int(counts.sum()) != total:
+        raise LongkdError(
+            f"{column}: the per-row entry counts sum to {int(counts.sum())}, not {total} entries"
+        )
+    return counts
+
+
+def _uniform(counts: np.ndarray) -> bool:
+    """Whether every row holds the same, non-zero number of entries (a fixed top-K window)."""
+    return bool(counts.size and counts[0] > 0 and (counts == counts[0]).all())
+
+
+def row_starts(counts: np.ndarray) -> np.ndarray:
+    """Offsets of each row's first entry in the flat array: int64[R] (``row_splits[:-1]``)."""
+    starts = np.zeros(len(counts), np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    return starts
+
+
+def _segmented_cumsum(increments: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Cumulative sums restarting at every row: int64[n]."""
+    total = np.cumsum(increments, dtype=np.int64)
+    nonempty = counts > 0
+    starts = row_starts(counts)[nonempty]
+    before = total[starts] - increments[starts]
+    return total - np.repeat(before, counts[nonempty])
+
+
+def _row_firsts(counts: np.ndarray) -> np.ndarray:
+    """bool[n]: True at the first entry of every non-empty row."""
+    first = np.zeros(int(counts.sum()), bool)
+    first[row_starts(counts)[counts > 0]] = True
+    return first
+
+
+def select_entry_counts(
+    logprobs: np.ndarray,
+    cap: int | None = None,
+    min_mass: float | None = None,
+    min_prob: float | None = None,
+) -> np.ndarray:
+    """How many of each row's entries mass-adaptive selection keeps.
+
+    A row keeps its entries in order (largest first) up to and including the first at which
+    the covered mass reaches ``min_mass``; with ``min_prob`` it keeps only entries whose
+    probability is at least ``min_prob``; never more than ``cap`` nor the row's finite
+    entries, and always at least one entry.
+
+    Args:
+        logprobs: float[R, K] log-probs, descending within each row (-inf allowed).
+        cap: the most entries a row keeps (default K).
+        min_mass: the covered mass to reach, ``1 - eps`` (None: no mass rule).
+        min_prob: the smallest probability kept (None: no probability rule).
+
+    Returns:
+        int32[R] entry counts in ``1 .. min(cap, K)``.
+
+    Raises:
+        LongkdError: a shape other than [R, K], or rules outside their ranges.
+    """
+    logprobs = np.asarray(logprobs)
+    if logprobs.ndim != 2 or logprobs.shape[1] < 1:
+        raise LongkdError(f"selection needs log-probs of shape [rows, K >= 1], got {logprobs.shape}")
+    k = logprobs.shape[1]
+    cap = k if cap is None else min(int(cap), k)
+    if cap < 1:
+        raise LongkdError(f"the entry cap must be at least 1, got {cap}")
+    if min_mass is not None and not 0 < min_mass <= 1:
+        raise LongkdError(f"min_mass must lie in (0, 1], got {min_mass}")
+    if min_prob is not None and not 0 <= min_prob <= 1:
+        raise LongkdError(f"min_prob must lie in [0, 1], got {min_prob}")
+    probs = np.exp(logprobs.astype(np.float64))
+    keep = np.full(len(logprobs), cap, np.int64)
+    if min_mass is not None:
+        below = np.cumsum(probs, axis=1) < min_mass  # entries before the one that reaches it
+        keep = np.minimum(keep, below.sum(axis=1) + 1)
+    if min_prob is not None:
+        keep = np.minimum(keep, (probs >= min_prob).sum(axis=1))
+    keep = np.minimum(keep, np.isfinite(logprobs).sum(axis=1))
+    return np.maximum(keep, 1).astype(np.int32)
+
+
+def ragged_from_dense(dense: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The first ``counts[r]`` entries of every row of ``dense`` [R, K], concatenated: [sum(counts)]."""
+    return dense[np.arange(dense.shape[1]) < np.asarray(counts)[:, None]]
+
+
+def dense_from_ragged(flat: np.ndarray, counts: np.ndarray, k: int, fill) -> np.ndarray:
+    """Rows of ``flat`` (``counts[r]`` entries each) padded with ``fill`` to [R, k]."""
+    out = np.full((len(counts), k), fill, dtype=flat.dtype)
+    out[np.arange(k) < np.asarray(counts)[:, None]] = flat
+    return out
+
+
+def rank_order(logprobs: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The permutation that puts every row in rank order: descending log-prob, ties by
+    ascending id (what a row sorted by id needs for the inspect views).
+
+    Returns:
+        int64[n] indices into the flat arrays.
+    """
+    counts = np.asarray(counts, np.int64)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    return np.lexsort((ids, -logprobs.astype(np.float64), rows))
+
+
+# ----------------------------------------------------------------------------- ids
+
+
+def frequency_remap(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """An id -> rank permutation: the most frequent id in ``ids`` gets 0, ties and unseen ids
+    in ascending id order.
+
+    Returns:
+        int32[vocab_size] ``rank_of_id``; ``np.argsort(rank_of_id)`` maps ranks back to ids.
+    """
+    freq = np.bincount(np.asarray(ids).reshape(-1), minlength=vocab_size)[:vocab_size]
+    by_rank = np.lexsort((np.arange(vocab_size), -freq))
+    rank_of_id = np.empty(vocab_size, np.int32)
+    rank_of_id[by_rank] = np.arange(vocab_size, dtype=np.int32)
+    return rank_of_id
+
+
+def encode_ids(
+    ids: np.ndarray,
+    counts: np.ndarray,
+    vocab_size: int,
+    packing: str = "bits",
+    width: str = "max",
+) -> tuple[bytes, np.ndarray]:
+    """Encode ragged rows of distinct ids as sorted gaps (encoding ``ids-delta``).
+
+    Each row is sorted ascending; its first id is stored as is, every later one as the gap
+    ``id[i] - id[i - 1] - 1`` (ids are distinct, so gaps are >= 0).
+
+    Args:
+        ids: int[n] the rows' ids concatenated (``counts[r]`` for row r), any order in a row.
+        counts: int[R] entries per row.
+        vocab_size: V; every id must lie in ``[0, V)``.
+        packing: ``"bits"`` (bit-packed) or ``"bytes"`` (byte-shuffled, for zstd).
+        width: with ``"bits"``, ``"max"`` (the narrowest holding the window's largest value)
+            or ``"vocab"`` (``bits_for(V - 1)``).
+
+    Returns:
+        ``(blob, order)``: the encoded column, and int64[n] with ``ids[order]`` the stored
+        (sorted) order; apply ``order`` to companion columns (log-probs, counts).
+
+    Raises:
+        LongkdError: ids out of range, repeated within a row, or counts that do not match.
+    """
+    ids = np.asarray(ids).reshape(-1).astype(np.int64)
+    counts = _check_counts(counts, ids.size, "ids")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise LongkdError(f"ids: values in [{ids.min()}, {ids.max()}] leave the vocabulary [0, {vocab_size})")
+    rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    order = np.argsort(rows * vocab_size + ids, kind="stable")
+    ordered = ids[order]
+    first = _row_firsts(counts)
+    gaps = ordered.copy()
+    gaps[1:] -= ordered[:-1] + 1
+    gaps[first] = ordered[first]
+    if gaps.size and gaps.min() < 0:
+        raise LongkdError("ids: an id repeats within a row; rows must hold distinct ids")
+    fixed = bits_for(vocab_size - 1) if (packing == "bits" and width == "vocab") else None
+    if width not in ("max", "vocab"):
+        raise LongkdError(f"ids: unknown width rule {width!r}; use 'max' or 'vocab'")
+    return _section_ints(gaps, packing, fixed), order
+
+
+def decode_ids(blob: bytes, counts: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Decode :func:`encode_ids`: int32[sum(counts)], ascending within each row.
+
+    Raises:
+        LongkdError: the blob does not hold ``sum(counts)`` values, or decodes to ids outside
+            ``[0, V)``.
+    """
+    counts = _check_counts(counts, None, "ids")
+    sections = _Sections(blob, "ids")
+    gaps, _ = sections.ints("gaps", int(counts.sum()))
+    sections.done()
+    if _uniform(counts):  # fixed top-K: rows are the rows of an [R, K] array
+        ids = gaps.view(np.int32).reshape(len(counts), -1)
+        ids[:, 1:] += 1
+        np.cumsum(ids, axis=1, out=ids)
+        ids = ids.reshape(-1)
+    else:
+        increments = gaps.astype(np.int64)
+        increments += ~_row_firsts(counts)
+        ids = _segmented_cumsum(increments, counts)
+    if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
+        raise sections.fail(f"an id decodes outside [0, {vocab_size}), beyond the vocabulary of {vocab_size}")
+    return ids.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def _grid(values: np.ndarray, steps: int, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probs as grid integers ``a = round(-x * steps)`` (>= 0) and the -inf mask."""
+    if not 1 <= steps <= 0xFFFF:
+        raise LongkdError(f"{column}: grid steps per nat must lie in 1..65535, got {steps}")
+    values = np.asarray(values, np.float64).reshape(-1)
+    neginf = np.isneginf(values)
+    bad = np.isnan(values) | (values > POSITIVE_SLACK)
+    if bad.any():
+        raise LongkdError(f"{column}: log-prob {values[bad][0]} is not a log-probability (NaN or > 0)")
+    grid = np.rint(-np.where(neginf, 0.0, values) * steps)
+    np.maximum(grid, 0, out=grid)
+    if grid.size and grid.max() >= 2**MAX_WIDTH - 1:
+        raise LongkdError(f"{column}: log-prob {values[~neginf].min()} is beyond the grid's range")
+    return grid.astype(np.int64), neginf
+
+
+def encode_logprobs(
+    logprobs: np.ndarray,
+    counts: np.ndarray,
+    layout: str = "grid-max",
+    steps: int = DEFAULT_STEPS,
+    packing: str = "bits",
+) -> bytes:
+    """Encode ragged rows of log-probs on a grid of ``1 / steps`` nat, with each row's tail.
+
+    Every log-prob x becomes ``a = round(-x * steps)`` (half to even), decoded as
+    ``-a / steps``: the error is at most ``1 / (2 * steps)`` nat. -inf is kept exactly.
+
+    Args:
+        logprobs: float[n] the rows' log-probs concatenated (``counts[r]`` for row r).
+            ``grid-max``: any order within a row; ``grid-delta``: descending within each row.
+        counts: int[R] entries per row.
+        layout: ``"grid-max"`` (per row the smallest ``a`` (the row's largest log-prob) and
+            every entry's ``a`` minus it) or ``"grid-delta"`` (per row the first ``a`` and the
+            gaps ``a[i] - a[i - 1]`` in rank order).
+        steps: grid steps per nat (64: error <= 1/128 nat).
+        packing: ``"bits"`` or ``"bytes"`` for the integer sections.
+
+    Returns:
+        The encoded column; its tail section holds ``1 - sum(exp(x))`` per row, computed in
+        float64 from the unrounded log-probs, as float32.
+
+    Raises:
+        LongkdError: NaN or positive log-probs, counts that do not match, an unknown layout,
+            or (``grid-delta``) a row that is not descending.
+    """
+    counts = _check_counts(counts, np.asarray(logprobs).size, "logprobs")
+    grid, neginf = _grid(logprobs, steps, "logprobs")
+    starts = row_starts(counts)
+    nonempty = counts > 0
+    tail = np.ones(len(counts), np.float64)
+    if grid.size:
+        mass = np.exp(np.asarray(logprobs, np.float64).reshape(-1))
+        tail[nonempty] = 1.0 - np.add.reduceat(mass, starts[nonempty])
+        if tail.min() < TAIL_MIN:
+            raise LongkdError(
+                f"logprobs: row {int(np.argmin(tail))}'s probabilities sum to {1 - tail.min():.6f} > 1; "
+                "store log-probs normalised over the full vocabulary"
+            )
+    if layout == "grid-max":
+        base = np.zeros(len(counts), np.int64)
+        if grid.size:
+            finite_grid = np.where(neginf, np.iinfo(np.int64).max, grid)
+            base[nonempty] = np.minimum.reduceat(finite_grid, starts[nonempty])
+            base[base == np.iinfo(np.int64).max] = 0  # rows of -inf only
+        rel = np.where(neginf, 0, grid - np.repeat(base, counts))
+        sections = [_section_ints(base, packing), _section_ints(rel, packing, missing=neginf)]
+    elif layout == "grid-delta":
+        first = _row_firsts(counts)
+        gaps = grid.copy()
+        gaps[1:] -= grid[:-1]
+        after_neginf = np.zeros_like(neginf)
+        after_neginf[1:] = neginf[:-1] & ~first[1:]
+        if (gaps[~first & ~neginf] < 0).any() or (after_neginf & ~neginf).any():
+            raise LongkdError("logprobs: layout grid-delta needs every row in descending order")
+        gaps[neginf] = 0
+        sections = [
+            _section_ints(grid[first], packing, missing=neginf[first]),
+            _section_ints(gaps[~first], packing, missing=neginf[~first]),
+        ]
+    else:
+        raise LongkdError(f"unknown log-prob layout {layout!r}; use one of {', '.join(LOGPROB_LAYOUTS)}")
+    head = bytes([LOGPROB_LAYOUTS.index(layout)]) + int(steps).to_bytes(2, "little")
+    return head + b"".join(sections) + _section_float32(tail.astype(np.float32))
+
+
+def decode_logprobs(blob: bytes, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode :func:`encode_logprobs`.
+
+    Args:
+        blob: the encoded column.
+        counts: int[R] entries per row.
+
+    Returns:
+        ``(logprobs, tail)``: float32[sum(counts)] in the encoded order, and float32[R] the
+        exact tail mass of each row.
+
+    Raises:
+        LongkdError: a corrupt blob: unknown layout, wrong section sizes, a non-finite tail or
+            one outside [-1e-4, 1].
+    """
+    counts = _check_counts(counts, None, "logprobs")
+    sections = _Sections(blob, "logprobs")
+    if sections.data.size < 1:
+        raise sections.fail("the blob is empty")
+    layout = int(sections.data[0])
+    sections.pos = 1
+    steps = sections.uint16("grid steps")
+    if layout >= len(LOGPROB_LAYOUTS) or steps == 0:
+        raise sections.fail(f"unknown layout {layout} or zero grid steps")
+    total = int(counts.sum())
+    nonempty = counts > 0
+    if LOGPROB_LAYOUTS[layout] == "grid-max":
+        base, _ = sections.ints("row base", len(counts))
+        rel, sentinel = sections.ints("entries", total)
+        missing = rel == sentinel
+        if _uniform(counts):
+            grid = (rel.reshape(len(counts), -1) + base[:, None]).reshape(-1)  # uint32
+        else:
+            grid = rel.astype(np.int64) + np.repeat(base.astype(np.int64), counts)
+    else:
+        heads, head_sentinel = sections.ints("row heads", int(nonempty.sum()))
+        rest, rest_sentinel = sections.ints("gaps", total - int(nonempty.sum()))
+        first = _row_firsts(counts)
+        increments = np.empty(total, np.int64)
+        increments[first] = heads
+        increments[~first] = rest
+        missing = np.empty(total, bool)
+        missing[first] = heads == head_sentinel
+        missing[~first] = rest == rest_sentinel
+        increments[missing] = 0
+        grid = _segmented_cumsum(increments, counts)
+    tail = sections.float32("tail", len(counts))
+    sections.done()
+    if not np.isfinite(tail).all() or (tail.size and (tail.min() < TAIL_MIN or tail.max() > 1.0)):
+        raise sections.fail("a row's tail mass is not a probability")
+    logprobs = grid.astype(np.float32)
+    np.divide(logprobs, np.float32(-steps), out=logprobs)
+    np.copyto(logprobs, np.float32(-np.inf), where=missing)
+    return logprobs, tail
+
+
+def encode_target_logprob(values: np.ndarray, steps: int = DEFAULT_STEPS, packing: str = "bits") -> bytes:
+    """Encode ``target_logprob`` (float[W], NaN where there is no next token) on the grid.
+
+    Layout: grid steps (uint16), then one integer section of ``round(-x * steps)`` with NaN
+    as the reserved sentinel ``2 ** w - 1``.
+
+    Raises:
+        LongkdError: an infinite or positive log-prob.
+    """
+    values = np.asarray(values, np.float64).reshape(-1)
+    nan = np.isnan(values)
+    if np.isinf(values).any():
+        raise LongkdError("target_logprob: infinite values cannot be stored; expected finite or NaN")
+    grid, _ = _grid(np.where(nan, 0.0, values), steps, "target_logprob")
+    return int(steps).to_bytes(2, "little") + _section_ints(grid, packing, missing=nan)
+
+
+def decode_target_logprob(blob: bytes, window: int) -> np.ndarray:
+    """Decode :func:`encode_target_logprob`: float32[window] with NaN restored."""
+    sections = _Sections(blob, "target_logprob")
+    steps = sections.uint16("grid steps")
+    if steps == 0:
+        raise sections.fail("zero grid steps")
+    grid, sentinel = sections.ints("values", window)
+    sections.done()
+    out = grid.astype(np.float32) / np.float32(-steps)
+    out[grid == sentinel] = np.nan
+    return out
+
+
+# ----------------------------------------------------------------------------- plain integers
+
+
+def encode_uints(
+    values: np.ndarray, packing: str = "bits", width: int | None = None, offset: int = 0
+) -> bytes:
+    """Encode unsigned integers (``input_ids``, entry counts, sampled counts) as one section.
+
+    Args:
+        values: int[n].
+        packing: ``"bits"`` or ``"bytes"``.
+        width: with ``"bits"``, a fixed width (e.g. ``bits_for(V - 1)`` for input ids);
+            default the narrowest holding the largest stored value.
+        offset: subtracted before storing (1 for counts that are >= 1) and added back by
+            :func:`decode_uints`.
+
+    Raises:
+        LongkdError: a value below ``offset`` or too wide for ``width``.
+    """
+    stored = np.asarray(values).reshape(-1).astype(np.int64) - offset
+    if stored.size and stored.min() < 0:
+        raise LongkdError(f"value {stored.min() + offset} is below the encoding's offset {offset}")
+    return _section_ints(stored, packing, width)
+
+
+def decode_uints(
+    blob: bytes, count: int, column: str, offset: int = 0, limit: int | None = None
+) -> np.ndarray:
+    """Decode :func:`encode_uints`: int64[count].
+
+    Args:
+        blob: the encoded column.
+        count: values expected.
+        column: the column's name, for errors.
+        offset: what :func:`encode_uints` subtracted.
+        limit: when given, every decoded value must be below it (a vocabulary, a cap).
+
+    Raises:
+        LongkdError: a corrupt blob or a value at or above ``limit``.
+    """
+    sections = _Sections(blob, column)
+    stored, _ = sections.ints("values", count)
+    sections.done()
+    out = stored.astype(np.int64) + offset
+    if limit is not None and out.size and out.max() >= limit:
+        raise sections.fail(f"a value decodes to {out.max()}, not below {limit}")
+    return out
+
+
+def encode_segment_starts(starts: np.ndarray, length: int, packing: str = "bits") -> bytes:
+    """Encode ``segment_starts`` (0 first, strictly increasing, below ``length``) as the gaps
+    ``s[i] - s[i - 1] - 1`` after the leading 0 (which is not stored)."""
+    starts = np.asarray(starts).reshape(-1).astype(np.int64)
+    if starts.size == 0 or starts[0] != 0 or (np.diff(starts) <= 0).any() or starts[-1] >= length:
+        raise LongkdError(f"segment_starts must start at 0, increase strictly and stay below {length}")
+    return _section_ints(np.diff(starts) - 1, packing)
+
+
+def decode_segment_starts(blob: bytes, length: int) -> np.ndarray:
+    """Decode :func:`encode_segment_starts`: int32[S], checked against ``length``."""
+    sections = _Sections(blob, "segment_starts")
+    gaps, _ = sections.ints("gaps")
+    sections.done()
+    starts = np.concatenate([[0], np.cumsum(gaps.astype(np.int64) + 1)])
+    if starts[-1] >= length:
+        raise sections.fail(f"a segment starts at {starts[-1]}, beyond the window's length {length}")
+    return starts.astype(np.int32)

@@ -1,0 +1,371 @@
+"""Compact column encodings: round trips within the grid, adversarial rows, corrupt blobs.
+
+Every encoding is checked against plain numpy references on fresh random rows (ragged and
+fixed-K, vocabularies from 2 to 262,144) and on the rows that break naive code: all-equal
+log-probs, -inf entries, one entry, k = V, ids 0 and V - 1, empty rows. Corrupt blobs must
+raise LongkdError. The worked example of docs/encodings.md is checked byte for byte.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from longkd.cache import encodings as enc
+from longkd.errors import LongkdError
+
+LAYOUTS = enc.LOGPROB_LAYOUTS
+PACKINGS = enc.PACKINGS
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def random_rows(rng, rows: int, vocab: int, cap: int, ragged: bool, scale: float = 3.0):
+    """Rows of distinct ids in rank order with their log-probs over the full vocabulary.
+
+    Returns:
+        ids int32[n], logprobs float32[n] (descending per row), counts int64[rows].
+    """
+    logits = rng.normal(size=(rows, vocab)) * scale
+    lp = log_softmax(logits)
+    top = np.argsort(-lp, axis=1, kind="stable")[:, :cap]
+    counts = rng.integers(0, cap + 1, size=rows) if ragged else np.full(rows, cap)
+    ids = enc.ragged_from_dense(top, counts).astype(np.int32)
+    logprobs = enc.ragged_from_dense(np.take_along_axis(lp, top, 1), counts).astype(np.float32)
+    return ids, logprobs, counts
+
+
+def sort_rows_by_id(ids, logprobs, counts):
+    rows = np.repeat(np.arange(len(counts)), counts)
+    order = np.lexsort((ids, rows))
+    return ids[order], logprobs[order]
+
+
+def reference_tail(logprobs, counts):
+    out = np.ones(len(counts))
+    for r, (a, b) in enumerate(zip(enc.row_starts(counts), enc.row_starts(counts) + counts)):
+        out[r] = 1.0 - np.exp(logprobs[a:b].astype(np.float64)).sum()
+    return out
+
+
+def check_logprobs(values, counts, layout, steps, packing):
+    """Encode and decode; every entry within half a grid step, -inf exact, tail exact in float32."""
+    blob = enc.encode_logprobs(values, counts, layout=layout, steps=steps, packing=packing)
+    got, tail = enc.decode_logprobs(blob, counts)
+    assert got.shape == values.shape and got.dtype == np.float32
+    neginf = np.isneginf(values)
+    np.testing.assert_array_equal(np.isneginf(got), neginf)
+    err = np.abs(got[~neginf].astype(np.float64) - values[~neginf])
+    assert err.size == 0 or err.max() <= 0.5 / steps + 1e-6
+    np.testing.assert_allclose(tail, reference_tail(values, counts).astype(np.float32), rtol=0, atol=1e-7)
+    return got
+
+
+# ----------------------------------------------------------------------------- bit packing
+
+
+def test_pack_bits_is_lsb_first():
+    # 1, 2, 3 at 2 bits: 01 | 10 << 2 | 11 << 4 -> 0b00111001
+    assert enc.pack_bits(np.array([1, 2, 3]), 2).tobytes() == bytes([0b00111001])
+    # 9 bits: 0x1FF then 1 -> bytes ff 03 00 (value 1 starts at bit 9)
+    assert enc.pack_bits(np.array([0x1FF, 1]), 9).tobytes() == bytes([0xFF, 0x03, 0x00])
+
+
+@pytest.mark.parametrize("width", list(range(0, 33)))
+def test_pack_bits_round_trip(width):
+    rng = np.random.default_rng(width)
+    for n in (0, 1, 7, 8, 9, 1000):
+        top = (1 << width) - 1
+        values = rng.integers(0, top + 1, size=n, dtype=np.uint64) if width else np.zeros(n, np.uint64)
+        if n:
+            values[0] = top
+        packed = enc.pack_bits(values, width)
+        assert packed.size == -(-n * width // 8)
+        np.testing.assert_array_equal(enc.unpack_bits(packed, n, width), values)
+
+
+def test_pack_bits_refuses_what_does_not_fit():
+    with pytest.raises(LongkdError, match="do not fit 3 unsigned bits"):
+        enc.pack_bits(np.array([8]), 3)
+    with pytest.raises(LongkdError, match="outside 0..32"):
+        enc.pack_bits(np.array([1]), 33)
+    with pytest.raises(LongkdError, match="need 2"):
+        enc.unpack_bits(np.zeros(3, np.uint8), 3, 5)
+
+
+def test_shuffle_bytes_round_trip():
+    rng = np.random.default_rng(1)
+    for size in (1, 2, 4):
+        values = rng.integers(0, 1 << (8 * size), size=257, dtype=np.uint64)
+        data = enc.shuffle_bytes(values, size)
+        assert data[: values.size].tolist() == (values & 0xFF).tolist()  # plane 0: the low bytes
+        np.testing.assert_array_equal(enc.unshuffle_bytes(data, values.size, size), values)
+
+
+# ----------------------------------------------------------------------------- ids
+
+
+@pytest.mark.parametrize("vocab", [2, 3, 1000, 32000, 262144])
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_ids_round_trip_random_rows(vocab, packing):
+    rng = np.random.default_rng(vocab)
+    ids, logprobs, counts = random_rows(rng, 40, min(vocab, 4096), cap=min(vocab, 64), ragged=True)
+    ids = ids * (vocab // min(vocab, 4096))  # spread over the whole vocabulary, still distinct
+    for width in ("max", "vocab"):
+        blob, order = enc.encode_ids(ids, counts, vocab, packing=packing, width=width)
+        got = enc.decode_ids(blob, counts, vocab)
+        expected, _ = sort_rows_by_id(ids, logprobs, counts)
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(ids[order], expected)
+
+
+@pytest.mark.parametrize("vocab", [2, 262144])
+def test_ids_adversarial_rows(vocab):
+    # k = V (every id, reversed), ids 0 and V - 1 alone, an empty row, one entry
+    rows = [
+        np.arange(vocab)[::-1],
+        np.array([vocab - 1, 0]),
+        np.array([], int),
+        np.array([vocab - 1]),
+        np.array([0]),
+    ]
+    counts = np.array([len(r) for r in rows])
+    ids = np.concatenate(rows)
+    for packing in PACKINGS:
+        blob, order = enc.encode_ids(ids, counts, vocab, packing=packing)
+        got = enc.decode_ids(blob, counts, vocab)
+        np.testing.assert_array_equal(got, np.concatenate([np.sort(r) for r in rows]))
+        np.testing.assert_array_equal(ids[order], got)
+
+
+def test_ids_refuse_bad_rows():
+    with pytest.raises(LongkdError, match="repeats within a row"):
+        enc.encode_ids(np.array([3, 3]), np.array([2]), 10)
+    with pytest.raises(LongkdError, match="leave the vocabulary"):
+        enc.encode_ids(np.array([10]), np.array([1]), 10)
+    with pytest.raises(LongkdError, match="sum to 3, not 2"):
+        enc.encode_ids(np.array([1, 2]), np.array([3]), 10)
+
+
+def test_frequency_remap_ranks_the_most_frequent_first():
+    rng = np.random.default_rng(2)
+    vocab = 500
+    ids = rng.zipf(1.3, size=5000) % vocab
+    rank_of_id = enc.frequency_remap(ids, vocab)
+    np.testing.assert_array_equal(np.sort(rank_of_id), np.arange(vocab))
+    freq = np.bincount(ids, minlength=vocab)
+    by_rank = np.argsort(rank_of_id)
+    assert (np.diff(freq[by_rank]) <= 0).all()
+    assert rank_of_id[np.argmax(freq)] == 0
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("packing", PACKINGS)
+@pytest.mark.parametrize("steps", [64, 128, 1024])
+def test_logprobs_round_trip_random_rows(layout, packing, steps):
+    rng = np.random.default_rng(steps)
+    ids, logprobs, counts = random_rows(rng, 50, 3000, cap=64, ragged=True, scale=rng.uniform(0.5, 6))
+    if layout == "grid-max":  # any order: the order encode_ids stores
+        _, logprobs = sort_rows_by_id(ids, logprobs, counts)
+    check_logprobs(logprobs, counts, layout, steps, packing)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_logprobs_adversarial_rows(layout, packing):
+    uniform = np.full(262144, -np.log(262144), np.float32)  # k = V, all equal
+    rows = [
+        uniform,
+        np.array([0.0], np.float32),  # one entry holding all the mass
+        np.array([-0.5, -np.inf, -np.inf], np.float32),  # -inf after a finite entry
+        np.array([-np.inf, -np.inf], np.float32),  # nothing but -inf
+        np.array([], np.float32),  # an empty row
+        np.log(np.array([0.5, 0.5], np.float32)),  # V = 2, k = V
+        np.array([-1e-7, -80.0, -3000.0], np.float32),  # tiny and huge magnitudes
+    ]
+    counts = np.array([len(r) for r in rows])
+    got = check_logprobs(np.concatenate(rows), counts, layout, 64, packing)
+    assert np.isneginf(got[counts[0] + 2 : counts[0] + 5]).all()
+
+
+def test_grid_delta_refuses_unsorted_rows():
+    with pytest.raises(LongkdError, match="descending"):
+        enc.encode_logprobs(np.array([-2.0, -1.0], np.float32), np.array([2]), layout="grid-delta")
+    with pytest.raises(LongkdError, match="descending"):
+        enc.encode_logprobs(np.array([-np.inf, -1.0], np.float32), np.array([2]), layout="grid-delta")
+
+
+def test_logprobs_refuse_nan_and_positive():
+    with pytest.raises(LongkdError, match="not a log-probability"):
+        enc.encode_logprobs(np.array([np.nan], np.float32), np.array([1]))
+    with pytest.raises(LongkdError, match="not a log-probability"):
+        enc.encode_logprobs(np.array([0.1], np.float32), np.array([1]))
+
+
+def test_target_logprob_round_trip():
+    rng = np.random.default_rng(3)
+    values = -rng.exponential(3.0, size=300).astype(np.float32)
+    values[250:] = np.nan
+    values[0] = 0.0
+    for packing in PACKINGS:
+        got = enc.decode_target_logprob(enc.encode_target_logprob(values, steps=128, packing=packing), 300)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(values))
+        assert np.nanmax(np.abs(got - values)) <= 0.5 / 128 + 1e-6
+    with pytest.raises(LongkdError, match="infinite"):
+        enc.encode_target_logprob(np.array([-np.inf]))
+
+
+# ----------------------------------------------------------------------------- integers and rows
+
+
+@pytest.mark.parametrize("vocab", [2, 32000, 262144])
+def test_input_ids_at_the_vocabulary_width(vocab):
+    rng = np.random.default_rng(vocab)
+    ids = rng.integers(0, vocab, size=1024)
+    ids[:2] = [0, vocab - 1]
+    width = enc.bits_for(vocab - 1)
+    blob = enc.encode_uints(ids, width=width)
+    assert len(blob) == enc.SECTION_HEADER + -(-1024 * width // 8)
+    np.testing.assert_array_equal(enc.decode_uints(blob, 1024, "input_ids", limit=vocab), ids)
+
+
+@pytest.mark.parametrize("draws", [1, 64, 255, 1000])
+def test_sampled_counts_round_trip(draws):
+    rng = np.random.default_rng(draws)
+    counts = rng.integers(1, draws + 1, size=500)
+    for packing in PACKINGS:
+        blob = enc.encode_uints(counts, packing=packing, offset=1)
+        if packing == "bytes" and draws <= 256:
+            assert blob[0] == enc.KIND_SHUFFLED[1]  # one byte a count
+        np.testing.assert_array_equal(
+            enc.decode_uints(blob, 500, "counts", offset=1, limit=draws + 1), counts
+        )
+    with pytest.raises(LongkdError, match="below the encoding's offset"):
+        enc.encode_uints(np.array([0]), offset=1)
+
+
+def test_segment_starts_round_trip():
+    starts = np.array([0, 1, 2, 100, 1023])
+    np.testing.assert_array_equal(
+        enc.decode_segment_starts(enc.encode_segment_starts(starts, 1024), 1024), starts
+    )
+    np.testing.assert_array_equal(enc.decode_segment_starts(enc.encode_segment_starts([0], 1), 1), [0])
+    with pytest.raises(LongkdError, match="beyond the window's length 1000"):
+        enc.decode_segment_starts(enc.encode_segment_starts(starts, 1024), 1000)
+    with pytest.raises(LongkdError, match="start at 0"):
+        enc.encode_segment_starts(np.array([1, 2]), 10)
+
+
+def reference_entry_counts(lp, cap, min_mass, min_prob):
+    out = []
+    for row in lp:
+        p = np.exp(row.astype(np.float64))
+        n = cap
+        if min_mass is not None:
+            n = min(n, next((i + 1 for i in range(len(p)) if p[: i + 1].sum() >= min_mass), len(p)))
+        if min_prob is not None:
+            n = min(n, int((p >= min_prob).sum()))
+        out.append(max(1, min(n, int(np.isfinite(row).sum()))))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("rules", [(0.999, None), (None, 1e-3), (0.99, 1e-4), (None, None)])
+def test_select_entry_counts_matches_reference(rules):
+    rng = np.random.default_rng(4)
+    lp = np.sort(log_softmax(rng.normal(size=(200, 500)) * rng.uniform(0.5, 8, size=(200, 1))), axis=1)[
+        :, ::-1
+    ]
+    lp = lp[:, :64].astype(np.float32)
+    lp[0, 3:] = -np.inf
+    got = enc.select_entry_counts(lp, cap=48, min_mass=rules[0], min_prob=rules[1])
+    np.testing.assert_array_equal(got, reference_entry_counts(lp, 48, *rules))
+    assert got[0] <= 3 and got.min() >= 1 and got.max() <= 48
+    flat = enc.ragged_from_dense(lp, got)
+    np.testing.assert_array_equal(enc.dense_from_ragged(flat, got, 64, -np.inf)[:, :1], lp[:, :1])
+    with pytest.raises(LongkdError, match="min_mass"):
+        enc.select_entry_counts(lp, min_mass=1.5)
+
+
+def test_rank_order_reconstructs_rows_sorted_by_id():
+    rng = np.random.default_rng(5)
+    ids, logprobs, counts = random_rows(rng, 30, 2000, cap=16, ragged=True)
+    blob, order = enc.encode_ids(ids, counts, 2000)
+    stored_ids = enc.decode_ids(blob, counts, 2000)
+    stored_lp, _ = enc.decode_logprobs(enc.encode_logprobs(logprobs[order], counts, steps=4096), counts)
+    back = enc.rank_order(stored_lp, stored_ids, counts)
+    np.testing.assert_array_equal(stored_ids[back], ids)  # distinct log-probs: the original order
+
+
+# ----------------------------------------------------------------------------- corrupt blobs
+
+
+def test_corrupt_blobs_raise():
+    rng = np.random.default_rng(6)
+    ids, logprobs, counts = random_rows(rng, 8, 1000, cap=8, ragged=False)
+    id_blob, order = enc.encode_ids(ids, counts, 1000)
+    lp_blob = enc.encode_logprobs(logprobs[order], counts)
+    cases = [
+        (lambda: enc.decode_ids(id_blob[:-1], counts, 1000), "needs .* bytes"),
+        (lambda: enc.decode_ids(id_blob + b"\0", counts, 1000), "1 bytes left"),
+        (lambda: enc.decode_ids(id_blob[:3], counts, 1000), "cut off"),
+        (lambda: enc.decode_ids(id_blob, counts[:-1], 1000), "holds 64 values, expected 56"),
+        (lambda: enc.decode_ids(bytes([40]) + id_blob[1:], counts, 1000), "unknown kind"),
+        (lambda: enc.decode_ids(id_blob, counts, 500), "beyond the vocabulary of 500"),
+        (lambda: enc.decode_logprobs(b"", counts), "empty"),
+        (lambda: enc.decode_logprobs(bytes([7]) + lp_blob[1:], counts), "unknown layout"),
+        (lambda: enc.decode_logprobs(lp_blob[:1] + b"\0\0" + lp_blob[3:], counts), "zero grid steps"),
+        (lambda: enc.decode_logprobs(lp_blob[:-4] + np.float32(np.nan).tobytes(), counts), "tail mass"),
+        (lambda: enc.decode_logprobs(lp_blob[:-4] + np.float32(1.5).tobytes(), counts), "tail mass"),
+        (lambda: enc.decode_logprobs(lp_blob[:-1], counts), "needs 32 bytes"),
+        (lambda: enc.decode_uints(enc.encode_uints(np.array([5, 9])), 2, "counts", limit=9), "not below 9"),
+    ]
+    for call, message in cases:
+        with pytest.raises(LongkdError, match=message):
+            call()
+
+
+# ----------------------------------------------------------------------------- docs/encodings.md
+
+
+def test_worked_example_of_the_docs():
+    ids = np.array([17, 5, 31999, 300])  # one row in rank order
+    logprobs = np.array([-0.2, -2.5, -3.02, -7.25], np.float32)
+    counts = np.array([4])
+    id_blob, order = enc.encode_ids(ids, counts, 32000)
+    assert order.tolist() == [1, 0, 3, 2]
+    assert id_blob.hex(" ") == "0f 04 00 00 00 05 80 05 80 46 40 7a 0f"
+    lp_blob = enc.encode_logprobs(logprobs[order], counts)
+    tail = np.float32(1 - np.exp(logprobs.astype(np.float64)).sum())
+    assert (
+        lp_blob.hex(" ")
+        == "00 40 00 04 01 00 00 00 0d 09 04 00 00 00 93 00 0c a7 05 f4 01 00 00 00 c4 75 4b 3d"
+    )
+    got_ids = enc.decode_ids(id_blob, counts, 32000)
+    got_lp, got_tail = enc.decode_logprobs(lp_blob, counts)
+    assert got_ids.tolist() == [5, 17, 300, 31999]
+    assert got_lp.tolist() == [-160 / 64, -13 / 64, -464 / 64, -193 / 64]
+    assert got_tail[0] == tail == np.float32(0.049672857)
+    target = enc.encode_target_logprob(np.array([-0.2, -2.5, np.nan], np.float32))
+    assert target.hex(" ") == "40 00 08 03 00 00 00 0d a0 ff"
+
+
+def test_sections_decode_with_the_numpy_recipes_of_the_docs():
+    rng = np.random.default_rng(7)
+    for width in (1, 5, 15, 18, 32):
+        values = rng.integers(0, 1 << width, size=77, dtype=np.uint64)
+        payload = np.frombuffer(enc.encode_uints(values, width=width)[enc.SECTION_HEADER :], np.uint8)
+        bits = np.unpackbits(payload, bitorder="little")[: 77 * width].reshape(77, width)
+        np.testing.assert_array_equal(
+            bits.astype(np.uint64) @ (np.uint64(1) << np.arange(width, dtype=np.uint64)), values
+        )
+    values = rng.integers(0, 60000, size=77)
+    blob = enc.encode_uints(values, packing="bytes")
+    assert blob[0] == 0x82
+    payload = np.frombuffer(blob[enc.SECTION_HEADER :], np.uint8)
+    np.testing.assert_array_equal(payload.reshape(2, 77).T.copy().view("<u2").ravel(), values)
