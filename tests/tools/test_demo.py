@@ -101,8 +101,8 @@ def _fake_eval(rng, distances, with_kl):
     return entry
 
 
-def test_summary_statistics_match_numpy_on_random_evals():
-    rng = np.random.default_rng(0)
+def _random_summary(rng):
+    """Random evals of every demo model over 3 seeds, and the demo report's summary of them."""
     recipe = RECIPES["w256"]
     distances = recipe.distances()
     evals = {
@@ -111,6 +111,11 @@ def test_summary_statistics_match_numpy_on_random_evals():
     }
     res = demo_report.summarize(evals, recipe=recipe, settings={"steps": 1, "batch_size": 1}, timings={},
                                 record={}, device="cpu")  # fmt: skip
+    return recipe, evals, res
+
+
+def test_summary_statistics_match_numpy_on_random_evals():
+    recipe, evals, res = _random_summary(np.random.default_rng(0))
     for name in ("kd-phasewise", "ce-phasewise"):
         beyond = [
             np.mean([a for d, a in evals[s][name]["toy"].items() if d > recipe.short]) for s in range(3)
@@ -127,15 +132,7 @@ def test_summary_statistics_match_numpy_on_random_evals():
 
 
 def test_claim_checks_match_numpy_on_random_evals():
-    rng = np.random.default_rng()
-    recipe = RECIPES["w256"]
-    distances = recipe.distances()
-    evals = {
-        seed: {name: _fake_eval(rng, distances, name != "teacher") for name in demo_report.ORDER}
-        for seed in range(3)
-    }
-    res = demo_report.summarize(evals, recipe=recipe, settings={"steps": 1, "batch_size": 1}, timings={},
-                                record={}, device="cpu")  # fmt: skip
+    recipe, evals, res = _random_summary(np.random.default_rng())
     claims = {c["name"]: c for c in res["claims"]}
     assert set(claims) == {c[0] for c in demo_report.CLAIMS}
 
