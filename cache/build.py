@@ -39,6 +39,7 @@ import pyarrow as pa
 
 from longkd.cache import format as fmt
 from longkd.cache.build_settings import DEFAULT_TOP_K, BuildSettings
+from longkd.cache.column_codecs import ColumnCodecs
 from longkd.cache.distributed import merge_shards
 from longkd.cache.ledger import ShardInfo
 from longkd.cache.manifest import (
@@ -171,12 +172,13 @@ def _build(settings: BuildSettings, group: Group, device: str, progress: bool | 
     samples = _Fingerprint(source)
     windows = packer.pack(samples)
     mine = (w for w in _limit(windows, settings.max_windows) if w.window_id % settings.world == settings.rank)
-    mine = _recheck_consumed(mine, location, kept, settings.data)
+    mine = _recheck_consumed(mine, location, kept, settings.data, _codecs(settings, teacher))
     run = _TeacherRun(settings, teacher)
     writer = ShardWriter(
         location,
         selection_mode=settings.selection["mode"],
         logprob_dtype=settings.logprob_dtype,
+        codecs=_codecs(settings, teacher),
         shard_size=settings.shard_size,
         compression_level=settings.compression_level,
         rank=settings.rank,
@@ -434,6 +436,7 @@ def _merged_manifest(
         encoding={
             "ids": "int32",
             "logprobs": settings.logprob_dtype,
+            "columns": _codecs(settings, teacher).manifest_entry(),
             "compression": fmt.COMPRESSION,
             "compression_level": (
                 fmt.DEFAULT_COMPRESSION_LEVEL
@@ -470,9 +473,23 @@ def _remove_new_out(location: Location, existed: bool) -> None:
         location.fs.delete_dir(location.path())
 
 
-def _stored_windows(location: Location, shards: list[ShardInfo]) -> Iterator[tuple]:
+def _codecs(settings: BuildSettings, teacher) -> ColumnCodecs:
+    """The column encodings ``--encoding`` gives the cache."""
+    selection = settings.selection
+    mode = selection["mode"]
+    return ColumnCodecs(
+        mode,
+        selection[fmt.selection_format(mode).size_key],
+        settings.window,
+        teacher.embedding_size,
+        fmt.encoding_preset(settings.encoding, mode),
+    )
+
+
+def _stored_windows(location: Location, shards: list[ShardInfo], codecs: ColumnCodecs) -> Iterator[tuple]:
     """``(shard path, window_id, length, input_ids, segment_starts)`` of every row of
     ``shards``, in order, reading only those four columns."""
+    wanted = (fmt.INPUT_IDS, fmt.SEGMENT_STARTS)
     for info in shards:
         source = location.open_input(info.path)
         schema = pa.ipc.open_file(source).schema
@@ -482,18 +499,21 @@ def _stored_windows(location: Location, shards: list[ShardInfo]) -> Iterator[tup
         for b in range(reader.num_record_batches):
             batch = reader.get_batch(b)
             ids, lengths = batch.column(fmt.WINDOW_ID), batch.column(fmt.LENGTH)
-            inputs, starts = batch.column(fmt.INPUT_IDS), batch.column(fmt.SEGMENT_STARTS)
             for r in range(batch.num_rows):
+                length = int(lengths[r].as_py())
+                values = codecs.decode(batch, r, length, wanted)
                 yield (
                     info.path,
                     int(ids[r].as_py()),
-                    int(lengths[r].as_py()),
-                    inputs[r].values.to_numpy(zero_copy_only=False),
-                    starts[r].values.to_numpy(zero_copy_only=False),
+                    length,
+                    values[fmt.INPUT_IDS],
+                    values[fmt.SEGMENT_STARTS],
                 )
 
 
-def _recheck_consumed(windows: Iterable, location: Location, kept: list[ShardInfo], data: str) -> Iterator:
+def _recheck_consumed(
+    windows: Iterable, location: Location, kept: list[ShardInfo], data: str, codecs: ColumnCodecs
+) -> Iterator:
     """Pass this rank's packed windows through, checking the first ones against those the kept
     shards already hold, so a dataset that changed since the build started is refused before
     the teacher runs on a single new window.
@@ -502,7 +522,7 @@ def _recheck_consumed(windows: Iterable, location: Location, kept: list[ShardInf
         LongkdError: a window packs other tokens than the stored one, or the data now packs
             fewer windows than were written.
     """
-    stored = _stored_windows(location, kept)
+    stored = _stored_windows(location, kept, codecs)
     changed = (
         f"--data {data} changed since this build started: restore the data the build started "
         "with, or build into a new --out"

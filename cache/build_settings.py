@@ -51,6 +51,7 @@ class BuildSettings:
     device: str | None = None
     shard_size: str | int = "256MB"
     logprob_dtype: str = "float32"
+    encoding: str = "plain"
     compression_level: int | None = None
     seed: int = 0
     max_windows: int | None = None
@@ -88,6 +89,7 @@ class BuildSettings:
             "chunk_size": self.chunk_size,
             "dtype": self.dtype,
             "logprob_dtype": self.logprob_dtype,
+            "encoding": self.encoding,
             "compression_level": self.compression_level,
             "shard_size": parse_size(self.shard_size),
             "max_windows": self.max_windows,
@@ -102,6 +104,7 @@ CHOICES = {
     "tail": ("drop", "pad"),
     "dtype": ("float32", "bfloat16", "float16"),
     "logprob_dtype": fmt.LOGPROB_DTYPES,
+    "encoding": tuple(fmt.ENCODING_PRESETS),
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(BuildSettings) if not f.metadata.get("internal")}
 _INT_FIELDS = {"window", "max_sample_tokens", "top_k", "sample_draws", "batch_size", "chunk_size",
@@ -184,6 +187,11 @@ def resolve_settings(explicit: dict, config: dict | None = None) -> BuildSetting
     if settings.sample_draws is not None and settings.sample_draws > MAX_DRAWS:
         raise LongkdError(
             f"--sample-draws {settings.sample_draws} exceeds {MAX_DRAWS} (counts are stored as uint16)"
+        )
+    if settings.encoding != "plain" and settings.logprob_dtype != "float32":
+        raise LongkdError(
+            f"--logprob-dtype {settings.logprob_dtype} applies to --encoding plain; --encoding "
+            f"{settings.encoding} stores log-probs on its own grid (leave --logprob-dtype out)"
         )
     if not settings.temperature > 0:
         raise LongkdError(f"--temperature must be positive, got {settings.temperature}")

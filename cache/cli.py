@@ -107,6 +107,12 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
         choices=("float32", "float16"),
         help="stored log-prob type: float32 (default) or float16",
     )
+    g.add_argument(
+        "--encoding",
+        choices=("plain", "compact"),
+        help="column encodings: plain (Arrow lists, default) or compact (sorted id gaps, log-probs on "
+        "a 1/64-nat grid with the exact tail; docs/format.md)",
+    )
     g.add_argument("--compression-level", type=int, help="zstd level (default: 1)")
     g.add_argument(
         "--progress", action="store_true", help="show the progress bar even when not on a terminal"
@@ -156,6 +162,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("windows", info["windows"]),
         ("tokens", info["tokens"]),
         ("selection", f"{selection} ({info['logprobs_encoding']} log-probs)"),
+        (
+            "column encodings",
+            ", ".join(f"{c} {e}" for c, e in info["column_encodings"].items() if e != "plain") or "all plain",
+        ),
         ("temperature", info["temperature"]),
         ("position mode", info["position_mode"]),
         ("packing efficiency", f"{eff:.4f}" if isinstance(eff, float) else eff),

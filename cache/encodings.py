@@ -446,7 +446,11 @@ def decode_ids(blob: bytes, counts: np.ndarray, vocab_size: int) -> np.ndarray:
         increments += ~_row_firsts(counts)
         ids = _segmented_cumsum(increments, counts)
     if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
-        raise sections.fail(f"an id decodes outside [0, {vocab_size}), beyond the vocabulary of {vocab_size}")
+        bad = int(np.argmax((ids >= vocab_size) | (ids < 0)))
+        row = int(np.searchsorted(np.cumsum(counts), bad, side="right"))
+        raise sections.fail(
+            f"row {row}: an id decodes to {int(ids[bad])}, beyond the vocabulary of {vocab_size}"
+        )
     return ids.astype(np.int32)
 
 

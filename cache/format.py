@@ -15,9 +15,10 @@ import pyarrow as pa
 
 from longkd.errors import LongkdError
 
-# Version 2 added the per-window ``checksum`` column; version 1 caches (no checksum) still read.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Version 2 added the per-window ``checksum`` column; version 3 a named encoding per list column
+# (the manifest's ``encoding.columns``). Version 1 and 2 caches (all columns plain) still read.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 MANIFEST_NAME = "manifest.json"
 BUILD_NAME = "build.json"
@@ -113,6 +114,96 @@ SELECTIONS = {
 SELECTION_MODES = tuple(SELECTIONS)
 
 
+# Column encodings (the manifest's ``encoding.columns``, format 3), each with the list columns it
+# may encode; cache/column_codecs.py implements them and docs/format.md specifies their bytes.
+# ``plain`` is the list type of the schema (all a version 1 or 2 cache has); every other
+# encoding stores one binary blob per row.
+PLAIN = "plain"
+COLUMN_ENCODINGS = {
+    PLAIN: (INPUT_IDS, SEGMENT_STARTS, IDS, LOGPROBS, COUNTS, ROW_SPLITS, TARGET_LOGPROB),
+    "sorted-gaps": (IDS,),
+    "grid-max": (LOGPROBS,),
+    "grid": (TARGET_LOGPROB,),
+    "bits": (INPUT_IDS,),
+    "gaps": (SEGMENT_STARTS,),
+    "minus-one": (COUNTS,),
+    "entry-counts": (ROW_SPLITS,),
+}
+# `longkd cache build --encoding`: a choice per column (columns a mode lacks are ignored, those
+# not named are plain). compact is the smallest measured (docs/benchmarks.md).
+ENCODING_PRESETS = {
+    "plain": {},
+    "compact": {
+        INPUT_IDS: "bits",
+        SEGMENT_STARTS: "gaps",
+        IDS: "sorted-gaps",
+        LOGPROBS: "grid-max",
+        COUNTS: "minus-one",
+        ROW_SPLITS: "entry-counts",
+        TARGET_LOGPROB: "grid",
+    },
+}
+# Columns with one value per stored entry (ids and their companions); they share one order.
+ENTRY_COLUMNS = (IDS, LOGPROBS, COUNTS)
+
+
+def list_columns(selection_mode: str) -> tuple[str, ...]:
+    """The list columns of a ``selection_mode`` shard, in schema order."""
+    own = tuple(name for name, _ in selection_format(selection_mode).columns)
+    return (INPUT_IDS, SEGMENT_STARTS, IDS, *own, TARGET_LOGPROB)
+
+
+def column_encodings(
+    selection_mode: str, named: dict | None = None, *, where: str = "encoding.columns"
+) -> dict:
+    """Every list column of a ``selection_mode`` cache with its encoding.
+
+    Args:
+        selection_mode: the cache's selection mode.
+        named: the manifest's ``encoding.columns`` (None for a version 1 or 2 cache): column
+            name -> encoding name; columns it leaves out are plain.
+        where: what ``named`` is, for messages.
+
+    Returns:
+        ``{column: encoding}`` for every list column, in schema order.
+
+    Raises:
+        LongkdError: a column the mode does not have, an unknown encoding, or one that does not
+            apply to its column.
+    """
+    columns = list_columns(selection_mode)
+    named = dict(named or {})
+    for column, encoding in named.items():
+        if column not in columns:
+            raise LongkdError(
+                f"{where} names column {column!r}, which a {selection_mode} cache does not have "
+                f"(its columns: {', '.join(columns)}); rebuild the cache"
+            )
+        if encoding not in COLUMN_ENCODINGS:
+            raise LongkdError(
+                f"{where}: unknown encoding {encoding!r} for {column}; this longkd knows "
+                f"{', '.join(COLUMN_ENCODINGS)} (a newer longkd may have written it)"
+            )
+        if column not in COLUMN_ENCODINGS[encoding]:
+            allowed = [name for name, cols in COLUMN_ENCODINGS.items() if column in cols]
+            raise LongkdError(
+                f"{where}: encoding {encoding!r} does not apply to {column}; use one of {', '.join(allowed)}"
+            )
+    return {column: named.get(column, PLAIN) for column in columns}
+
+
+def encoding_preset(name: str, selection_mode: str) -> dict:
+    """The column encodings ``--encoding name`` gives a ``selection_mode`` cache.
+
+    Raises:
+        LongkdError: an unknown preset.
+    """
+    if name not in ENCODING_PRESETS:
+        raise LongkdError(f"unknown --encoding {name!r}; use one of {', '.join(ENCODING_PRESETS)}")
+    columns = list_columns(selection_mode)
+    return column_encodings(selection_mode, {c: e for c, e in ENCODING_PRESETS[name].items() if c in columns})
+
+
 def selection_format(mode: str) -> SelectionFormat:
     """The declaration of selection mode ``mode``.
 
@@ -151,7 +242,10 @@ def ledger_name(rank: int) -> str:
 
 
 def shard_schema(
-    selection_mode: str, logprob_dtype: str = "float32", version: int = FORMAT_VERSION
+    selection_mode: str,
+    logprob_dtype: str = "float32",
+    version: int = FORMAT_VERSION,
+    encodings: dict | None = None,
 ) -> pa.Schema:
     """The Arrow schema of one shard.
 
@@ -160,14 +254,16 @@ def shard_schema(
             ``"sampled"`` (ids, counts, row_splits).
         logprob_dtype: a key of :data:`LOGPROB_ENCODINGS`, the value type of stored log-probs
             (``logprobs`` of top-k shards): ``"float32"`` or ``"float16"``.
-        version: the cache's format version, one of :data:`READABLE_VERSIONS`; version 2
-            ends with the ``checksum`` column, version 1 has none.
+        version: the cache's format version, one of :data:`READABLE_VERSIONS`; versions 2
+            and 3 end with the ``checksum`` column, version 1 has none.
+        encodings: column name -> encoding (:func:`column_encodings`; version 3 only); a
+            column encoded other than plain is ``binary``. None: all plain.
 
     Returns:
         The schema; every shard of a cache has exactly this schema.
 
     Raises:
-        LongkdError: an unknown selection mode, logprob dtype or format version.
+        LongkdError: an unknown selection mode, logprob dtype, format version or encoding.
     """
     if version not in READABLE_VERSIONS:
         raise LongkdError(f"format version {version!r} is not one this longkd reads ({READABLE_VERSIONS})")
@@ -182,6 +278,14 @@ def shard_schema(
     ]
     fields.extend(selection.fields(logprobs))
     fields.append(pa.field(TARGET_LOGPROB, pa.list_(pa.float32()), nullable=False))
+    if encodings is not None:
+        if version < 3 and any(name != PLAIN for name in encodings.values()):
+            raise LongkdError(f"format version {version} stores every column plain")
+        encodings = column_encodings(selection_mode, encodings)
+        fields = [
+            pa.field(f.name, pa.binary(), nullable=False) if encodings.get(f.name, PLAIN) != PLAIN else f
+            for f in fields
+        ]
     if version >= 2:
         fields.append(pa.field(CHECKSUM, pa.uint64(), nullable=False))
     return pa.schema(fields, metadata={b"longkd_format_version": str(version).encode()})

@@ -54,7 +54,8 @@ def build_manifest(
         packing: packing settings plus ``stats``.
         selection: ``{"mode": "topk", "k": K}`` or ``{"mode": "sampled", "draws": N}``.
         temperature: T.
-        encoding: ids / logprobs dtypes, compression and level.
+        encoding: ids / logprobs dtypes, compression and level, and ``columns`` (each list
+            column's encoding).
         dataset: source description with ``fingerprint`` and ``samples``.
         shards: per-shard dicts (path, rows, tokens, bytes, sha256, first_window, ...) in order.
     """

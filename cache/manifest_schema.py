@@ -220,6 +220,13 @@ MANIFEST = Obj(
                 "logprobs": Str(choices=fmt.LOGPROB_DTYPES),
                 "compression": Str(choices=(fmt.COMPRESSION,)),
                 "compression_level": Int(low=-(2**31), high=INT32_MAX, null=True),
+                # format 3: list column -> encoding (checked in check_manifest_rules)
+                "columns": Obj(
+                    {
+                        name: Str(choices=tuple(fmt.COLUMN_ENCODINGS))
+                        for name in fmt.COLUMN_ENCODINGS[fmt.PLAIN]
+                    }
+                ),
             }
         ),
         "dataset": Obj({"source": Anything(), "fingerprint": HASH, "samples": OPTIONAL_COUNT}),
@@ -404,8 +411,9 @@ def check_manifest_rules(manifest: dict, where: str) -> None:
     """The rules between fields of a manifest that already passed :data:`MANIFEST`.
 
     The selection carries its mode's size key (k at most the vocabulary, draws within the
-    uint16 counts); a window's W*K entries fit Arrow's 32-bit list offsets; every shard's
-    claims are consistent (``last_window``, at most one row per :data:`MIN_ROW_BYTES` bytes,
+    uint16 counts); ``encoding.columns`` names columns of the mode and encodings that apply
+    to them, plain only before format 3; a window's W*K entries fit Arrow's 32-bit list offsets;
+    every shard's claims are consistent (``last_window``, at most one row per :data:`MIN_ROW_BYTES` bytes,
     at most W tokens per row) and share one stride; ``totals`` are the sums over the shards.
 
     Raises:
@@ -422,6 +430,21 @@ def check_manifest_rules(manifest: dict, where: str) -> None:
             f"{where}: selection.k {size} with window {window} and vocabulary {vocab} is impossible "
             f"(k at most the vocabulary, window x k below 2^31); {CORRUPT}"
         )
+    columns = manifest["encoding"].get("columns")
+    if columns is not None:
+        named = fmt.column_encodings(selection["mode"], columns, where=f"{where}: encoding.columns")
+        if manifest["format_version"] < 3 and set(named.values()) != {fmt.PLAIN}:
+            found = manifest["format_version"]
+            raise LongkdError(
+                f"{where}: encodings other than plain need format_version 3, found {found}; {CORRUPT}"
+            )
+        if (
+            named.get(fmt.LOGPROBS) == "grid-max"
+            and manifest["encoding"].get("logprobs", "float32") != "float32"
+        ):
+            raise LongkdError(
+                f"{where}: encoding.logprobs must be float32 with grid-max log-probs; {CORRUPT}"
+            )
     strides = set()
     for i, shard in enumerate(manifest["shards"]):
         at = f"shards[{i}]"

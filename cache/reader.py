@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from longkd.cache import format as fmt
 from longkd.cache.manifest import load_manifest
 from longkd.cache.rows import (
     BadShard,
@@ -187,11 +186,7 @@ class CacheReader:
         self.skip_damaged, self.full_pass = bool(skip_damaged), bool(full_pass)
         self.damaged: list[int] = []
         self.rules = RowRules.of(self.manifest)
-        self._schema = fmt.shard_schema(
-            self.manifest["selection"]["mode"],
-            self.manifest["encoding"].get("logprobs", "float32"),
-            self.version,
-        )
+        self._schema = self.rules.schema
         self._broken: dict[int, UnreadableShard] = {}  # shards that cannot be used at all
         self._hashed: set[int] = set()  # format-1 shards whose sha256 matched
         self.window = int(self.manifest["window"])
@@ -280,7 +275,7 @@ class CacheReader:
             for scan in (False, True):
                 batch, r = self._shard(shard, scan=scan).locate(row)
                 if r < batch.num_rows:
-                    columns = read_columns(batch, r, self.selection["mode"])
+                    columns = read_columns(batch, r, self.selection["mode"], self.rules.codecs)
                     self.rules.check_read(columns)
                     if columns.window_id == index:
                         return self._decode(columns)

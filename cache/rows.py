@@ -10,7 +10,10 @@ with :func:`read_columns` and, where it needs the dense [W, K] view a loss uses,
 What differs between selection modes (how their columns are filled, their invariants, their
 dense view) is one :class:`SelectionRows` subclass per mode, next to the declaration of its
 columns in cache/format.py's ``SELECTIONS``; no other code that writes or reads shards
-branches on the mode.
+branches on the mode. How each list column is stored (plain Arrow lists, or a compact
+encoding of format 3) is cache/column_codecs.py's :class:`ColumnCodecs`: :func:`read_columns`
+and :func:`window_record_batch` go through it, so the columns a reader gets are the same
+arrays whatever the encoding.
 
 Shard bytes come from elsewhere and may be damaged, so nothing here hands Arrow a record
 batch it has not validated (``RecordBatch.validate(full=True)``: list offsets inside their
@@ -24,7 +27,8 @@ set ``longkd cache verify`` applies.
     from longkd.cache.storage import Location
     shard = ShardFile(Location("runs/cache"), "shards/shard-00000-000000.arrow")
     batch, r = shard.locate(0)
-    columns = read_columns(batch, r, "topk")        # flat arrays, as stored
+    codecs = ColumnCodecs.of(manifest)              # how the cache stores each column
+    columns = read_columns(batch, r, "topk", codecs)   # flat arrays, decoded
     ids, logprobs, counts = dense_rows(columns, 4096, {"mode": "topk", "k": 64})   # [W, K]
 """
 
@@ -40,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from longkd.cache import format as fmt
+from longkd.cache.column_codecs import ColumnCodecs, CorruptColumn
 from longkd.cache.storage import Location
 from longkd.errors import LongkdError, one_line
 
@@ -192,11 +197,17 @@ def check_schema(schema: pa.Schema, expected: pa.Schema) -> None:
     )
 
 
-def max_stored_id(location: Location, path: str) -> int:
+def max_stored_id(location: Location, path: str, codecs: ColumnCodecs | None = None) -> int:
     """The largest teacher id in the ``ids`` column of the shard ``path`` (-1 when it stores none).
 
+    Args:
+        location: the cache directory.
+        path: the shard's path inside it.
+        codecs: the cache's column encodings; None reads them from the cache's manifest when
+            ``ids`` is not stored plain.
+
     Raises:
-        UnreadableShard: the file cannot be opened or a batch cannot be read.
+        UnreadableShard: the file cannot be opened or a batch cannot be read or decoded.
     """
     import pyarrow.compute as pc
 
@@ -205,9 +216,20 @@ def max_stored_id(location: Location, path: str) -> int:
     for b in range(file.num_record_batches):
         try:
             batch = read_batch(file, b)
-            values = pc.list_flatten(batch.column(fmt.IDS))
-            if len(values):
-                best = max(best, int(pc.max(values).as_py()))
+            column = batch.column(fmt.IDS)
+            if pa.types.is_list(column.type):
+                values = pc.list_flatten(column)
+                if len(values):
+                    best = max(best, int(pc.max(values).as_py()))
+                continue
+            if codecs is None:
+                from longkd.cache.manifest import load_manifest
+
+                codecs = ColumnCodecs.of(load_manifest(location))
+            for r in range(batch.num_rows):
+                ids = read_columns(batch, r, codecs.mode, codecs).ids
+                if ids.size:
+                    best = max(best, int(ids.max()))
         except (BadShard, KeyError, *ARROW_ERRORS) as err:
             raise UnreadableShard(location, path, str(err)) from None
     return best
@@ -232,7 +254,9 @@ class WindowColumns:
         mode_columns: the selection mode's own columns by name (cache/format.py's
             ``SELECTIONS``): top-k ``logprobs`` [W * K] in the cache's log-prob encoding;
             sampled ``counts`` uint16[M] and ``row_splits`` int32[W + 1].
-        checksum: the stored ``checksum`` (format 2), None for a format-1 row.
+        checksum: the stored ``checksum`` (format 2 and 3), None for a format-1 row.
+        entry_order: ``"rank"`` (each row's entries as the producer ordered them: top-k
+            log-probs descending) or ``"id"`` (ascending id, the ``sorted-gaps`` encoding).
     """
 
     window_id: int
@@ -243,6 +267,7 @@ class WindowColumns:
     target_logprob: np.ndarray
     mode_columns: dict[str, np.ndarray]
     checksum: int | None = None
+    entry_order: str = "rank"
 
     def values(self, name: str):
         """The column ``name`` of the shard schema: an int for ``window_id`` and ``length``, the
@@ -252,23 +277,44 @@ class WindowColumns:
         return getattr(self, name)
 
 
-def read_columns(batch: pa.RecordBatch, row: int, selection_mode: str) -> WindowColumns:
+def read_columns(
+    batch: pa.RecordBatch, row: int, selection_mode: str, codecs: ColumnCodecs | None = None
+) -> WindowColumns:
     """The columns of row ``row`` of ``batch``, a validated record batch of a ``selection_mode``
-    shard (:func:`read_batch`); ``checksum`` is None when the batch has no such column."""
+    shard (:func:`read_batch`), decoded; ``checksum`` is None when the batch has no such column.
 
-    def values(name: str) -> np.ndarray:
-        return batch.column(name)[row].values.to_numpy(zero_copy_only=False)
+    Args:
+        batch: the record batch.
+        row: the row's index in it.
+        selection_mode: the cache's selection mode.
+        codecs: the cache's column encodings (``ColumnCodecs.of(manifest)``); None: every
+            column plain (any version 1 or 2 cache).
 
+    Raises:
+        BadShard: a column that does not decode (format 3), naming it.
+    """
     names = batch.schema.names
+    length = int(batch.column(fmt.LENGTH)[row].as_py())
+    if codecs is None or codecs.plain:
+        values = {
+            name: batch.column(name)[row].values.to_numpy(zero_copy_only=False)
+            for name in fmt.list_columns(selection_mode)
+        }
+    else:
+        try:
+            values = codecs.decode(batch, row, length)
+        except CorruptColumn as bad:
+            raise BadShard(str(bad)) from None
     return WindowColumns(
         window_id=int(batch.column(fmt.WINDOW_ID)[row].as_py()),
-        length=int(batch.column(fmt.LENGTH)[row].as_py()),
-        input_ids=values(fmt.INPUT_IDS),
-        segment_starts=values(fmt.SEGMENT_STARTS),
-        ids=values(fmt.IDS),
-        target_logprob=values(fmt.TARGET_LOGPROB),
-        mode_columns={name: values(name) for name, _ in fmt.SELECTIONS[selection_mode].columns},
+        length=length,
+        input_ids=values[fmt.INPUT_IDS],
+        segment_starts=values[fmt.SEGMENT_STARTS],
+        ids=values[fmt.IDS],
+        target_logprob=values[fmt.TARGET_LOGPROB],
+        mode_columns={name: values[name] for name, _ in fmt.SELECTIONS[selection_mode].columns},
         checksum=int(batch.column(fmt.CHECKSUM)[row].as_py()) if fmt.CHECKSUM in names else None,
+        entry_order="rank" if codecs is None else codecs.entry_order,
     )
 
 
@@ -290,12 +336,12 @@ def _hashed_lists(selection_mode: str) -> tuple[str, ...]:
 
 
 def window_checksum(columns: WindowColumns, selection_mode: str) -> int:
-    """The format-2 ``checksum`` of one window: XXH3-64 (seed 0) over its other columns.
+    """The ``checksum`` of one window (format 2 and 3): XXH3-64 (seed 0) over its other columns.
 
     The hashed bytes are every column of the shard schema except ``checksum``, in schema
     order: ``window_id`` as int64 and ``length`` as int32; each list column as its element
-    count (uint64) followed by its elements in their stored type; all little-endian
-    (docs/format.md "Checksum").
+    count (uint64) followed by its decoded elements in their plain type (what a plain column
+    stores); all little-endian (docs/format.md "Checksum").
 
     Args:
         columns: the window, from :func:`read_columns` (or built by the writer).
@@ -372,7 +418,9 @@ def _list_array(values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array([0, len(flat)], type=pa.int32()), flat)
 
 
-def window_record_batch(window, rows, selection_mode: str, logprob_dtype: str = "float32") -> pa.RecordBatch:
+def window_record_batch(
+    window, rows, selection_mode: str, logprob_dtype: str = "float32", codecs: ColumnCodecs | None = None
+) -> pa.RecordBatch:
     """One window as a one-row record batch of its shard schema (see docs/format.md).
 
     Args:
@@ -383,16 +431,20 @@ def window_record_batch(window, rows, selection_mode: str, logprob_dtype: str = 
             int32[W+1]; and ``target_logprob`` float32[W].
         selection_mode: the cache's selection mode.
         logprob_dtype: the cache's log-prob encoding.
+        codecs: the cache's column encodings; None: every column plain.
 
     Returns:
-        The record batch, of schema ``format.shard_schema(selection_mode, logprob_dtype)``; its
-        ``checksum`` is :func:`window_checksum` of the other columns.
+        The record batch, of schema ``format.shard_schema(selection_mode, logprob_dtype,
+        encodings=codecs.names)``; its ``checksum`` is :func:`window_checksum` of the other
+        columns as a reader decodes them.
 
     Raises:
         LongkdError: an unknown selection mode or log-prob encoding.
         ValueError: shapes that disagree with the window (a bug upstream, not a user error).
     """
-    schema = fmt.shard_schema(selection_mode, logprob_dtype)
+    schema = fmt.shard_schema(
+        selection_mode, logprob_dtype, encodings=None if codecs is None else codecs.names
+    )
     input_ids = np.asarray(window.input_ids, dtype=np.int32)
     w = input_ids.shape[0]
     length = int(window.length)
@@ -412,9 +464,14 @@ def window_record_batch(window, rows, selection_mode: str, logprob_dtype: str = 
     selection = selection_rows(selection_mode)
     columns.update(selection.encode(window.window_id, w, rows, fmt.LOGPROB_ENCODINGS[logprob_dtype]))
     columns[fmt.TARGET_LOGPROB] = _list_array(target, pa.float32())
+    if codecs is not None and not codecs.plain:
+        flat = {name: columns[name].values.to_numpy(zero_copy_only=False) for name in codecs.names}
+        flat = codecs.order_entries(flat, flat.get(fmt.ROW_SPLITS))
+        columns.update({name: _list_array(flat[name], columns[name].type.value_type) for name in flat})
+        columns.update(codecs.encode(flat, length))
     values = [name for name in schema.names if name != fmt.CHECKSUM]
     unsigned = pa.RecordBatch.from_arrays([columns[name] for name in values], names=values)
-    checksum = window_checksum(read_columns(unsigned, 0, selection_mode), selection_mode)
+    checksum = window_checksum(read_columns(unsigned, 0, selection_mode, codecs), selection_mode)
     columns[fmt.CHECKSUM] = pa.array([checksum], type=pa.uint64())
     return pa.RecordBatch.from_arrays([columns[name] for name in schema.names], schema=schema)
 
@@ -487,7 +544,8 @@ class SelectionRows:
 
 
 class TopKRows(SelectionRows):
-    """Top-k: ``ids`` and ``logprobs`` hold W rows of K entries each, log-probs descending."""
+    """Top-k: ``ids`` and ``logprobs`` hold W rows of K entries each, log-probs descending
+    (or, stored ``sorted-gaps``, ids ascending)."""
 
     format = fmt.SELECTIONS["topk"]
 
@@ -518,9 +576,12 @@ class TopKRows(SelectionRows):
             raise BadShard("logprobs not finite")
         if np.any(lp > fmt.LOGPROB_MAX):
             raise BadShard(f"logprobs above 0 (max {float(lp.max()):.3g})")
-        if np.any(np.diff(lp, axis=1) > 0):
+        if columns.entry_order == "rank" and np.any(np.diff(lp, axis=1) > 0):
             row = int(np.argmax(np.any(np.diff(lp, axis=1) > 0, axis=1)))
             raise BadShard(f"row {row}: logprobs not descending")
+        if columns.entry_order == "id" and k > 1 and np.any(np.diff(ids.reshape(w, k), axis=1) <= 0):
+            row = int(np.argmax(np.any(np.diff(ids.reshape(w, k), axis=1) <= 0, axis=1)))
+            raise BadShard(f"row {row}: ids not ascending (sorted-gaps stores each row by id)")
         tail = 1.0 - np.exp(lp.astype(np.float64)).sum(axis=1)
         if np.any(tail < logprobs.tail_min):
             row = int(np.argmin(tail))
@@ -617,15 +678,31 @@ class RowRules:
         vocab: V, the teacher's embedding size.
         selection: the manifest's ``selection``.
         logprob_dtype: the manifest's ``encoding.logprobs``.
-        version: the cache's format version (2: rows carry a checksum).
+        version: the cache's format version (2 and 3: rows carry a checksum).
+        encodings: the manifest's ``encoding.columns`` (format 3; None: all plain).
+
+    Attributes:
+        codecs: the cache's column encodings, for :func:`read_columns`.
+        schema: the Arrow schema every shard of the cache has.
     """
 
-    def __init__(self, *, window: int, vocab: int, selection: dict, logprob_dtype: str, version: int):
+    def __init__(
+        self,
+        *,
+        window: int,
+        vocab: int,
+        selection: dict,
+        logprob_dtype: str,
+        version: int,
+        encodings: dict | None = None,
+    ):
         self.w, self.vocab, self.version = int(window), int(vocab), int(version)
         self.mode = selection["mode"]
         self.rows = selection_rows(self.mode)
         self.size = int(selection[self.rows.format.size_key])
         self.logprobs = fmt.logprob_encoding(logprob_dtype)
+        self.codecs = ColumnCodecs(self.mode, self.size, self.w, self.vocab, encodings)
+        self.schema = fmt.shard_schema(self.mode, logprob_dtype, self.version, self.codecs.names)
 
     @classmethod
     def of(cls, manifest: dict) -> RowRules:
@@ -636,6 +713,7 @@ class RowRules:
             selection=manifest["selection"],
             logprob_dtype=manifest["encoding"].get("logprobs", "float32"),
             version=manifest["format_version"],
+            encodings=manifest["encoding"].get("columns"),
         )
 
     def check_read(self, columns: WindowColumns) -> None:

@@ -80,9 +80,8 @@ def _verify_shard(location: Location, manifest: dict, shard: dict, first_window:
     if location.sha256(path) != shard["sha256"]:
         raise BadShard("sha256 mismatch (file changed or corrupted)")
     rules = RowRules.of(manifest)
-    schema = fmt.shard_schema(rules.mode, manifest["encoding"].get("logprobs", "float32"), rules.version)
     try:
-        file = ShardFile(location, path, shard["rows"], schema=schema)
+        file = ShardFile(location, path, shard["rows"], schema=rules.schema)
     except UnreadableShard as err:
         raise BadShard(f"not a readable Arrow IPC file of this cache's format ({err.reason})") from None
     if shard["first_window"] != first_window:
@@ -94,7 +93,10 @@ def _verify_shard(location: Location, manifest: dict, shard: dict, first_window:
     for b in range(file.file.num_record_batches):
         batch = file.batch(b)
         for r in range(batch.num_rows):
-            columns = read_columns(batch, r, rules.mode)
+            try:
+                columns = read_columns(batch, r, rules.mode, rules.codecs)
+            except BadShard as bad:
+                raise BadShard(f"row {rows}: {bad}") from None
             if columns.window_id != next_window:
                 found, want = columns.window_id, next_window
                 raise BadShard(f"row {rows} has window_id {found}, expected {want} (ids not contiguous)")
@@ -135,6 +137,7 @@ def cache_info(uri) -> dict:
         "selection": m["selection"],
         "temperature": m["temperature"],
         "logprobs_encoding": m["encoding"].get("logprobs"),
+        "column_encodings": fmt.column_encodings(m["selection"]["mode"], m["encoding"].get("columns")),
         "position_mode": m["packing"].get("position_mode"),
         "packing_efficiency": stats.get("efficiency"),
         "shards": len(m["shards"]),

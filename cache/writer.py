@@ -22,6 +22,7 @@ import threading
 import pyarrow as pa
 
 from longkd.cache import format as fmt
+from longkd.cache.column_codecs import ColumnCodecs
 from longkd.cache.ledger import ShardInfo, write_ledger
 from longkd.cache.rows import window_record_batch
 from longkd.cache.storage import Location
@@ -93,6 +94,7 @@ class ShardWriter:
         location: the cache directory.
         selection_mode: a selection mode of cache/format.py: ``"topk"`` or ``"sampled"``.
         logprob_dtype: a log-prob encoding of cache/format.py: ``"float32"`` or ``"float16"``.
+        codecs: the cache's column encodings (cache/column_codecs.py); None: all plain.
         shard_size: roll over to a new shard once a file reaches this many bytes (int or "256MB").
         compression_level: zstd level (None: pyarrow's default, 1).
         rank: producer rank (shard names ``shard-RRRRR-*`` and ledger ``rank-RRRRR.jsonl``).
@@ -107,6 +109,7 @@ class ShardWriter:
         *,
         selection_mode: str,
         logprob_dtype: str = "float32",
+        codecs: ColumnCodecs | None = None,
         shard_size: int | str = "256MB",
         compression_level: int | None = None,
         rank: int = 0,
@@ -115,8 +118,10 @@ class ShardWriter:
         stride: int = 1,
     ):
         self.location = location
-        self.schema = fmt.shard_schema(selection_mode, logprob_dtype)
-        self.selection_mode, self.logprob_dtype = selection_mode, logprob_dtype
+        self.schema = fmt.shard_schema(
+            selection_mode, logprob_dtype, encodings=None if codecs is None else codecs.names
+        )
+        self.selection_mode, self.logprob_dtype, self.codecs = selection_mode, logprob_dtype, codecs
         self.shard_size = parse_size(shard_size)
         level = fmt.DEFAULT_COMPRESSION_LEVEL if compression_level is None else int(compression_level)
         try:
@@ -241,7 +246,7 @@ class ShardWriter:
         )
 
     def _write(self, window, rows) -> None:
-        batch = window_record_batch(window, rows, self.selection_mode, self.logprob_dtype)
+        batch = window_record_batch(window, rows, self.selection_mode, self.logprob_dtype, self.codecs)
         if self._current is None:
             self._open_shard()
         cur = self._current
@@ -278,4 +283,3 @@ class ShardWriter:
         self.completed.append(info)
         self._next_index += 1
         write_ledger(self.location, self.rank, self.completed)
-

@@ -164,7 +164,7 @@ def test_checksum_follows_the_spec(world):
     table = pa.ipc.open_file(str(world["cache"] / world["shard"])).read_all()
     lists = ["input_ids", "segment_starts", "ids", "logprobs", "target_logprob"]
     assert (
-        table.schema.names == ["window_id", "length", *lists, "checksum"] and manifest["format_version"] == 2
+        table.schema.names == ["window_id", "length", *lists, "checksum"] and manifest["format_version"] == 3
     )
     for row in table.to_pylist():
         digest = xxhash.xxh3_64()

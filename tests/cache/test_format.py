@@ -244,7 +244,7 @@ def test_manifest_version_and_keys(tmp_path):
     loc, _, _ = write_synthetic_cache(tmp_path / "c", n=2)
     path = tmp_path / "c" / "manifest.json"
     m = json.loads(path.read_text())
-    path.write_text(json.dumps({**m, "format_version": 3}))
+    path.write_text(json.dumps({**m, "format_version": 4}))
     with pytest.raises(LongkdError, match="newer longkd"):
         load_manifest(loc)
     del m["window"]

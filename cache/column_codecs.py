@@ -1,0 +1,324 @@
+"""The column encodings of a format-3 cache: how each list column of a window becomes stored
+bytes and comes back as the flat numpy array a plain column gives.
+
+cache/format.py declares the encodings (``COLUMN_ENCODINGS``) and which columns each applies
+to; cache/encodings.py holds the numpy bit-level encoders. This module is the seam between
+them and cache/rows.py: :class:`ColumnCodecs` knows one cache's encoding of every column and
+turns a window's flat arrays into Arrow values (``encode``) and back (``decode``), so
+:func:`rows.read_columns` returns the same arrays, with the same dtypes, whatever the
+encoding, and nothing above rows.py knows how a column is stored.
+
+An encoding sees only its own column and a :class:`WindowContext` (W, V, the window's
+length and each row's entry count), never the selection mode: the entry counts come from
+``row_splits`` where a mode has one and are K per row otherwise. ``sorted-gaps`` stores each
+row's entries sorted by id, so the writer puts every entry column (``ids`` and its
+companions, format.ENTRY_COLUMNS) in that order first (:meth:`ColumnCodecs.order_entries`).
+
+Decoding turns every failure (a blob cut short, a wrong section, a value out of range) into
+:class:`CorruptColumn` naming the column; a flipped bit that keeps values in range changes the
+decoded values and so the row's checksum, which covers decoded values.
+
+    codecs = ColumnCodecs.of(manifest)
+    arrays = codecs.encode(values, length)            # {column: one-row pa.Array}
+    values = codecs.decode(batch, row, length)        # {column: flat numpy array}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from longkd.cache import encodings as enc
+from longkd.cache import format as fmt
+from longkd.errors import LongkdError
+
+# What decoding damaged bytes with numpy can raise besides LongkdError.
+_DECODE_ERRORS = (LongkdError, ValueError, IndexError, OverflowError, MemoryError, TypeError)
+# The dtype each list column decodes to (the plain column's value type).
+_DTYPES = {
+    fmt.INPUT_IDS: np.int32,
+    fmt.SEGMENT_STARTS: np.int32,
+    fmt.IDS: np.int32,
+    fmt.LOGPROBS: np.float32,
+    fmt.COUNTS: np.uint16,
+    fmt.ROW_SPLITS: np.int32,
+    fmt.TARGET_LOGPROB: np.float32,
+}
+
+
+class CorruptColumn(Exception):
+    """A stored column that does not decode; the message names the column and what is wrong."""
+
+
+@dataclass(frozen=True)
+class WindowContext:
+    """What encoding and decoding one window's column may use besides its bytes.
+
+    Attributes:
+        window: W.
+        vocab: V, the teacher's embedding size.
+        length: the window's real tokens L.
+        entry_counts: int64[W], entries per row of the entry columns (None before
+            ``row_splits`` is decoded).
+    """
+
+    window: int
+    vocab: int
+    length: int
+    entry_counts: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One column encoding: ``encode(values, context) -> bytes``, ``decode(blob, context) ->
+    values`` (flat, in the plain column's dtype)."""
+
+    name: str
+    encode: Callable[[np.ndarray, WindowContext], bytes]
+    decode: Callable[[np.ndarray, WindowContext], np.ndarray]
+
+
+def _vocab_width(ctx: WindowContext) -> int:
+    return enc.bits_for(max(ctx.vocab - 1, 0))
+
+
+def _decode_grid_max(blob: np.ndarray, ctx: WindowContext) -> np.ndarray:
+    counts = ctx.entry_counts
+    logprobs, tail = enc.decode_logprobs(blob, counts)
+    return renormalise(logprobs, tail, counts)
+
+
+def renormalise(logprobs: np.ndarray, tail: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Shift each row's grid log-probs by one constant so that ``1 - sum(exp(row))`` equals
+    the row's stored tail (as far as float32 allows): the bucket loss then sees the exact
+    mass outside the stored entries.
+
+    Args:
+        logprobs: float32[n] decoded grid log-probs, ``counts[r]`` for row r.
+        tail: float32[R] the stored tails (``1 - sum(exp(x))`` of the unrounded row).
+        counts: int[R] entries per row.
+
+    Returns:
+        float32[n]: row r shifted by ``log(min(1 - tail[r], 1)) - log(sum(exp(row r)))``;
+        rows without a finite entry are unchanged. The shift is at most the largest rounding
+        error of the row's entries (1/128 nat on the default grid).
+    """
+    counts = np.asarray(counts, np.int64)
+    if logprobs.size == 0:
+        return logprobs
+    uniform = bool(counts.size and (counts == counts[0]).all())
+    if uniform:
+        mass = np.exp(logprobs.reshape(len(counts), -1)).sum(axis=1, dtype=np.float64)
+    else:
+        nonempty = counts > 0
+        mass = np.zeros(len(counts), np.float64)
+        mass[nonempty] = np.add.reduceat(
+            np.exp(logprobs).astype(np.float64), enc.row_starts(counts)[nonempty]
+        )
+    want = np.minimum(1.0 - tail.astype(np.float64), 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift = np.where((mass > 0) & (want > 0), np.log(want) - np.log(mass), 0.0).astype(np.float32)
+    if uniform:
+        return (logprobs.reshape(len(counts), -1) + shift[:, None]).reshape(-1)
+    return logprobs + np.repeat(shift, counts)
+
+
+def _decode_entry_counts(blob: np.ndarray, ctx: WindowContext) -> np.ndarray:
+    counts = enc.decode_uints(blob, ctx.window, "row_splits")
+    splits = np.zeros(ctx.window + 1, np.int64)
+    np.cumsum(counts, out=splits[1:])
+    if splits[-1] >= 2**31:
+        raise LongkdError(f"corrupt row_splits encoding: {splits[-1]} entries do not fit a window")
+    return splits
+
+
+ENCODINGS = {
+    e.name: e
+    for e in (
+        Encoding(
+            "sorted-gaps",
+            lambda v, c: enc.encode_ids(v, c.entry_counts, c.vocab, packing="bytes")[0],
+            lambda b, c: enc.decode_ids(b, c.entry_counts, c.vocab),
+        ),
+        Encoding(
+            "grid-max",
+            lambda v, c: enc.encode_logprobs(v, c.entry_counts, layout="grid-max", packing="bits"),
+            _decode_grid_max,
+        ),
+        Encoding(
+            "grid",
+            lambda v, c: enc.encode_target_logprob(v, packing="bits"),
+            lambda b, c: enc.decode_target_logprob(b, c.window),
+        ),
+        Encoding(
+            "bits",
+            lambda v, c: enc.encode_uints(v, "bits", width=_vocab_width(c)),
+            lambda b, c: enc.decode_uints(b, c.window, "input_ids", limit=c.vocab),
+        ),
+        Encoding(
+            "gaps",
+            lambda v, c: enc.encode_segment_starts(v, c.length),
+            lambda b, c: enc.decode_segment_starts(b, c.length),
+        ),
+        Encoding(
+            "minus-one",
+            lambda v, c: enc.encode_uints(v, "bytes", offset=1),
+            lambda b, c: enc.decode_uints(b, int(c.entry_counts.sum()), "counts", offset=1, limit=2**16),
+        ),
+        Encoding(
+            "entry-counts",
+            lambda v, c: enc.encode_uints(np.diff(np.asarray(v, np.int64)), "bits"),
+            _decode_entry_counts,
+        ),
+    )
+}
+if set(ENCODINGS) != set(fmt.COLUMN_ENCODINGS) - {fmt.PLAIN}:  # the declaration and this module agree
+    raise AssertionError("cache/format.py COLUMN_ENCODINGS and cache/column_codecs.py differ")
+
+
+class ColumnCodecs:
+    """One cache's encoding of every list column, and what decoding its windows needs.
+
+    Args:
+        selection_mode: the cache's selection mode.
+        size: its selection size (K entries per row for top-k).
+        window: W.
+        vocab: V, the teacher's embedding size.
+        encodings: the manifest's ``encoding.columns`` (None or empty: all plain).
+
+    Attributes:
+        names: every list column of the mode -> its encoding name, in schema order.
+        plain: whether every column is plain (a version 1 or 2 cache, or a plain build).
+        entry_order: ``"rank"`` (entries as the producer ordered them: log-probs descending for
+            top-k) or ``"id"`` (``sorted-gaps``: each row's entries by ascending id).
+
+    Raises:
+        LongkdError: an encoding that is unknown or does not apply to its column.
+    """
+
+    def __init__(
+        self, selection_mode: str, size: int, window: int, vocab: int, encodings: dict | None = None
+    ):
+        self.mode, self.size, self.window, self.vocab = selection_mode, int(size), int(window), int(vocab)
+        self.names = fmt.column_encodings(selection_mode, encodings)
+        self.plain = all(name == fmt.PLAIN for name in self.names.values())
+        self.entry_order = "id" if self.names[fmt.IDS] == "sorted-gaps" else "rank"
+        self._ragged = fmt.ROW_SPLITS in self.names
+
+    @classmethod
+    def of(cls, manifest: dict) -> ColumnCodecs:
+        """The codecs of the cache a validated manifest describes."""
+        selection = manifest["selection"]
+        size_key = fmt.selection_format(selection["mode"]).size_key
+        return cls(
+            selection["mode"],
+            selection[size_key],
+            manifest["window"],
+            manifest["vocab"]["embedding_size"],
+            manifest["encoding"].get("columns"),
+        )
+
+    def manifest_entry(self) -> dict:
+        """The manifest's ``encoding.columns``: every list column with its encoding."""
+        return dict(self.names)
+
+    def _fixed_counts(self) -> np.ndarray:
+        return np.full(self.window, self.size, np.int64)
+
+    def order_entries(self, values: dict[str, np.ndarray], row_splits: np.ndarray | None) -> dict:
+        """Put the entry columns in the stored order (``sorted-gaps``: each row by ascending id).
+
+        Args:
+            values: flat arrays by column name, as the selection mode produced them.
+            row_splits: int[W + 1] for a ragged mode, None for top-k.
+
+        Returns:
+            ``values`` with every entry column (format.ENTRY_COLUMNS) permuted alike.
+        """
+        if self.entry_order == "rank":
+            return values
+        ids = np.asarray(values[fmt.IDS]).astype(np.int64)
+        counts = self._fixed_counts() if row_splits is None else np.diff(np.asarray(row_splits, np.int64))
+        rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        order = np.argsort(rows * self.vocab + ids, kind="stable")
+        return {
+            name: (np.asarray(v)[order] if name in fmt.ENTRY_COLUMNS else v) for name, v in values.items()
+        }
+
+    def encode(self, values: dict[str, np.ndarray], length: int) -> dict[str, pa.Array]:
+        """The non-plain columns of one window as one-element ``binary`` arrays.
+
+        Args:
+            values: every list column's flat array (plain dtypes), entry columns already in
+                :meth:`order_entries` order.
+            length: the window's real tokens L.
+
+        Returns:
+            ``{column: pa.Array}`` for the columns not stored plain.
+
+        Raises:
+            LongkdError: values an encoding cannot hold (NaN log-probs, ids beyond V...).
+        """
+        counts = (
+            np.diff(np.asarray(values[fmt.ROW_SPLITS], np.int64)) if self._ragged else self._fixed_counts()
+        )
+        ctx = WindowContext(self.window, self.vocab, int(length), counts)
+        out = {}
+        for column, name in self.names.items():
+            if name != fmt.PLAIN:
+                try:
+                    blob = ENCODINGS[name].encode(np.asarray(values[column]), ctx)
+                except LongkdError as err:
+                    raise LongkdError(f"cannot store {column} as {name}: {err}") from None
+                out[column] = pa.array([blob], type=pa.binary())
+        return out
+
+    def decode(
+        self, batch: pa.RecordBatch, row: int, length: int, columns: tuple[str, ...] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The list columns of row ``row`` of a validated record batch, as flat arrays in the
+        plain columns' dtypes (``ids`` int32, ``logprobs`` float32, ``counts`` uint16, ...).
+
+        Args:
+            batch: the record batch.
+            row: the row's index in it.
+            length: the row's ``length``.
+            columns: the columns wanted (default: all); entry columns of a ragged mode also
+                decode ``row_splits``.
+
+        Raises:
+            CorruptColumn: a column that does not decode, naming it.
+        """
+        ctx = WindowContext(self.window, self.vocab, int(length))
+        out: dict[str, np.ndarray] = {}
+        wanted = tuple(self.names) if columns is None else columns
+        order = [name for name in self.names if name in wanted]
+        if self._ragged and any(name in fmt.ENTRY_COLUMNS for name in order):
+            order = [fmt.ROW_SPLITS] + [name for name in order if name != fmt.ROW_SPLITS]
+        for column in order:
+            name = self.names[column]
+            if name == fmt.PLAIN:
+                out[column] = batch.column(column)[row].values.to_numpy(zero_copy_only=False)
+            else:
+                blob = np.frombuffer(batch.column(column)[row].as_buffer(), np.uint8)
+                try:
+                    out[column] = ENCODINGS[name].decode(blob, ctx).astype(_DTYPES[column], copy=False)
+                except _DECODE_ERRORS as err:
+                    raise CorruptColumn(f"{column} ({name}): {_reason(err)}") from None
+            if column == fmt.ROW_SPLITS:
+                splits = out[column].astype(np.int64)
+                if splits.shape[0] != self.window + 1 or splits[0] != 0 or np.any(np.diff(splits) < 0):
+                    raise CorruptColumn("row_splits must hold W+1 offsets from 0, never decreasing")
+                ctx = WindowContext(self.window, self.vocab, int(length), np.diff(splits))
+            elif ctx.entry_counts is None:
+                ctx = WindowContext(self.window, self.vocab, int(length), self._fixed_counts())
+        return {column: out[column] for column in self.names if column in wanted}
+
+
+def _reason(err: Exception) -> str:
+    """An encoding error's message without the advice that wraps it (the reader adds its own)."""
+    text = str(err).split("; rebuild the cache", 1)[0]
+    return text if isinstance(err, LongkdError) else f"{type(err).__name__}: {text}"

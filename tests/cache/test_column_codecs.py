@@ -1,0 +1,358 @@
+"""Format 3's column encodings (cache/column_codecs.py) through the row codec: a window stored
+compact reads back as the same arrays as stored plain (log-probs within the grid, the tail
+exact), damaged compact columns are one clear error, and the manifest's ``encoding.columns``
+is validated. The bit-level round trips of each encoding are tests/cache/test_encodings.py."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from longkd.cache import format as fmt
+from longkd.cache.column_codecs import ColumnCodecs, renormalise
+from longkd.cache.encodings import decode_logprobs, encode_logprobs
+from longkd.cache.manifest import build_manifest, load_manifest, write_manifest
+from longkd.cache.reader import CacheReader
+from longkd.cache.rows import BadShard, RowRules, dense_rows, read_columns, window_record_batch
+from longkd.cache.storage import Location
+from longkd.cache.verify import verify_cache
+from longkd.cache.writer import ShardWriter
+from longkd.errors import LongkdError
+from tests.cache.test_format import make_sampled_rows, make_topk_rows, make_window
+
+GRID = 1 / 64  # the compact log-prob grid: rounding <= GRID / 2, plus the row's shift <= GRID / 2
+
+
+def compact(mode: str, size: int, w: int, vocab: int) -> ColumnCodecs:
+    return ColumnCodecs(mode, size, w, vocab, fmt.encoding_preset("compact", mode))
+
+
+def rules_for(mode: str, size: int, w: int, vocab: int, encoding: str) -> RowRules:
+    key = fmt.selection_format(mode).size_key
+    return RowRules(
+        window=w,
+        vocab=vocab,
+        selection={"mode": mode, key: size},
+        logprob_dtype="float32",
+        version=3,
+        encodings=fmt.encoding_preset(encoding, mode),
+    )
+
+
+def both(window, rows, mode, size, w, vocab):
+    """The window read back stored plain and stored compact (each checked by every rule)."""
+    out = []
+    for encoding in ("plain", "compact"):
+        rules = rules_for(mode, size, w, vocab, encoding)
+        batch = window_record_batch(window, rows, mode, "float32", rules.codecs)
+        assert batch.schema.equals(rules.schema)
+        columns = read_columns(batch, 0, mode, rules.codecs)
+        rules.check_all(columns)
+        out.append(columns)
+    return out
+
+
+def by_row(ids: np.ndarray, values: np.ndarray, splits: np.ndarray) -> list[dict]:
+    return [dict(zip(ids[a:b].tolist(), values[a:b].tolist())) for a, b in zip(splits[:-1], splits[1:])]
+
+
+def assert_same_window(plain, packed, splits):
+    """Compact ``packed`` equals ``plain``: exact ids (as sets per row), counts, row splits,
+    input ids and segment starts; log-probs and target log-probs within the grid; the tail
+    ``1 - sum(exp)`` of every row as plain float32 gives it."""
+    for name in (fmt.INPUT_IDS, fmt.SEGMENT_STARTS, fmt.IDS, fmt.TARGET_LOGPROB):
+        assert packed.values(name).dtype == plain.values(name).dtype, name
+    np.testing.assert_array_equal(packed.input_ids, plain.input_ids)
+    np.testing.assert_array_equal(packed.segment_starts, plain.segment_starts)
+    np.testing.assert_array_equal(np.isnan(packed.target_logprob), np.isnan(plain.target_logprob))
+    np.testing.assert_allclose(packed.target_logprob, plain.target_logprob, atol=GRID / 2 + 1e-6)
+    assert packed.entry_order == "id" and plain.entry_order == "rank"
+    for name in plain.mode_columns:
+        if name == fmt.ROW_SPLITS:
+            np.testing.assert_array_equal(packed.mode_columns[name], plain.mode_columns[name])
+            continue
+        assert packed.mode_columns[name].dtype == plain.mode_columns[name].dtype
+        want = by_row(plain.ids, plain.mode_columns[name], splits)
+        got = by_row(packed.ids, packed.mode_columns[name], splits)
+        for a, b in zip(want, got):
+            assert a.keys() == b.keys()
+            ids = np.array(list(a))
+            assert list(b) == sorted(b), "compact rows are stored by ascending id"
+            if name == fmt.LOGPROBS:
+                np.testing.assert_allclose([b[i] for i in ids], [a[i] for i in ids], rtol=0, atol=GRID)
+            else:
+                assert [b[i] for i in ids] == [a[i] for i in ids]
+    if fmt.LOGPROBS in plain.mode_columns:
+        tails = [
+            1
+            - np.exp(np.asarray(c.mode_columns[fmt.LOGPROBS], np.float64)).reshape(len(splits) - 1, -1).sum(1)
+            for c in (plain, packed)
+        ]
+        np.testing.assert_allclose(tails[1], tails[0], rtol=0, atol=2e-6)
+
+
+def topk_splits(w, k):
+    return np.arange(w + 1) * k
+
+
+@pytest.mark.parametrize("vocab,k", [(60, 5), (2, 2), (2, 1), (300, 300)])
+def test_topk_compact_window_equals_plain(vocab, k):
+    rng = np.random.default_rng()
+    w = int(rng.integers(8, 40))
+    window = make_window(
+        rng, int(rng.integers(0, 1000)), w, max(vocab, 5), length=w - int(rng.integers(0, 3))
+    )
+    window.input_ids = np.minimum(window.input_ids, vocab - 1)
+    rows = make_topk_rows(rng, window, vocab, k)
+    plain, packed = both(window, rows, "topk", k, w, vocab)
+    assert_same_window(plain, packed, topk_splits(w, k))
+    ids, logprobs, counts = dense_rows(packed, w, {"mode": "topk", "k": k})
+    assert ids.shape == logprobs.shape == (w, k) and counts is None
+
+
+def test_topk_adversarial_rows():
+    """All-equal log-probs, ids 0 and V - 1 in every row, a row holding the whole mass, and
+    V = 262,144."""
+    rng = np.random.default_rng()
+    vocab, w, k = 262_144, 6, 4
+    window = make_window(rng, 3, w, vocab)
+    window.input_ids[:2] = [0, vocab - 1]
+    ids = np.stack(
+        [np.r_[0, vocab - 1, rng.choice(np.arange(1, vocab - 1), 2, replace=False)] for _ in range(w)]
+    )
+    lp = np.full((w, k), np.log(0.25), np.float32)  # all equal, no tail
+    lp[1] = [-1e-7, -30.0, -40.0, -50.0]  # almost all the mass on one entry
+    lp[2] = [-1.5, -1.5, -1.5, -100.0]  # ties and a far entry (grid integer 6400)
+    target = lp[:, 0].copy()
+    rows = SimpleNamespace(ids=ids.astype(np.int32), logprobs=lp, target_logprob=target)
+    plain, packed = both(window, rows, "topk", k, w, vocab)
+    assert_same_window(plain, packed, topk_splits(w, k))
+
+
+@pytest.mark.parametrize("draws", [1, 16, 255, 300])
+def test_sampled_compact_window_equals_plain(draws):
+    rng = np.random.default_rng()
+    w, vocab = int(rng.integers(8, 30)), 40
+    window = make_window(rng, int(rng.integers(0, 1000)), w, vocab)
+    rows = make_sampled_rows(rng, window, vocab, draws)  # draws=1: every row holds one entry
+    plain, packed = both(window, rows, "sampled", draws, w, vocab)
+    assert_same_window(plain, packed, rows.row_splits)
+    dense_plain = dense_rows(plain, w, {"mode": "sampled", "draws": draws})
+    dense_packed = dense_rows(packed, w, {"mode": "sampled", "draws": draws})
+    for a, b in zip(dense_plain, dense_packed):
+        assert a.shape == b.shape  # same entries per row, so the same padding
+
+
+def test_renormalise_reproduces_the_stored_tail():
+    rng = np.random.default_rng()
+    rows, k = 200, 64
+    logits = rng.normal(size=(rows, 2000)) * rng.uniform(0.5, 6, size=(rows, 1))
+    lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    top = -np.sort(-lp, axis=1)[:, :k]
+    counts = np.full(rows, k)
+    grid, tail = decode_logprobs(encode_logprobs(top.reshape(-1), counts), counts)
+    exact_tail = 1 - np.exp(top).sum(1)
+    np.testing.assert_allclose(tail, exact_tail, rtol=1e-6, atol=1e-7)
+    fixed = renormalise(grid, tail, counts).reshape(rows, k)
+    got_tail = 1 - np.exp(fixed.astype(np.float64)).sum(1)
+    np.testing.assert_allclose(got_tail, exact_tail, rtol=1e-5, atol=5e-7)
+    # unrenormalised, the grid alone moves the tail by up to ~1/128 of the covered mass
+    assert np.abs(1 - np.exp(grid.astype(np.float64)).reshape(rows, k).sum(1) - exact_tail).max() > 1e-4
+    assert np.abs(fixed - top).max() <= GRID
+
+
+def test_renormalise_leaves_minus_inf_and_empty_rows():
+    counts = np.array([3, 0, 2])
+    lp = np.array([-1.0, -np.inf, -2.0, -np.inf, -np.inf], np.float32)
+    grid, tail = decode_logprobs(encode_logprobs(lp, counts), counts)
+    fixed = renormalise(grid, tail, counts)
+    assert np.isneginf(fixed[[1, 3, 4]]).all() and np.isfinite(fixed[[0, 2]]).all()
+    np.testing.assert_allclose(1 - np.exp(fixed[[0, 2]].astype(np.float64)).sum(), tail[0], atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- damaged columns
+
+
+def one_compact_batch(mode="topk"):
+    rng = np.random.default_rng()
+    w, vocab, size = 16, 50, 5
+    window = make_window(rng, 7, w, vocab)
+    rows = (
+        make_topk_rows(rng, window, vocab, size)
+        if mode == "topk"
+        else make_sampled_rows(rng, window, vocab, 9)
+    )
+    size = size if mode == "topk" else 9
+    rules = rules_for(mode, size, w, vocab, "compact")
+    return window_record_batch(window, rows, mode, "float32", rules.codecs), rules
+
+
+def with_blob(batch: pa.RecordBatch, column: str, edit) -> pa.RecordBatch:
+    blob = bytearray(batch.column(column)[0].as_py())
+    edit(blob)
+    arrays = [
+        pa.array([bytes(blob)], pa.binary()) if n == column else batch.column(n) for n in batch.schema.names
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
+
+
+def set_byte(at, value):
+    def edit(blob):
+        blob[at] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "column,edit,message",
+    [
+        (fmt.IDS, lambda b: b.pop(), r"ids \(sorted-gaps\): .*needs \d+ bytes"),
+        (fmt.IDS, set_byte(0, 0x99), r"ids \(sorted-gaps\): .*unknown kind 0x99"),
+        (fmt.IDS, set_byte(1, 3), r"ids \(sorted-gaps\): .*holds 3 values, expected 80"),
+        (fmt.IDS, lambda b: b.extend(b"\0"), r"ids \(sorted-gaps\): .*1 bytes left"),
+        (fmt.IDS, set_byte(-1, 0xFF), r"ids \(sorted-gaps\): .*row \d+.* beyond the vocabulary"),
+        (fmt.LOGPROBS, set_byte(0, 7), r"logprobs \(grid-max\): .*unknown layout"),
+        (fmt.LOGPROBS, lambda b: b.__setitem__(slice(-4, None), np.float32(2.0).tobytes()), "tail mass"),
+        (fmt.TARGET_LOGPROB, lambda b: b.clear(), r"target_logprob \(grid\): .*cut off"),
+        (fmt.INPUT_IDS, set_byte(-1, 0xFF), r"input_ids \(bits\): .*not below 50"),
+        (fmt.SEGMENT_STARTS, set_byte(5, 0xFF), r"segment_starts \(gaps\)"),
+    ],
+)
+def test_damaged_compact_column_is_one_clear_error(column, edit, message):
+    batch, rules = one_compact_batch()
+    with pytest.raises(BadShard, match=message) as info:
+        read_columns(with_blob(batch, column, edit), 0, "topk", rules.codecs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("column", [fmt.IDS, fmt.LOGPROBS, fmt.TARGET_LOGPROB, fmt.INPUT_IDS])
+def test_a_flipped_payload_bit_fails_the_checksum(column):
+    """A bit flipped in the middle of a blob (inside its values' payload) still decodes, to
+    other values, and the checksum over the decoded values catches it."""
+    batch, rules = one_compact_batch()
+    middle = len(batch.column(column)[0].as_py()) // 2
+
+    def flip(blob):
+        blob[middle] ^= 0x01
+
+    columns = read_columns(with_blob(batch, column, flip), 0, "topk", rules.codecs)
+    with pytest.raises(BadShard, match="checksum mismatch"):
+        rules.check_read(columns)
+
+
+def test_damaged_sampled_columns():
+    batch, rules = one_compact_batch("sampled")
+    with pytest.raises(BadShard, match=r"row_splits \(entry-counts\)"):
+        read_columns(with_blob(batch, fmt.ROW_SPLITS, lambda b: b.pop()), 0, "sampled", rules.codecs)
+    with pytest.raises(BadShard, match=r"counts \(minus-one\)"):
+        read_columns(with_blob(batch, fmt.COUNTS, set_byte(1, 1)), 0, "sampled", rules.codecs)
+
+
+# ----------------------------------------------------------------------------- a cache
+
+
+def write_compact_cache(out, n=4, w=16, vocab=50, k=5):
+    rng = np.random.default_rng()
+    loc = Location(out)
+    codecs = compact("topk", k, w, vocab)
+    writer = ShardWriter(loc, selection_mode="topk", codecs=codecs, shard_size=3000)
+    for i in range(n):
+        window = make_window(rng, i, w, vocab)
+        writer.put(window, make_topk_rows(rng, window, vocab, k))
+    shards = writer.close()
+    manifest = build_manifest(
+        teacher={"name_or_path": "synthetic"},
+        tokenizer={"fingerprint": "x", "size": vocab},
+        embedding_size=vocab,
+        window=w,
+        packing={"position_mode": "continuous", "stats": {"efficiency": 1.0}},
+        selection={"mode": "topk", "k": k},
+        temperature=1.0,
+        encoding={
+            "ids": "int32",
+            "logprobs": "float32",
+            "compression": "zstd",
+            "columns": codecs.manifest_entry(),
+        },
+        dataset={"source": "synthetic", "fingerprint": "y", "samples": n},
+        shards=[s.to_dict() for s in shards],
+    )
+    write_manifest(loc, manifest)
+    return loc
+
+
+def test_verify_names_the_window_and_row_of_a_damaged_compact_column(tmp_path):
+    loc = write_compact_cache(tmp_path / "c")
+    assert verify_cache(loc).ok
+    manifest = load_manifest(loc)
+    shard = manifest["shards"][0]["path"]
+    table = pa.ipc.open_file(str(tmp_path / "c" / shard)).read_all()
+    batches = table.to_batches()
+    batches[1] = with_blob(batches[1], fmt.IDS, lambda b: b.pop())
+    with pa.ipc.new_file(str(tmp_path / "c" / shard), table.schema) as sink:  # uncompressed
+        for batch in batches:
+            sink.write_batch(batch)
+    data = (tmp_path / "c" / shard).read_bytes()
+    import hashlib
+
+    manifest["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest["totals"]["bytes"] = sum(s["bytes"] for s in manifest["shards"])
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    result = verify_cache(loc)
+    assert not result.ok
+    assert "row 1: ids (sorted-gaps)" in result.problem and "\n" not in result.problem
+    with pytest.raises(LongkdError, match=r"window 1 in shard .* is damaged: ids \(sorted-gaps\)"):
+        CacheReader(loc).read_window(1)
+    assert CacheReader(loc).read_window(0).ids.shape == (16, 5)
+
+
+@pytest.mark.parametrize(
+    "columns,message",
+    [
+        ({"ids": "zigzag"}, r"encoding.columns.ids"),
+        ({"ids": "grid-max"}, "encoding 'grid-max' does not apply to ids; use one of plain, sorted-gaps"),
+        ({"counts": "minus-one"}, "names column 'counts', which a topk cache does not have"),
+        ({"weights": "plain"}, "names column 'weights'"),
+    ],
+)
+def test_manifest_encoding_columns_are_checked(tmp_path, columns, message):
+    loc = write_compact_cache(tmp_path / "c")
+    path = tmp_path / "c" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["encoding"]["columns"] = {**manifest["encoding"]["columns"], **columns}
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(LongkdError, match=message):
+        load_manifest(loc)
+
+
+def test_manifest_compact_columns_need_format_3_and_float32(tmp_path):
+    loc = write_compact_cache(tmp_path / "c")
+    path = tmp_path / "c" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(LongkdError, match="encodings other than plain need format_version 3"):
+        load_manifest(loc)
+    manifest["encoding"]["logprobs"] = "float16"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(LongkdError, match="must be float32 with grid-max"):
+        load_manifest(loc)
+
+
+def test_compact_needs_float32_logprobs_at_build():
+    from longkd.cache.build_settings import resolve_settings
+
+    with pytest.raises(LongkdError, match="--logprob-dtype float16 applies to --encoding plain"):
+        resolve_settings(
+            {
+                "teacher": "t",
+                "data": "d",
+                "out": "o",
+                "window": 8,
+                "encoding": "compact",
+                "logprob_dtype": "float16",
+            }
+        )
