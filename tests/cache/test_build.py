@@ -143,6 +143,63 @@ def test_float16_encoding_roundtrip(teacher_dir, data_file, tmp_path, capsys):
     assert "bytes per token:" in text and "packing efficiency:" in text
 
 
+@pytest.mark.parametrize("selection", [("--top-k", "16"), ("--sample-draws", "24")])
+def test_compact_build_equals_plain_and_trains(teacher_dir, data_file, tmp_path, capsys, selection):
+    """A compact cache verifies, reads back as the plain cache of the same build (ids as sets
+    per row, log-probs within the 1/64-nat grid, the tail and counts exact), inspects and
+    trains."""
+    import yaml
+
+    from longkd.cache.reader import CacheReader
+
+    assert build(teacher_dir, data_file, tmp_path / "plain", *selection) == 0
+    assert build(teacher_dir, data_file, tmp_path / "compact", *selection, "--encoding", "compact") == 0
+    assert main(["cache", "verify", str(tmp_path / "compact")]) == 0
+    a, b = CacheReader(tmp_path / "plain"), CacheReader(tmp_path / "compact")
+    assert b.manifest["format_version"] == 3 and b.manifest["encoding"]["columns"]["ids"] == "sorted-gaps"
+    assert set(a.manifest["encoding"]["columns"].values()) == {"plain"}
+    assert b.manifest["totals"]["bytes"] < a.manifest["totals"]["bytes"]
+    for i in range(a.num_windows):
+        x, y = a.read_window(i), b.read_window(i)
+        np.testing.assert_array_equal(x.input_ids, y.input_ids)
+        np.testing.assert_array_equal(x.segment_starts, y.segment_starts)
+        np.testing.assert_allclose(y.target_logprob, x.target_logprob, rtol=0, atol=1 / 128 + 1e-6)
+        assert x.ids.shape == y.ids.shape and y.ids.dtype == np.int32 and y.logprobs.dtype == np.float32
+        for t in range(W):
+            keep = x.ids[t] >= 0
+            order = np.argsort(x.ids[t][keep])
+            np.testing.assert_array_equal(y.ids[t][keep], x.ids[t][keep][order])  # by id
+            np.testing.assert_allclose(y.logprobs[t][keep], x.logprobs[t][keep][order], rtol=0, atol=1 / 64)
+            if x.counts is not None:
+                np.testing.assert_array_equal(y.counts[t][keep], x.counts[t][keep][order])
+        tails = [1 - np.exp(w.logprobs.astype(np.float64)).sum(1) for w in (x, y)]
+        np.testing.assert_allclose(tails[1], tails[0], rtol=0, atol=2e-6)
+    views = []
+    for cache in (tmp_path / "plain", tmp_path / "compact"):
+        capsys.readouterr()
+        args = ["--window", "1", "--at", "5", "--top", "100", "--json"]
+        assert main(["cache", "inspect", str(cache), *args]) == 0
+        view = json.loads(capsys.readouterr().out)
+        views.append({c["id"]: c["logprob"] for c in view["candidates"]})
+        ranked = [c["logprob"] for c in view["candidates"]]
+        assert ranked == sorted(ranked, reverse=True)  # rank order, whatever the stored order
+    assert views[0].keys() == views[1].keys()
+    assert max(abs(views[0][i] - views[1][i]) for i in views[0]) <= 1 / 64
+    assert main(["cache", "inspect", str(tmp_path / "compact"), "--json"]) == 0
+    run = {
+        "cache": str(tmp_path / "compact"),
+        "out": str(tmp_path / "run"),
+        "steps": 1,
+        "batch_size": 2,
+        "students": [
+            {"name": "s", "init": {"arch": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 2}}
+        ],
+    }
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(run))
+    assert main(["train", str(tmp_path / "train.yaml"), "--no-progress", "--device", "cpu"]) == 0
+    assert "trained 1 student(s) to step 1" in capsys.readouterr().out
+
+
 def test_config_file_and_override(teacher_dir, data_file, tmp_path, capsys):
     from longkd.cache.reader import CacheReader
 
