@@ -17,11 +17,13 @@ once (no Python loop over rows), so decoding keeps up with a trainer on one core
 - :func:`select_entry_counts`: mass-adaptive selection of how many of a row's sorted entries
   to keep; every entry encoding takes per-row entry counts, so rows may differ in length.
 
-Every encoded column is one ``bytes`` blob made of sections (docs/encodings.md is the byte-level
-specification, with a worked example). Decoders check what is cheap to check (lengths, widths,
-counts, ranges) and raise :class:`~longkd.errors.LongkdError` naming the column instead of
-returning wrong numbers; a flipped bit inside a payload that keeps every value in range cannot
-be detected here (the shard's sha256 in the manifest is what catches it).
+Every encoded column is one ``bytes`` blob made of sections (docs/format.md "Column
+encodings" is the byte-level specification, with a worked example; cache/column_codecs.py
+wires these functions into the cache format). Decoders check what is cheap to check
+(lengths, widths, counts, ranges) and raise :class:`~longkd.errors.LongkdError` naming the
+column instead of returning wrong numbers; a flipped bit inside a payload that keeps every
+value in range cannot be detected here (the row's checksum over the decoded values is what
+catches it).
 
     from longkd.cache import encodings as enc
     counts = np.full(W, K)                                  # fixed top-K rows

@@ -174,6 +174,46 @@ def test_renormalise_leaves_minus_inf_and_empty_rows():
     np.testing.assert_allclose(1 - np.exp(fixed[[0, 2]].astype(np.float64)).sum(), tail[0], atol=1e-7)
 
 
+def test_worked_example_of_the_format():
+    """docs/format.md "Worked example", byte for byte."""
+    from longkd.cache.column_codecs import ENCODINGS, WindowContext
+
+    def blob(name, values, w=1, counts=(4,)):
+        ctx = WindowContext(window=w, vocab=32000, length=w, entry_counts=np.array(counts))
+        return ENCODINGS[name].encode(np.asarray(values), ctx), ctx
+
+    ids = np.array([17, 5, 31999, 300])
+    logprobs = np.array([-0.2, -2.5, -3.02, -7.25], np.float32)
+    order = np.argsort(ids)
+    id_blob, ctx = blob("sorted-gaps", ids[order])
+    assert id_blob.hex(" ") == "82 04 00 00 00 05 0b 1a d2 00 00 01 7b"
+    assert ENCODINGS["sorted-gaps"].decode(np.frombuffer(id_blob, np.uint8), ctx).tolist() == [
+        5,
+        17,
+        300,
+        31999,
+    ]
+    lp_blob, _ = blob("grid-max", logprobs[order])
+    assert lp_blob.hex(" ") == (
+        "00 40 00 04 01 00 00 00 0d 09 04 00 00 00 93 00 0c a7 05 f4 01 00 00 00 c4 75 4b 3d"
+    )
+    got = ENCODINGS["grid-max"].decode(np.frombuffer(lp_blob, np.uint8), ctx)
+    np.testing.assert_allclose(got, [-2.4975340, -0.2006590, -7.2475338, -3.0131590], rtol=0, atol=1e-7)
+    tail = 1 - np.exp(logprobs.astype(np.float64)).sum()
+    assert abs(1 - np.exp(got.astype(np.float64)).sum() - tail) < 1e-7
+    assert (
+        blob("grid", np.array([-0.2, -2.5, np.nan], np.float32), w=3)[0].hex(" ")
+        == "40 00 08 03 00 00 00 0d a0 ff"
+    )
+    assert blob("bits", [17, 5, 31999], w=3)[0].hex(" ") == "0f 03 00 00 00 11 80 02 c0 3f 1f"
+    assert blob("gaps", [0, 2], w=3)[0].hex(" ") == "01 01 00 00 00 01"
+    splits, ctx = blob("entry-counts", [0, 2, 3, 6], w=3, counts=(2, 1, 3))
+    assert splits.hex(" ") == "02 03 00 00 00 36"
+    assert ENCODINGS["entry-counts"].decode(np.frombuffer(splits, np.uint8), ctx).tolist() == [0, 2, 3, 6]
+    counts, _ = blob("minus-one", [40, 24, 64, 1, 2, 61], w=3, counts=(2, 1, 3))
+    assert counts.hex(" ") == "81 06 00 00 00 27 17 3f 00 01 3c"
+
+
 # ----------------------------------------------------------------------------- damaged columns
 
 
@@ -219,7 +259,11 @@ def set_byte(at, value):
         (fmt.LOGPROBS, lambda b: b.__setitem__(slice(-4, None), np.float32(2.0).tobytes()), "tail mass"),
         (fmt.TARGET_LOGPROB, lambda b: b.clear(), r"target_logprob \(grid\): .*cut off"),
         (fmt.INPUT_IDS, set_byte(-1, 0xFF), r"input_ids \(bits\): .*not below 50"),
-        (fmt.SEGMENT_STARTS, set_byte(5, 0xFF), r"segment_starts \(gaps\)"),
+        (
+            fmt.SEGMENT_STARTS,
+            lambda b: b.__setitem__(slice(1, 5), b"\xe8\x03\0\0"),
+            r"segment_starts \(gaps\)",
+        ),
     ],
 )
 def test_damaged_compact_column_is_one_clear_error(column, edit, message):

@@ -3,7 +3,7 @@
 Every encoding is checked against plain numpy references on fresh random rows (ragged and
 fixed-K, vocabularies from 2 to 262,144) and on the rows that break naive code: all-equal
 log-probs, -inf entries, one entry, k = V, ids 0 and V - 1, empty rows. Corrupt blobs must
-raise LongkdError. The worked example of docs/encodings.md is checked byte for byte.
+raise LongkdError. The numpy recipes of docs/format.md ("Column encodings") decode the sections.
 """
 
 from __future__ import annotations
@@ -330,29 +330,7 @@ def test_corrupt_blobs_raise():
             call()
 
 
-# ----------------------------------------------------------------------------- docs/encodings.md
-
-
-def test_worked_example_of_the_docs():
-    ids = np.array([17, 5, 31999, 300])  # one row in rank order
-    logprobs = np.array([-0.2, -2.5, -3.02, -7.25], np.float32)
-    counts = np.array([4])
-    id_blob, order = enc.encode_ids(ids, counts, 32000)
-    assert order.tolist() == [1, 0, 3, 2]
-    assert id_blob.hex(" ") == "0f 04 00 00 00 05 80 05 80 46 40 7a 0f"
-    lp_blob = enc.encode_logprobs(logprobs[order], counts)
-    tail = np.float32(1 - np.exp(logprobs.astype(np.float64)).sum())
-    assert (
-        lp_blob.hex(" ")
-        == "00 40 00 04 01 00 00 00 0d 09 04 00 00 00 93 00 0c a7 05 f4 01 00 00 00 c4 75 4b 3d"
-    )
-    got_ids = enc.decode_ids(id_blob, counts, 32000)
-    got_lp, got_tail = enc.decode_logprobs(lp_blob, counts)
-    assert got_ids.tolist() == [5, 17, 300, 31999]
-    assert got_lp.tolist() == [-160 / 64, -13 / 64, -464 / 64, -193 / 64]
-    assert got_tail[0] == tail == np.float32(0.049672857)
-    target = enc.encode_target_logprob(np.array([-0.2, -2.5, np.nan], np.float32))
-    assert target.hex(" ") == "40 00 08 03 00 00 00 0d a0 ff"
+# ----------------------------------------------------------------------------- docs/format.md
 
 
 def test_sections_decode_with_the_numpy_recipes_of_the_docs():
