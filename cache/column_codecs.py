@@ -81,10 +81,6 @@ class Encoding:
     decode: Callable[[np.ndarray, WindowContext], np.ndarray]
 
 
-def _vocab_width(ctx: WindowContext) -> int:
-    return enc.bits_for(max(ctx.vocab - 1, 0))
-
-
 def _decode_grid_max(blob: np.ndarray, ctx: WindowContext) -> np.ndarray:
     counts = ctx.entry_counts
     logprobs, tail = enc.decode_logprobs(blob, counts)
@@ -145,7 +141,7 @@ ENCODINGS = {
         ),
         Encoding(
             "grid-max",
-            lambda v, c: enc.encode_logprobs(v, c.entry_counts, layout="grid-max", packing="bits"),
+            lambda v, c: enc.encode_logprobs(v, c.entry_counts, layout="grid-max", packing="bytes"),
             _decode_grid_max,
         ),
         Encoding(
@@ -154,8 +150,8 @@ ENCODINGS = {
             lambda b, c: enc.decode_target_logprob(b, c.window),
         ),
         Encoding(
-            "bits",
-            lambda v, c: enc.encode_uints(v, "bits", width=_vocab_width(c)),
+            "ints",
+            lambda v, c: enc.encode_uints(v, "bytes"),
             lambda b, c: enc.decode_uints(b, c.window, "input_ids", limit=c.vocab),
         ),
         Encoding(

@@ -143,9 +143,12 @@ def shuffle_bytes(values: np.ndarray, itemsize: int) -> np.ndarray:
 
 
 def unshuffle_bytes(data: np.ndarray, count: int, itemsize: int) -> np.ndarray:
-    """Inverse of :func:`shuffle_bytes`: uint32[count] (or uint8/16/32 by ``itemsize``)."""
+    """Inverse of :func:`shuffle_bytes`: uint32[count]."""
     planes = data.reshape(itemsize, count)
-    return np.ascontiguousarray(planes.T).view(f"<u{itemsize}").reshape(count).astype(np.uint32)
+    out = planes[0].astype(np.uint32)
+    for b in range(1, itemsize):  # one shift-or per plane: no strided transpose
+        out |= planes[b].astype(np.uint32) << np.uint32(8 * b)
+    return out
 
 
 # ----------------------------------------------------------------------------- sections

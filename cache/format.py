@@ -124,7 +124,7 @@ COLUMN_ENCODINGS = {
     "sorted-gaps": (IDS,),
     "grid-max": (LOGPROBS,),
     "grid": (TARGET_LOGPROB,),
-    "bits": (INPUT_IDS,),
+    "ints": (INPUT_IDS,),
     "gaps": (SEGMENT_STARTS,),
     "minus-one": (COUNTS,),
     "entry-counts": (ROW_SPLITS,),
@@ -134,7 +134,7 @@ COLUMN_ENCODINGS = {
 ENCODING_PRESETS = {
     "plain": {},
     "compact": {
-        INPUT_IDS: "bits",
+        INPUT_IDS: "ints",
         SEGMENT_STARTS: "gaps",
         IDS: "sorted-gaps",
         LOGPROBS: "grid-max",

@@ -195,7 +195,7 @@ def test_worked_example_of_the_format():
     ]
     lp_blob, _ = blob("grid-max", logprobs[order])
     assert lp_blob.hex(" ") == (
-        "00 40 00 04 01 00 00 00 0d 09 04 00 00 00 93 00 0c a7 05 f4 01 00 00 00 c4 75 4b 3d"
+        "00 40 00 81 01 00 00 00 0d 82 04 00 00 00 93 00 c3 b4 00 00 01 00 f4 01 00 00 00 c4 75 4b 3d"
     )
     got = ENCODINGS["grid-max"].decode(np.frombuffer(lp_blob, np.uint8), ctx)
     np.testing.assert_allclose(got, [-2.4975340, -0.2006590, -7.2475338, -3.0131590], rtol=0, atol=1e-7)
@@ -205,7 +205,7 @@ def test_worked_example_of_the_format():
         blob("grid", np.array([-0.2, -2.5, np.nan], np.float32), w=3)[0].hex(" ")
         == "40 00 08 03 00 00 00 0d a0 ff"
     )
-    assert blob("bits", [17, 5, 31999], w=3)[0].hex(" ") == "0f 03 00 00 00 11 80 02 c0 3f 1f"
+    assert blob("ints", [17, 5, 31999], w=3)[0].hex(" ") == "82 03 00 00 00 11 05 ff 00 00 7c"
     assert blob("gaps", [0, 2], w=3)[0].hex(" ") == "01 01 00 00 00 01"
     splits, ctx = blob("entry-counts", [0, 2, 3, 6], w=3, counts=(2, 1, 3))
     assert splits.hex(" ") == "02 03 00 00 00 36"
@@ -258,7 +258,7 @@ def set_byte(at, value):
         (fmt.LOGPROBS, set_byte(0, 7), r"logprobs \(grid-max\): .*unknown layout"),
         (fmt.LOGPROBS, lambda b: b.__setitem__(slice(-4, None), np.float32(2.0).tobytes()), "tail mass"),
         (fmt.TARGET_LOGPROB, lambda b: b.clear(), r"target_logprob \(grid\): .*cut off"),
-        (fmt.INPUT_IDS, set_byte(-1, 0xFF), r"input_ids \(bits\): .*not below 50"),
+        (fmt.INPUT_IDS, set_byte(-1, 0xFF), r"input_ids \(ints\): .*not below 50"),
         (
             fmt.SEGMENT_STARTS,
             lambda b: b.__setitem__(slice(1, 5), b"\xe8\x03\0\0"),
