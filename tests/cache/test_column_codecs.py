@@ -354,6 +354,17 @@ def test_verify_names_the_window_and_row_of_a_damaged_compact_column(tmp_path):
     assert CacheReader(loc).read_window(0).ids.shape == (16, 5)
 
 
+def test_max_stored_id_decodes_compact_ids(tmp_path):
+    from longkd.cache.rows import max_stored_id
+
+    loc = write_compact_cache(tmp_path / "c", vocab=300)
+    reader = CacheReader(loc)
+    want = max(int(reader.read_window(i).ids.max()) for i in range(reader.num_windows))
+    got = [max_stored_id(loc, shard["path"]) for shard in reader.shards]
+    assert max(got) == want and len(got) > 1
+    assert max_stored_id(loc, reader.shards[0]["path"], reader.rules.codecs) == got[0]
+
+
 @pytest.mark.parametrize(
     "columns,message",
     [
