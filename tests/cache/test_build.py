@@ -286,6 +286,29 @@ def test_disk_full_mid_build(teacher_dir, data_file, tmp_path, capsys, monkeypat
     assert not [p for p in (out / "shards").iterdir() if not p.name.startswith("shard-")]
 
 
+def test_compact_build_resumes_to_the_same_bytes(teacher_dir, data_file, tmp_path, capsys, monkeypatch):
+    """A compact build stopped by a full disk resumes (re-reading the kept shards' compact
+    input_ids and segment_starts) to the bytes of an uninterrupted one; another --encoding
+    on the same --out is refused."""
+    flags = dict(window=W, top_k=8, shard_size="4KB", encoding="compact", max_windows=12)
+    reference, out = tmp_path / "reference", tmp_path / "c"
+    assert main(cache_build_argv(teacher_dir, data_file, reference, **flags)) == 0
+    fail_writes_after(monkeypatch, 9_000)
+    assert "No space left on device" in _fails(capsys, cache_build_argv(teacher_dir, data_file, out, **flags))
+    monkeypatch.undo()
+    kept = sorted(p.name for p in (out / "shards").iterdir())
+    assert kept and not (out / "manifest.json").exists()
+    err = _fails(capsys, cache_build_argv(teacher_dir, data_file, out, **{**flags, "encoding": "plain"}))
+    assert "encoding" in err
+    assert main(cache_build_argv(teacher_dir, data_file, out, **flags)) == 0
+    assert "resuming" in capsys.readouterr().out
+    a, b = (
+        json.loads((out / "manifest.json").read_text()),
+        json.loads((reference / "manifest.json").read_text()),
+    )
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]] and len(a["shards"]) > 2
+
+
 def test_streaming_and_input_ids_give_identical_shards(teacher_dir, tmp_path):
     """Text, streamed text and pre-tokenized ids of the same samples pack and cache identically."""
     data = tmp_path / "both.jsonl"
