@@ -456,7 +456,7 @@ def decode_ids(blob: bytes, counts: np.ndarray, vocab_size: int) -> np.ndarray:
         raise sections.fail(
             f"row {row}: an id decodes to {int(ids[bad])}, beyond the vocabulary of {vocab_size}"
         )
-    return ids.astype(np.int32)
+    return ids.astype(np.int32, copy=False)
 
 
 # ----------------------------------------------------------------------------- log-probs
