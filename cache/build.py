@@ -241,7 +241,8 @@ def _build(
     if group.is_main:
         _summary(echo, location, manifest, packer, run.tokens, elapsed)
     else:
-        echo(f"rank {group.rank}: {run.windows} windows, {run.tokens} tokens this run")
+        where = f" (tensor-parallel group {tp.index})" if tp.size > 1 else ""
+        echo(f"rank {group.rank}{where}: {run.windows} windows, {run.tokens} tokens this run")
     return BuildResult(manifest, run.windows, run.tokens, elapsed, run.teacher_seconds)
 
 
