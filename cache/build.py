@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -149,7 +150,7 @@ def _check_placement(settings: BuildSettings, world: int) -> None:
 
     Raises:
         LongkdError: --tensor-parallel for a teacher transformers cannot split that way, or
-            --device-map auto in a job of several processes or without accelerate.
+            --device-map auto with several processes on one machine; either without accelerate.
     """
     from longkd.cache.tensor_parallel import check_teacher_shardable, require_accelerate
 
@@ -157,10 +158,12 @@ def _check_placement(settings: BuildSettings, world: int) -> None:
         check_teacher_shardable(settings.teacher, settings.tensor_parallel, settings.trust_remote_code)
         require_accelerate(f"--tensor-parallel {settings.tensor_parallel}")
     if settings.device_map is not None:
-        if world > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if local > 1:
             raise LongkdError(
-                f"--device-map {settings.device_map} spreads one process over the GPUs, but this job has "
-                f"{world} processes; run it without torchrun, or use --tensor-parallel"
+                f"--device-map {settings.device_map} spreads one process over a machine's GPUs, but this "
+                f"job starts {local} processes on it; use one process per machine (--nproc-per-node 1), "
+                "or --tensor-parallel"
             )
         require_accelerate(f"--device-map {settings.device_map}")
 

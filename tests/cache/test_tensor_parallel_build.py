@@ -307,6 +307,21 @@ def test_layouts_that_cannot_work_are_one_line_before_writing(setup, tmp_path, c
         assert err.startswith("longkd: error: ") and "\n" not in err and message in err, err
         assert not out.exists()
 
+    with monkeypatch.context() as env:  # a torchrun job of 2 processes on this machine
+        for name, value in (
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "0"),
+            ("LOCAL_WORLD_SIZE", "2"),
+        ):
+            env.setenv(name, value)
+        assert main(build_args(teacher, data, out, device_map="auto")) == 2
+    assert (
+        "job starts 2 processes on it; use one process per machine (--nproc-per-node 1)"
+        in capsys.readouterr().err
+    )
+    assert not out.exists()
+
     import importlib.util
 
     real = importlib.util.find_spec
