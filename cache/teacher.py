@@ -13,7 +13,9 @@ selected values cross to the host, once per chunk.
     rows = teacher.run(input_ids, position_ids, [0, 1], SelectionConfig("topk", k=64))
 
 :func:`longkd.models.lm_head_logits` is shared with the trainer so that teacher and student
-logits go through the same head code. The teacher's identity hashes live in cache/identity.py and the
+logits go through the same head code. A teacher split over a tensor-parallel group keeps its
+head split by vocabulary: each chunk's selection is then merged over the group's shards
+(cache/tensor_parallel.py). The teacher's identity hashes live in cache/identity.py and the
 checkpoint probes used while loading in cache/teacher_loading.py.
 """
 
