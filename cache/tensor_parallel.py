@@ -154,6 +154,7 @@ class VocabShardedHead:
         widths: every group member's w, in group order.
         tp: the group.
         post: the model's elementwise logit post-processing (None: none).
+        vocab: V, the head's full number of rows.
 
     Raises:
         LongkdError: the widths do not add up to the head's vocabulary.
