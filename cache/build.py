@@ -19,7 +19,10 @@ Ranks (``torchrun ... -m longkd cache build``, see cache/distributed.py and
 docs/distributed.md): rank r of ``world`` takes windows with ``window_id % world == r`` and
 writes ``shard-RRRRR-*``; the ranks agree on their settings before anything is written, and
 rank 0 writes ``build.json`` and, after every rank finished, the merged manifest. A single
-process is rank 0 of 1.
+process is rank 0 of 1. With ``--tensor-parallel N`` the job's ranks form groups of N that hold
+one teacher between them (cache/tensor_parallel.py): each group plays the part one rank plays
+without it (group g takes ``window_id % groups == g`` and writes ``shard-GGGGG-*``), and only
+its first rank writes; the others compute with it.
 
 The options themselves (defaults, ``--config`` files, validation) are in cache/build_settings.py.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -52,7 +56,7 @@ from longkd.cache.manifest import (
 from longkd.cache.storage import Location, os_reason
 from longkd.cache.writer import ShardWriter
 from longkd.devices import resolve_device
-from longkd.distributed import Group, env_world
+from longkd.distributed import Group, TensorParallel, env_world
 from longkd.errors import LongkdError
 from longkd.fileio import check_out_dir
 
@@ -129,16 +133,44 @@ def build_cache(settings: BuildSettings, *, progress: bool | None = None, echo=p
             ranks started with different settings. No manifest is written then.
     """
     _, world, local_rank = env_world()
+    _check_placement(settings, world)
     device = resolve_device(settings.device, local_rank=local_rank, world=world)
     group = Group(device)
-    settings.rank, settings.world = group.rank, group.world
     try:
-        return _build(settings, group, device, progress, echo)
+        tp = TensorParallel(group, settings.tensor_parallel)
+        # A group builds as one rank does without tensor parallelism: its index names its shards.
+        settings.rank, settings.world = tp.index, tp.groups
+        return _build(settings, group, tp, device, progress, echo)
     finally:
         group.close()
 
 
-def _build(settings: BuildSettings, group: Group, device: str, progress: bool | None, echo) -> BuildResult:
+def _check_placement(settings: BuildSettings, world: int) -> None:
+    """Refuse, before any process group starts, a teacher placement that cannot work.
+
+    Raises:
+        LongkdError: --tensor-parallel for a teacher transformers cannot split that way, or
+            --device-map auto with several processes on one machine; either without accelerate.
+    """
+    from longkd.cache.tensor_parallel import check_teacher_shardable, require_accelerate
+
+    if settings.tensor_parallel > 1:
+        check_teacher_shardable(settings.teacher, settings.tensor_parallel, settings.trust_remote_code)
+        require_accelerate(f"--tensor-parallel {settings.tensor_parallel}")
+    if settings.device_map is not None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if local > 1:
+            raise LongkdError(
+                f"--device-map {settings.device_map} spreads one process over a machine's GPUs, but this "
+                f"job starts {local} processes on it; use one process per machine (--nproc-per-node 1), "
+                "or --tensor-parallel"
+            )
+        require_accelerate(f"--device-map {settings.device_map}")
+
+
+def _build(
+    settings: BuildSettings, group: Group, tp: TensorParallel, device: str, progress: bool | None, echo
+) -> BuildResult:
     """The build's phases in order: check --out, load the teacher and the data, start or resume
     --out, pack and run the teacher, write the manifest."""
     from longkd.cache.data import load_samples
@@ -148,7 +180,10 @@ def _build(settings: BuildSettings, group: Group, device: str, progress: bool | 
     stored, finished = _check_out(settings, group, location, echo)
     if finished is not None:
         return finished
-    teacher = _load_teacher(settings, device)
+    teacher = _load_teacher(settings, device, tp)
+    if tp.size > 1 and group.is_main:
+        head = "split by vocabulary" if teacher.sharded_head is not None else "whole on every rank"
+        echo(f"tensor parallel: {tp.groups} group(s) of {tp.size} ranks, the LM head {head}")
     tokenizer = teacher.tokenizer
     source = load_samples(
         settings.data,
@@ -162,7 +197,7 @@ def _build(settings: BuildSettings, group: Group, device: str, progress: bool | 
     )
     tokenizer_info = dict(teacher.tokenizer_info())
     existed = location.exists()
-    kept = _start_or_resume(settings, group, location, stored, teacher, tokenizer_info)
+    kept = _start_or_resume(settings, group, tp, location, stored, teacher, tokenizer_info)
     done = sum(info.rows for info in kept)
     if kept:
         echo(f"resuming {location.uri}: {len(kept)} shards, {done} windows already written")
@@ -173,16 +208,19 @@ def _build(settings: BuildSettings, group: Group, device: str, progress: bool | 
     mine = (w for w in _limit(windows, settings.max_windows) if w.window_id % settings.world == settings.rank)
     mine = _recheck_consumed(mine, location, kept, settings.data)
     run = _TeacherRun(settings, teacher)
-    writer = ShardWriter(
-        location,
-        selection_mode=settings.selection["mode"],
-        logprob_dtype=settings.logprob_dtype,
-        shard_size=settings.shard_size,
-        compression_level=settings.compression_level,
-        rank=settings.rank,
-        completed=kept,
-        stride=settings.world,
-    )
+    if tp.is_leader:
+        writer = ShardWriter(
+            location,
+            selection_mode=settings.selection["mode"],
+            logprob_dtype=settings.logprob_dtype,
+            shard_size=settings.shard_size,
+            compression_level=settings.compression_level,
+            rank=settings.rank,
+            completed=kept,
+            stride=settings.world,
+        )
+    else:
+        writer = _GroupMember(kept)
     bar = _progress_bar(settings, progress)
     started = time.perf_counter()
     try:
@@ -193,18 +231,21 @@ def _build(settings: BuildSettings, group: Group, device: str, progress: bool | 
                 f"{settings.window} tokens (use a smaller --window or --tail pad)"
             )
     except LongkdError:
-        if stored is None and settings.world == 1 and not writer.completed:
+        if stored is None and group.world == 1 and not writer.completed:
             _remove_new_out(location, existed)  # bad input found before a single shard: leave nothing
         raise
     dataset = dict(source.describe())
     dataset.update(fingerprint=samples.digest.hexdigest(), samples=samples.count)
-    manifest = _merged_manifest(settings, group, location, teacher, tokenizer_info, packer, dataset, shards)
+    manifest = _merged_manifest(
+        settings, group, tp, location, teacher, tokenizer_info, packer, dataset, shards
+    )
     group.rank0(lambda: write_manifest(location, manifest))  # last, after every rank finished
     elapsed = time.perf_counter() - started
     if group.is_main:
         _summary(echo, location, manifest, packer, run.tokens, elapsed)
     else:
-        echo(f"rank {group.rank}: {run.windows} windows, {run.tokens} tokens this run")
+        where = f" (tensor-parallel group {tp.index})" if tp.size > 1 else ""
+        echo(f"rank {group.rank}{where}: {run.windows} windows, {run.tokens} tokens this run")
     return BuildResult(manifest, run.windows, run.tokens, elapsed, run.teacher_seconds)
 
 
@@ -220,6 +261,9 @@ def _check_out(
     # Before anything touches --out, so ranks started differently write nothing.
     group.agree({"settings": settings.content_settings()})
     stored, complete = group.rank0(lambda: _out_state(location))
+    if stored is not None and isinstance(stored.get("settings"), dict):
+        # Builds from before --tensor-parallel existed ran one teacher per rank.
+        stored["settings"].setdefault("tensor_parallel", 1)
     if stored is not None:
         compare_build_record(location, stored, {"settings": settings.content_settings()})
         if complete:
@@ -230,8 +274,9 @@ def _check_out(
     return stored, None
 
 
-def _load_teacher(settings: BuildSettings, device: str):
-    """The teacher, checked against the window and the selection.
+def _load_teacher(settings: BuildSettings, device: str, tp: TensorParallel):
+    """The teacher (split over this rank's group under --tensor-parallel, spread over the GPUs
+    under --device-map auto), checked against the window and the selection.
 
     Raises:
         LongkdError: the teacher does not load, the window exceeds its positions (without
@@ -240,7 +285,12 @@ def _load_teacher(settings: BuildSettings, device: str):
     from longkd.cache.teacher import Teacher
 
     teacher = Teacher.load(
-        settings.teacher, dtype=settings.dtype, device=device, trust_remote_code=settings.trust_remote_code
+        settings.teacher,
+        dtype=settings.dtype,
+        device=device,
+        trust_remote_code=settings.trust_remote_code,
+        device_map=settings.device_map,
+        tensor_parallel=tp,
     )
     selection = settings.selection
     max_positions = teacher.max_positions
@@ -259,13 +309,15 @@ def _load_teacher(settings: BuildSettings, device: str):
 def _start_or_resume(
     settings: BuildSettings,
     group: Group,
+    tp: TensorParallel,
     location: Location,
     stored: dict | None,
     teacher,
     tokenizer_info: dict,
 ) -> list[ShardInfo]:
     """Agree on the build record; write build.json to a new --out, or recover this rank's
-    completed shards from an existing one.
+    completed shards from an existing one (a group's first rank recovers them; the other ranks
+    of the group receive its list).
 
     Returns:
         The shards kept (empty for a new build).
@@ -282,7 +334,11 @@ def _start_or_resume(
     group.agree(record, "teacher or tokenizer")
     if stored is not None:
         compare_build_record(location, stored, record)
-        return recover_shards(location, settings.rank)
+        kept = recover_shards(location, settings.rank) if tp.is_leader else []
+        if tp.size == 1:
+            return kept
+        every = group.all_gather([info.to_dict() for info in kept])
+        return [ShardInfo(**entry) for entry in every[tp.leader]]
 
     def start() -> None:
         try:
@@ -313,6 +369,23 @@ def _packing_config(settings: BuildSettings, tokenizer):
         pad_id=pad_id,
         eos_id=tokenizer.eos_token_id,
     )
+
+
+class _GroupMember:
+    """Stands in for the :class:`ShardWriter` on a tensor-parallel group's ranks after its first:
+    they compute every window of the group with it, and its first rank writes them."""
+
+    def __init__(self, completed: list[ShardInfo]):
+        self.completed = list(completed)
+
+    def put(self, window, rows) -> None:
+        pass
+
+    def close(self) -> list[ShardInfo]:
+        return list(self.completed)
+
+    def abort(self) -> None:
+        pass
 
 
 class _TeacherRun:
@@ -399,6 +472,7 @@ class _TeacherRun:
 def _merged_manifest(
     settings: BuildSettings,
     group: Group,
+    tp: TensorParallel,
     location: Location,
     teacher,
     tokenizer_info: dict,
@@ -406,7 +480,7 @@ def _merged_manifest(
     dataset: dict,
     shards: list[ShardInfo],
 ) -> dict:
-    """The finished cache's manifest over every rank's shards.
+    """The finished cache's manifest over every writing rank's shards (each group's first).
 
     Raises:
         LongkdError: the ranks packed different data.
@@ -446,7 +520,7 @@ def _merged_manifest(
             ),
         },
         dataset=dataset,
-        shards=merge_shards([part["shards"] for part in parts], location.uri),
+        shards=merge_shards([parts[r]["shards"] for r in range(0, group.world, tp.size)], location.uri),
     )
 
 

@@ -51,6 +51,8 @@ class BuildSettings:
     chunk_size: int = 1024
     dtype: str = "float32"
     device: str | None = None
+    tensor_parallel: int = 1
+    device_map: str | None = None
     shard_size: str | int = "256MB"
     logprob_dtype: str = "float32"
     compression_level: int | None = None
@@ -100,6 +102,8 @@ class BuildSettings:
             "max_windows": self.max_windows,
             # The rank is per process, not per cache: every rank shares one build.json.
             "world": self.world,
+            # A group's merged shards round differently, and draw another (equally distributed) stream.
+            "tensor_parallel": self.tensor_parallel,
         }
 
 
@@ -112,7 +116,7 @@ CHOICES = {
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(BuildSettings) if not f.metadata.get("internal")}
 _INT_FIELDS = {"window", "max_sample_tokens", "top_k", "sample_draws", "batch_size", "chunk_size",
-               "compression_level", "seed", "max_windows"}  # fmt: skip
+               "compression_level", "seed", "max_windows", "tensor_parallel"}  # fmt: skip
 _BOOL_FIELDS = {"streaming", "shuffle", "no_eos", "trust_remote_code", "allow_extrapolation"}
 _FLOAT_FIELDS = {"temperature", "min_mass", "min_prob"}
 # The options that make up the selection: flags typed on the command line replace the file's.
@@ -195,6 +199,7 @@ def resolve_settings(explicit: dict, config: dict | None = None) -> BuildSetting
         "chunk_size",
         "max_windows",
         "max_sample_tokens",
+        "tensor_parallel",
     ):
         value = getattr(settings, name)
         if value is not None and value <= 0:
@@ -203,6 +208,12 @@ def resolve_settings(explicit: dict, config: dict | None = None) -> BuildSetting
         raise LongkdError(
             f"--sample-draws {settings.sample_draws} exceeds {MAX_DRAWS} (counts are stored as uint16)"
         )
+    if settings.device_map not in (None, "auto"):
+        raise LongkdError(f"--device-map must be auto, got {settings.device_map!r}")
+    if settings.device_map is not None and settings.tensor_parallel > 1:
+        raise LongkdError("--device-map auto and --tensor-parallel exclude each other; choose one")
+    if settings.device_map is not None and settings.device not in (None, "auto"):
+        raise LongkdError("--device-map auto places the teacher itself; leave out --device")
     if not settings.temperature > 0:
         raise LongkdError(f"--temperature must be positive, got {settings.temperature}")
     parse_size(settings.shard_size)

@@ -101,6 +101,19 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
         help="teacher forward dtype: float32 (default), bfloat16 or float16",
     )
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    g.add_argument(
+        "--tensor-parallel",
+        type=int,
+        metavar="N",
+        help="under torchrun, split the teacher over groups of N consecutive ranks (one GPU each); "
+        "the groups share the windows, each group's first rank writes (default: 1)",
+    )
+    g.add_argument(
+        "--device-map",
+        choices=("auto",),
+        help="one process: spread the teacher's layers over the visible GPUs (accelerate), for "
+        "teachers that cannot be tensor-parallel",
+    )
     g.add_argument("--seed", type=int, help="seed for shuffling and sampling draws (default: 0)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="cache directory to create, or to resume (required)")

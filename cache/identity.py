@@ -47,11 +47,15 @@ def weights_sha256(model) -> str:
     """sha256 over the state dict: for each name in sorted order, the name, the shape and the
     tensor's values as little-endian fp32 bytes. One streaming pass over the weights; at most
     ``2**24`` elements are converted at a time, so no second copy of a large tensor is made.
+    A tensor-parallel model's shards are gathered one tensor at a time (every rank of its group
+    calls this together), so it hashes as the same model loaded whole.
     """
     digest = hashlib.sha256()
     state = model.state_dict()
     for name in sorted(state):
         tensor = state[name].detach()
+        if hasattr(tensor, "full_tensor"):  # a torch DTensor
+            tensor = tensor.full_tensor()
         digest.update(canonical_json([name, list(tensor.shape)]))
         flat = tensor.reshape(-1)
         for start in range(0, flat.numel(), _HASH_CHUNK):

@@ -14,12 +14,15 @@ selected values cross to the host, once per chunk.
     rows = teacher.run(input_ids, position_ids, [0, 1], SelectionConfig("topk", k=64))
 
 :func:`longkd.models.lm_head_logits` is shared with the trainer so that teacher and student
-logits go through the same head code. The teacher's identity hashes live in cache/identity.py and the
+logits go through the same head code. A teacher split over a tensor-parallel group keeps its
+head split by vocabulary: each chunk's selection is then merged over the group's shards
+(cache/tensor_parallel.py). The teacher's identity hashes live in cache/identity.py and the
 checkpoint probes used while loading in cache/teacher_loading.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -32,6 +35,14 @@ import torch
 from longkd.cache.encodings import ragged_from_dense, select_entry_counts
 from longkd.cache.identity import canonical_json, config_sha256, tokenizer_fingerprint, weights_sha256
 from longkd.cache.teacher_loading import embedding_size, is_causal_lm, looks_local, max_positions
+from longkd.cache.tensor_parallel import (
+    VocabShardedHead,
+    check_shardable,
+    require_accelerate,
+    shard_seed,
+    sharded_loading,
+)
+from longkd.distributed import TensorParallel
 from longkd.errors import LongkdError, one_line
 from longkd.models import lm_head_logits
 
@@ -118,15 +129,29 @@ class Teacher:
         tokenizer: its tokenizer.
         embedding_size: V, the logits dimension (may exceed ``len(tokenizer)``).
         max_positions: ``max_position_embeddings`` of the (text) config.
+        head_device: where the LM head computes (the last GPU under ``device_map="auto"``).
+        sharded_head: this rank's part of a vocabulary-split head (a tensor-parallel teacher,
+            cache/tensor_parallel.py), or None.
     """
 
-    def __init__(self, model, tokenizer, *, name_or_path: str, dtype: str, revision: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        name_or_path: str,
+        dtype: str,
+        revision: str | None = None,
+        sharded_head: VocabShardedHead | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.name_or_path = name_or_path
         self.dtype = dtype
         self.revision = revision
         self.device = next(model.parameters()).device
+        self.head_device = _head_device(model)
+        self.sharded_head = sharded_head
         self.text_config = model.config.get_text_config()
         self.embedding_size = embedding_size(model)
         self.max_positions = max_positions(self.text_config)
@@ -142,22 +167,29 @@ class Teacher:
         device: str = "cpu",
         trust_remote_code: bool = False,
         revision: str | None = None,
+        device_map: str | None = None,
+        tensor_parallel: TensorParallel | None = None,
     ) -> Teacher:
         """Load a teacher from a local directory or a hub id.
 
         Args:
             name_or_path: a Hugging Face model directory or hub id.
             dtype: forward dtype, ``float32``, ``bfloat16`` or ``float16``.
-            device: torch device string.
+            device: torch device string (this rank's, under tensor parallelism).
             trust_remote_code: allow the checkpoint's own modelling code.
             revision: hub revision (branch, tag or commit).
+            device_map: ``"auto"``: spread the layers over the visible GPUs (accelerate) instead
+                of ``device``.
+            tensor_parallel: split the teacher over this rank's group (every rank of the job
+                calls this together); size 1 or None loads it whole.
 
         Returns:
             The teacher.
 
         Raises:
             LongkdError: the path does not exist, there is no config or tokenizer, the model is
-                not a causal LM, the dtype is unknown, or loading fails.
+                not a causal LM, the dtype is unknown, the model cannot be split as asked,
+                accelerate is missing for ``device_map`` or tensor parallelism, or loading fails.
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -196,14 +228,35 @@ class Teacher:
             raise LongkdError(
                 f"teacher {name} has no tokenizer; the model directory needs its tokenizer files"
             )
+        tp = tensor_parallel if tensor_parallel is not None and tensor_parallel.size > 1 else None
+        placing = contextlib.nullcontext({"device_map": device_map} if device_map is not None else {})
+        if device_map is not None:
+            if tp is not None:
+                raise LongkdError("--device-map and --tensor-parallel exclude each other; choose one")
+            require_accelerate(f"--device-map {device_map}")
+        if tp is not None:
+            check_shardable(config, tp.size, name)
+            require_accelerate(f"--tensor-parallel {tp.size}")  # transformers places the shards with it
+            placing = sharded_loading(tp, device)
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=DTYPES[dtype], **hub)
-            model = model.to(device)
+            with placing as placement:
+                model = AutoModelForCausalLM.from_pretrained(
+                    name, config=config, dtype=DTYPES[dtype], **placement, **hub
+                )
+            if not placement:
+                model = model.to(device)
         except Exception as exc:
             raise LongkdError(f"cannot load the teacher model from {name}: {one_line(exc)}") from exc
         model.eval()
         model.requires_grad_(False)
-        teacher = cls(model, tokenizer, name_or_path=str(name_or_path), dtype=dtype, revision=revision)
+        teacher = cls(
+            model,
+            tokenizer,
+            name_or_path=str(name_or_path),
+            dtype=dtype,
+            revision=revision,
+            sharded_head=VocabShardedHead.of(model, tp),
+        )
         teacher.check_head()
         return teacher
 
@@ -256,10 +309,13 @@ class Teacher:
         ids = torch.randint(0, vocab, (1, length), generator=gen).to(self.device)
         pos = torch.arange(length, device=self.device).unsqueeze(0)
         full = self.model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
-        mine = lm_head_logits(self.model, self._decoder_hidden(ids, pos)).float()
+        hidden = self._decoder_hidden(ids, pos)
+        mine = lm_head_logits(self.model, hidden).float().to(full.device)
         scale = max(1.0, full.abs().max().item())
         tol = (1e-4 if self.dtype == "float32" else 2e-2) * scale
         diff = (full - mine).abs().max().item() if full.shape == mine.shape else math.inf
+        if self.sharded_head is not None:  # this rank's own columns, as the run computes them
+            diff = max(diff, self.sharded_head.check(hidden, full))
         if not diff <= tol:
             raise LongkdError(
                 f"teacher {self.name_or_path} ({self.model.config.model_type}) post-processes its logits "
@@ -319,8 +375,8 @@ class Teacher:
         pos = position_ids.to(self.device, torch.long)
         hidden = self._decoder_hidden(ids, pos)  # [B, W, d], the one decoder call
         # next[:, t] = input_ids[:, t+1]; the last column is a placeholder, its target set to NaN.
-        nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).unsqueeze(-1)  # [B, W, 1]
-        target = torch.empty(batch, window, dtype=torch.float32, device=self.device)
+        nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).unsqueeze(-1).to(self.head_device)  # [B, W, 1]
+        target = torch.empty(batch, window, dtype=torch.float32, device=self.head_device)
         if selection.mode == "topk":
             rows = self._run_topk(hidden, nxt, target, selection.k, temperature, chunk_size)
         elif selection.mode == "adaptive":
@@ -347,7 +403,7 @@ class Teacher:
         """A reusable host buffer, pinned on CUDA so device-to-host copies can be asynchronous."""
         key = (shape, dtype)
         if key not in self._host:
-            self._host[key] = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+            self._host[key] = torch.empty(shape, dtype=dtype, pin_memory=self.head_device.type == "cuda")
         return self._host[key]
 
     def _run_topk(self, hidden, nxt, target, k, temperature, chunk_size) -> list[TeacherRows]:
@@ -356,17 +412,22 @@ class Teacher:
         # and the ids share one int32 buffer, so a chunk is one copy (an integer copy is exact,
         # whereas ids reinterpreted as floats would be denormals that flush-to-zero could eat).
         host = self._host_buffer((window, batch, 2, k), torch.int32)
-        cuda = self.device.type == "cuda"
+        cuda = self.head_device.type == "cuda"
         for start in range(0, window, chunk_size):
             end = min(start + chunk_size, window)
-            logp = self._chunk_logprobs(hidden[:, start:end], temperature)  # [B, c, V]
-            target[:, start:end] = logp.gather(-1, nxt[:, start:end]).squeeze(-1)
-            values, top = torch.topk(logp, k, dim=-1, sorted=True)  # [B, c, k], descending
-            del logp
+            if self.sharded_head is None:
+                logp = self._chunk_logprobs(hidden[:, start:end], temperature)  # [B, c, V]
+                target[:, start:end] = logp.gather(-1, nxt[:, start:end]).squeeze(-1)
+                values, top = torch.topk(logp, k, dim=-1, sorted=True)  # [B, c, k], descending
+                del logp
+            else:  # the group's merge of its vocabulary shards, the same on each of its ranks
+                values, top, target[:, start:end] = self.sharded_head.topk(
+                    hidden[:, start:end], nxt[:, start:end], k, temperature
+                )
             packed = torch.stack([values.view(torch.int32), top.to(torch.int32)], dim=2)  # [B, c, 2, k]
             host[start:end].copy_(packed.transpose(0, 1), non_blocking=cuda)
         if cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+            torch.cuda.current_stream(self.head_device).synchronize()
         out = host.numpy()
         return [
             TeacherRows(
@@ -382,27 +443,39 @@ class Teacher:
     def _run_sampled(self, hidden, nxt, target, window_ids, draws, temperature, seed, chunk_size):
         batch, window, _ = hidden.shape
         vocab = self.embedding_size
-        gens = [torch.Generator(device=self.device).manual_seed(_window_seed(seed, w)) for w in window_ids]
+        device = self.head_device
+        gens = [torch.Generator(device=device).manual_seed(_window_seed(seed, w)) for w in window_ids]
+        if self.sharded_head is not None:
+            tp = self.sharded_head.tp
+            shard_gens = [
+                torch.Generator(device=device).manual_seed(shard_seed(seed, w, tp.rank, tp.size))
+                for w in window_ids
+            ]
         keys_parts, count_parts = [], []
         for start in range(0, window, chunk_size):
             end = min(start + chunk_size, window)
             c = end - start
-            logp = self._chunk_logprobs(hidden[:, start:end], temperature)
-            target[:, start:end] = logp.gather(-1, nxt[:, start:end]).squeeze(-1)
-            probs = logp.exp_()  # in place: the log-probs are no longer needed
-            # Each window draws from its own generator, rows in order, so batching cannot change it.
-            draw = torch.stack(
-                [
-                    torch.multinomial(probs[b], draws, replacement=True, generator=gens[b])
-                    for b in range(batch)
-                ]
-            )  # [B, c, draws]
-            del probs
+            if self.sharded_head is None:
+                logp = self._chunk_logprobs(hidden[:, start:end], temperature)
+                target[:, start:end] = logp.gather(-1, nxt[:, start:end]).squeeze(-1)
+                probs = logp.exp_()  # in place: the log-probs are no longer needed
+                # Each window draws from its own generator, rows in order, so batching cannot change it.
+                draw = torch.stack(
+                    [
+                        torch.multinomial(probs[b], draws, replacement=True, generator=gens[b])
+                        for b in range(batch)
+                    ]
+                )  # [B, c, draws]
+                del probs
+            else:  # the same distribution, drawn shard by shard (cache/vocab_shards.py)
+                draw, target[:, start:end] = self.sharded_head.draw(
+                    hidden[:, start:end], nxt[:, start:end], draws, temperature, gens, shard_gens
+                )
             draw, _ = torch.sort(draw, dim=-1)
             # One global key per (window, row, id): sorted within a row and rows in order, so the
             # flattened keys are ascending and unique_consecutive yields the per-row counts.
-            row = torch.arange(batch, device=self.device).view(batch, 1, 1) * window
-            row = row + start + torch.arange(c, device=self.device).view(1, c, 1)  # [B, c, 1]: b*W + t
+            row = torch.arange(batch, device=device).view(batch, 1, 1) * window
+            row = row + start + torch.arange(c, device=device).view(1, c, 1)  # [B, c, 1]: b*W + t
             keys = (row * vocab + draw).reshape(-1)
             uniq, counts = torch.unique_consecutive(keys, return_counts=True)
             both = torch.stack([uniq, counts]).cpu()  # one copy; its size is only known here
@@ -431,6 +504,14 @@ class Teacher:
                 )
             )
         return result
+
+
+def _head_device(model) -> torch.device:
+    """Where the LM head computes: its weight's device, or accelerate's execution device when
+    ``device_map`` offloaded the weight."""
+    head = model.get_output_embeddings()
+    device = getattr(getattr(head, "_hf_hook", None), "execution_device", None)
+    return torch.device(head.weight.device if device is None else device)
 
 
 def adaptive_rows(rows: TeacherRows, selection: SelectionConfig) -> TeacherRows:

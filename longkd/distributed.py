@@ -16,6 +16,8 @@ same few things, which live here:
 - :meth:`Group.rank0` runs a step on rank 0 only (creating a file, writing a manifest) and
   hands its result, or its error, to every rank, so no rank is left waiting in a collective
   for a peer that failed.
+- :class:`TensorParallel` splits the ranks into groups of N consecutive ranks that hold one
+  model between them (a teacher larger than one GPU), with a collective inside the group.
 
 What each part does with the ranks is its own: cache/distributed.py (the ranks' shards of
 a build), trainer/distributed.py (DDP / FSDP).
@@ -214,3 +216,72 @@ class Group:
         if error is not None:
             raise LongkdError(error)
         return result
+
+
+class TensorParallel:
+    """The ranks of a job in groups of ``size`` consecutive ranks, each group holding one model.
+
+    Ranks ``g * size .. g * size + size - 1`` form group g; the groups work side by side as
+    the ranks of a job without tensor parallelism do. Every rank must construct this (it
+    creates the groups' process groups, a collective step). ``size`` 1 is the plain job: each
+    rank is its own group and no process group is created.
+
+    Args:
+        group: the job's processes.
+        size: N, ranks per group.
+
+    Attributes:
+        size: N.
+        groups: the number of groups (world / N).
+        index: this rank's group.
+        rank: this rank's place in its group, 0 .. N - 1.
+        leader: the job rank of the group's first rank.
+        process_group: the group's torch process group (None when N is 1).
+
+    Raises:
+        LongkdError: N < 1, or N does not divide the number of processes.
+    """
+
+    def __init__(self, group: Group, size: int):
+        if not isinstance(size, int) or size < 1:
+            raise LongkdError(f"--tensor-parallel must be a positive integer, got {size!r}")
+        if group.world % size:
+            raise LongkdError(
+                f"--tensor-parallel {size} does not divide the {group.world} processes of this job "
+                f"(WORLD_SIZE); start a multiple of {size} processes with torchrun --nproc-per-node"
+            )
+        self.size = size
+        self.groups = group.world // size
+        self.index, self.rank = divmod(group.rank, size)
+        self.leader = self.index * size
+        self.process_group = None
+        if size > 1:
+            import torch.distributed as dist
+
+            for g in range(self.groups):  # every rank creates every group, in the same order
+                made = dist.new_group(list(range(g * size, (g + 1) * size)))
+                if g == self.index:
+                    self.process_group = made
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this rank is its group's first (the one that writes the group's output)."""
+        return self.rank == 0
+
+    def all_gather(self, tensor):
+        """Every group member's ``tensor`` (same shape and dtype on each), stacked in group order.
+
+        Args:
+            tensor: [...] this rank's part.
+
+        Returns:
+            [N, ...] on the tensor's device.
+        """
+        if self.size == 1:
+            return tensor.unsqueeze(0)
+        import torch
+        import torch.distributed as dist
+
+        out = torch.empty((self.size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        dist.all_gather(list(out.unbind(0)), tensor.contiguous(), group=self.process_group)
+        return out

@@ -1,5 +1,6 @@
-"""Set-ups shared by several test files: random text data, `longkd cache build` runs, and small
-test-side utilities (a disk-full writer, one torch thread, the loss oracles' row reduction).
+"""Set-ups shared by several test files: random text data, `longkd cache build` runs (in this
+process or under real torchrun), and small test-side utilities (a disk-full writer, one torch
+thread, the loss oracles' row reduction).
 
 Each test file keeps its own sizes and flags (as keyword arguments here), so what a test checks
 stays visible in the test file while the mechanics live in one place.
@@ -10,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -98,6 +102,52 @@ def build_cache(teacher, data, out, *extra: str, **flags):
     argv = cache_build_argv(teacher, data, out, *extra, **flags)
     assert main(argv) == 0, argv
     return out
+
+
+def torchrun(args, nproc: int = 2, **popen) -> subprocess.Popen:
+    """Start ``python -m torch.distributed.run --standalone --nproc-per-node NPROC -m longkd ARGS``.
+
+    The workers compute with one thread and never reach the hub. ``popen`` overrides the
+    Popen arguments (stdout and stderr are pipes unless given).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen([*cmd, "-m", "longkd", *args], env=env, text=True, **popen)
+
+
+def run_torchrun(args, nproc: int = 2, timeout: float = 300) -> tuple[int, str, str]:
+    """:func:`torchrun` to the end: ``(exit status, stdout, stderr)``."""
+    proc = torchrun(args, nproc)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def worker_pid(agent_pid: int, rank: int) -> int | None:
+    """The pid of torchrun worker ``rank`` (a child of the agent with RANK=rank in its env)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != agent_pid:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(entry)
+    return None
+
+
+def ledger_lines(out: Path, rank: int) -> int:
+    """Shards writer ``rank`` of the build into ``out`` has completed so far (its ledger's lines)."""
+    try:
+        return len((out / "progress" / f"rank-{rank:05d}.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
 
 
 def read_manifest(cache) -> dict:

@@ -28,7 +28,15 @@ from longkd.cache.reader import CacheReader, WindowIndex
 from longkd.cli import main
 from longkd.distributed import Group, env_world
 from longkd.errors import LongkdError
-from tests.helpers import cache_build_argv, one_torch_thread, write_random_text
+from tests.helpers import (
+    cache_build_argv,
+    ledger_lines,
+    one_torch_thread,
+    run_torchrun,
+    torchrun,
+    worker_pid,
+    write_random_text,
+)
 
 VOCAB = 256
 WINDOWS = 40
@@ -64,19 +72,6 @@ def build_args(teacher, data, out, **changes):
     if "sample_draws" in flags:
         flags["top_k"] = None  # the two selections exclude each other
     return cache_build_argv(teacher, data, out, **flags)
-
-
-def torchrun(args, **popen):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
-    return subprocess.Popen([*cmd, "-m", "longkd", *args], env=env, text=True, **popen)
-
-
-def run_torchrun(args, timeout=300):
-    proc = torchrun(args)
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
 
 
 def assert_same_windows(cache, reference, n):
@@ -143,32 +138,6 @@ def test_two_ranks_to_file_uri_equal_one_process(setup, tmp_path, capsys):
     )
 
 
-def _worker_pid(agent_pid: int, rank: int) -> int | None:
-    """The pid of torchrun worker ``rank`` (a child of the agent with RANK=rank in its env)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != agent_pid:
-                continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if f"RANK={rank}".encode() in env:
-            return int(entry)
-    return None
-
-
-def _ledger_lines(out: Path, rank: int) -> int:
-    try:
-        return len((out / "progress" / f"rank-{rank:05d}.jsonl").read_text().splitlines())
-    except FileNotFoundError:
-        return 0
-
-
 @pytest.mark.slow
 def test_rank_killed_then_rerun_completes(setup, tmp_path):
     teacher, data, refs = setup
@@ -181,8 +150,8 @@ def test_rank_killed_then_rerun_completes(setup, tmp_path):
     killed = None
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
-        if _ledger_lines(out, 1) >= target and _ledger_lines(out, 0) >= 1:
-            killed = _worker_pid(proc.pid, 1)
+        if ledger_lines(out, 1) >= target and ledger_lines(out, 0) >= 1:
+            killed = worker_pid(proc.pid, 1)
             if killed is not None:
                 os.kill(killed, signal.SIGKILL)
                 break
@@ -193,7 +162,7 @@ def test_rank_killed_then_rerun_completes(setup, tmp_path):
     assert killed is not None, f"build finished before the kill (seed {seed}): {err[-2000:]}"
     assert proc.returncode != 0
     assert not (out / "manifest.json").exists()
-    kept = {r: _ledger_lines(out, r) for r in (0, 1)}
+    kept = {r: ledger_lines(out, r) for r in (0, 1)}
     assert kept[1] >= target and sum(kept.values()) < len(CacheReader(refs["sampled"]).shards)
 
     code, stdout, err = run_torchrun(args)
