@@ -301,7 +301,7 @@ def _load_teacher(settings: BuildSettings, device: str, tp: TensorParallel):
             f"--window {settings.window} exceeds the teacher's max_position_embeddings "
             f"{max_positions}; use a smaller --window or pass --allow-extrapolation"
         )
-    if selection["mode"] == "topk" and selection["k"] > teacher.embedding_size:
+    if "k" in selection and selection["k"] > teacher.embedding_size:
         raise LongkdError(
             f"--top-k {selection['k']} exceeds the teacher's vocabulary ({teacher.embedding_size} logits)"
         )
@@ -405,7 +405,11 @@ class _TeacherRun:
         self.settings, self.teacher = settings, teacher
         selection = settings.selection
         self.select = SelectionConfig(
-            mode=selection["mode"], k=selection.get("k", DEFAULT_TOP_K), draws=selection.get("draws")
+            mode=selection["mode"],
+            k=selection.get("k", DEFAULT_TOP_K),
+            draws=selection.get("draws"),
+            min_mass=selection.get("min_mass"),
+            min_prob=selection.get("min_prob"),
         )
         self.windows, self.tokens, self.teacher_seconds = 0, 0, 0.0
 

@@ -44,6 +44,8 @@ class BuildSettings:
     tail: str = "drop"
     top_k: int | None = None
     sample_draws: int | None = None
+    min_mass: float | None = None
+    min_prob: float | None = None
     temperature: float = 1.0
     batch_size: int = 1
     chunk_size: int = 1024
@@ -64,9 +66,14 @@ class BuildSettings:
 
     @property
     def selection(self) -> dict:
+        """The manifest's ``selection``: sampled, adaptive (top-k with ``--min-mass`` and/or
+        ``--min-prob``; the rule not given is null) or top-k."""
         if self.sample_draws is not None:
             return {"mode": "sampled", "draws": int(self.sample_draws)}
-        return {"mode": "topk", "k": int(self.top_k if self.top_k is not None else DEFAULT_TOP_K)}
+        k = int(self.top_k if self.top_k is not None else DEFAULT_TOP_K)
+        if self.min_mass is not None or self.min_prob is not None:
+            return {"mode": "adaptive", "k": k, "min_mass": self.min_mass, "min_prob": self.min_prob}
+        return {"mode": "topk", "k": k}
 
     def content_settings(self) -> dict:
         """The settings that determine the cache's bytes (recorded in build.json)."""
@@ -114,6 +121,9 @@ _FIELDS = {f.name: f for f in dataclasses.fields(BuildSettings) if not f.metadat
 _INT_FIELDS = {"window", "max_sample_tokens", "top_k", "sample_draws", "batch_size", "chunk_size",
                "compression_level", "seed", "max_windows", "tensor_parallel"}  # fmt: skip
 _BOOL_FIELDS = {"streaming", "shuffle", "no_eos", "trust_remote_code", "allow_extrapolation"}
+_FLOAT_FIELDS = {"temperature", "min_mass", "min_prob"}
+# The options that make up the selection: flags typed on the command line replace the file's.
+_SELECTION_FIELDS = ("top_k", "sample_draws", "min_mass", "min_prob")
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -160,10 +170,10 @@ def resolve_settings(explicit: dict, config: dict | None = None) -> BuildSetting
         LongkdError: a missing required setting, a bad value or conflicting selections.
     """
     config = dict(config or {})
-    if "top_k" in explicit or "sample_draws" in explicit:
-        # An explicit selection flag replaces whatever selection the file had.
-        config.pop("top_k", None)
-        config.pop("sample_draws", None)
+    if any(name in explicit for name in _SELECTION_FIELDS):
+        # Selection flags on the command line replace whatever selection the file had.
+        for name in _SELECTION_FIELDS:
+            config.pop(name, None)
     merged = {**config, **explicit}
     for name, value in merged.items():
         merged[name] = _check_type(name, value)
@@ -176,6 +186,14 @@ def resolve_settings(explicit: dict, config: dict | None = None) -> BuildSetting
             raise LongkdError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
     if settings.top_k is not None and settings.sample_draws is not None:
         raise LongkdError("--top-k and --sample-draws are mutually exclusive; choose one selection")
+    if settings.sample_draws is not None and (settings.min_mass is not None or settings.min_prob is not None):
+        raise LongkdError(
+            "--min-mass and --min-prob cut top-k rows; they do not go with --sample-draws (use --top-k)"
+        )
+    if settings.min_mass is not None and not 0 < settings.min_mass <= 1:
+        raise LongkdError(f"--min-mass must lie in (0, 1] (for example 0.999), got {settings.min_mass}")
+    if settings.min_prob is not None and not 0 < settings.min_prob < 1:
+        raise LongkdError(f"--min-prob must lie in (0, 1) (for example 1e-4), got {settings.min_prob}")
     for name in (
         "window",
         "top_k",
@@ -222,7 +240,7 @@ def _check_type(name: str, value):
         if isinstance(value, bool) or not isinstance(value, int):
             raise LongkdError(f"{flag} must be an integer, got {value!r}")
         return value
-    if name == "temperature":
+    if name in _FLOAT_FIELDS:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise LongkdError(f"{flag} must be a number, got {value!r}")
         return float(value)

@@ -1,6 +1,7 @@
 """Subcommands of `longkd` that live in cache/ (registered by longkd/cli.py).
 
     longkd cache build --teacher PATH --data DATA --window W --out DIR [--top-k K | --sample-draws N]
+        [--min-mass M] [--min-prob P]
     longkd cache verify DIR
     longkd cache info DIR [--json]
 
@@ -87,6 +88,10 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
     sel = g.add_mutually_exclusive_group()
     sel.add_argument("--top-k", type=int, help="store the K most likely ids per position (default: 64)")
     sel.add_argument("--sample-draws", type=int, help="store ids and counts of N draws per position instead")
+    g.add_argument("--min-mass", type=float, help="top-k: keep a row's entries only until they cover this "
+                   "probability mass, e.g. 0.999 (the rest goes to the tail)")  # fmt: skip
+    g.add_argument("--min-prob", type=float, help="top-k: keep a row's entries only while their probability "
+                   "is at least this, e.g. 1e-4 (always at least one)")  # fmt: skip
     g.add_argument("--temperature", type=float, help="T: store log_softmax(logits / T) (default: 1.0)")
     g.add_argument("--batch-size", type=int, help="windows per teacher forward (default: 1)")
     g.add_argument("--chunk-size", type=int, help="positions per LM-head chunk (default: 1024)")
@@ -157,14 +162,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from longkd.cache.verify import cache_info
+    from longkd.cache.verify import cache_info, describe_selection
 
     info = cache_info(args.cache)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    sel = info["selection"]
-    selection = f"top-k {sel['k']}" if sel["mode"] == "topk" else f"sampled, {sel['draws']} draws"
+    selection = describe_selection(info["selection"])
     eff = info["packing_efficiency"]
     bpt = info["bytes_per_token"]
     lines = [
@@ -179,6 +183,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "column encodings",
             ", ".join(f"{c} {e}" for c, e in info["column_encodings"].items() if e != "plain") or "all plain",
         ),
+        ("entries per row", _entries(info)),
         ("temperature", info["temperature"]),
         ("position mode", info["position_mode"]),
         ("packing efficiency", f"{eff:.4f}" if isinstance(eff, float) else eff),
@@ -189,3 +194,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for name, value in lines:
         print(f"{name + ':':<20}{value}")
     return 0
+
+
+def _entries(info: dict) -> str:
+    """Mean stored entries per row; for rows of varying length, how many windows it is over."""
+    read = info["entries_sampled_windows"]
+    mean = info["mean_entries_per_row"]
+    return f"{mean:.2f} (mean over {read} windows)" if read else f"{mean:g}"

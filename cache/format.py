@@ -109,6 +109,10 @@ SELECTIONS = {
         SelectionFormat(
             "sampled", size_key="draws", columns=((COUNTS, pa.uint16()), (ROW_SPLITS, pa.int32()))
         ),
+        # Mass-adaptive top-k: each row keeps 1..K of its top entries (docs/format.md).
+        SelectionFormat(
+            "adaptive", size_key="k", columns=((LOGPROBS, LOGPROB_VALUES), (ROW_SPLITS, pa.int32()))
+        ),
     )
 }
 SELECTION_MODES = tuple(SELECTIONS)
@@ -250,10 +254,10 @@ def shard_schema(
     """The Arrow schema of one shard.
 
     Args:
-        selection_mode: a key of :data:`SELECTIONS`: ``"topk"`` (columns ids, logprobs) or
-            ``"sampled"`` (ids, counts, row_splits).
+        selection_mode: a key of :data:`SELECTIONS`: ``"topk"`` (columns ids, logprobs),
+            ``"sampled"`` (ids, counts, row_splits) or ``"adaptive"`` (ids, logprobs, row_splits).
         logprob_dtype: a key of :data:`LOGPROB_ENCODINGS`, the value type of stored log-probs
-            (``logprobs`` of top-k shards): ``"float32"`` or ``"float16"``.
+            (``logprobs`` of top-k and adaptive shards): ``"float32"`` or ``"float16"``.
         version: the cache's format version, one of :data:`READABLE_VERSIONS`; versions 2
             and 3 end with the ``checksum`` column, version 1 has none.
         encodings: column name -> encoding (:func:`column_encodings`; version 3 only); a

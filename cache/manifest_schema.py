@@ -61,14 +61,22 @@ class Int:
 
 @dataclass(frozen=True)
 class Number:
-    """A finite number (int or float, never a bool) above ``above`` (exclusive); None when ``null``."""
+    """A finite number (int or float, never a bool) above ``above`` (exclusive) and at most
+    ``high`` (below it when ``high_open``); None when ``null``."""
 
     above: float = -math.inf
+    high: float = math.inf
+    high_open: bool = False
     null: bool = False
 
     def expected(self) -> str:
         bound = "" if self.above == -math.inf else f" above {self.above:g}"
+        if self.high != math.inf:
+            bound += f"{' and' if bound else ''} {'below' if self.high_open else 'at most'} {self.high:g}"
         return f"a finite number{bound}" + (" or null" if self.null else "")
+
+    def accepts(self, value: float) -> bool:
+        return value > self.above and (value < self.high if self.high_open else value <= self.high)
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,8 @@ MANIFEST = Obj(
                 "mode": Str(choices=fmt.SELECTION_MODES),
                 "k": Int(low=1, high=INT32_MAX),
                 "draws": Int(low=1, high=UINT16_MAX),
+                "min_mass": Number(above=0.0, high=1.0, null=True),
+                "min_prob": Number(above=0.0, high=1.0, high_open=True, null=True),
             },
             required=("mode",),
         ),
@@ -361,7 +371,7 @@ def _check(value, spec, where: str, path: str) -> None:
             raise _fail(where, path, value, spec.expected())
     elif isinstance(spec, Number):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or not math.isfinite(value) or not value > spec.above:
+        if not ok or not math.isfinite(value) or not spec.accepts(value):
             raise _fail(where, path, value, spec.expected())
     elif isinstance(spec, Str):
         if not isinstance(value, str):
@@ -411,9 +421,10 @@ def check_manifest_rules(manifest: dict, where: str) -> None:
     """The rules between fields of a manifest that already passed :data:`MANIFEST`.
 
     The selection carries its mode's size key (k at most the vocabulary, draws within the
-    uint16 counts); ``encoding.columns`` names columns of the mode and encodings that apply
-    to them, plain only before format 3; a window's W*K entries fit Arrow's 32-bit list offsets;
-    every shard's claims are consistent (``last_window``, at most one row per :data:`MIN_ROW_BYTES` bytes,
+    uint16 counts), an adaptive one at least one of ``min_mass`` and ``min_prob``;
+    ``encoding.columns`` names columns of the mode and encodings that apply to them, plain
+    only before format 3; a window's W*K entries fit Arrow's 32-bit list offsets; every
+    shard's claims are consistent (``last_window``, at most one row per :data:`MIN_ROW_BYTES` bytes,
     at most W tokens per row) and share one stride; ``totals`` are the sums over the shards.
 
     Raises:
@@ -424,6 +435,9 @@ def check_manifest_rules(manifest: dict, where: str) -> None:
     size = selection.get(size_key)
     if size is None:
         raise LongkdError(f"{where}: selection lacks {size_key} for mode {selection['mode']!r}; {CORRUPT}")
+    rules = (selection.get("min_mass"), selection.get("min_prob"))
+    if selection["mode"] == "adaptive" and rules == (None, None):
+        raise LongkdError(f"{where}: adaptive selection has neither min_mass nor min_prob; {CORRUPT}")
     vocab = manifest["vocab"]["embedding_size"]
     if size_key == "k" and (size > vocab or window * size > INT32_MAX):
         raise LongkdError(

@@ -62,10 +62,11 @@ class CachedWindow:
         segment_starts: int32[S], starting with 0.
         position_ids: int64[W], derived from segment_starts and the cache's position mode.
         target_logprob: float32[W], teacher log-prob of input_ids[t+1]; NaN where t+1 >= L.
-        ids: int32[W, K] teacher token ids; -1 marks padding (sampled caches).
+        ids: int32[W, K] teacher token ids; -1 marks padding (sampled and adaptive caches,
+            where K is the window's largest row).
         logprobs: float32[W, K], log-probs over the full vocabulary at temperature T; -inf at
             padding. Sampled caches: log(counts / draws).
-        counts: uint16[W, K] for sampled caches (0 at padding), None for top-k.
+        counts: uint16[W, K] for sampled caches (0 at padding), None for top-k and adaptive.
     """
 
     window_id: int
@@ -169,7 +170,8 @@ class CacheReader:
         damaged: window ids :meth:`iter_windows` skipped (with ``skip_damaged``).
         window: W.
         num_windows: total windows.
-        selection: ``{"mode": "topk", "k": K}`` or ``{"mode": "sampled", "draws": N}``.
+        selection: ``{"mode": "topk", "k": K}``, ``{"mode": "sampled", "draws": N}`` or
+            ``{"mode": "adaptive", "k": K, "min_mass": M, "min_prob": P}`` (a null rule unused).
         temperature: T of the stored log-probs.
         position_mode: ``"continuous"`` or ``"reset"``.
         shards: the manifest's shard entries.

@@ -249,14 +249,16 @@ class WindowColumns:
         length: real tokens L.
         input_ids: int32[W].
         segment_starts: int32[S].
-        ids: int32: [W * K] for top-k, [M] for sampled caches.
+        ids: int32: [W * K] for top-k, [M] for sampled and adaptive caches.
         target_logprob: float32[W].
         mode_columns: the selection mode's own columns by name (cache/format.py's
             ``SELECTIONS``): top-k ``logprobs`` [W * K] in the cache's log-prob encoding;
-            sampled ``counts`` uint16[M] and ``row_splits`` int32[W + 1].
+            sampled ``counts`` uint16[M] and ``row_splits`` int32[W + 1]; adaptive
+            ``logprobs`` [M] and ``row_splits`` int32[W + 1].
         checksum: the stored ``checksum`` (format 2 and 3), None for a format-1 row.
-        entry_order: ``"rank"`` (each row's entries as the producer ordered them: top-k
-            log-probs descending) or ``"id"`` (ascending id, the ``sorted-gaps`` encoding).
+        entry_order: ``"rank"`` (each row's entries as the producer ordered them: top-k and
+            adaptive log-probs descending) or ``"id"`` (ascending id, the ``sorted-gaps``
+            encoding).
     """
 
     window_id: int
@@ -369,14 +371,14 @@ def dense_rows(
     Args:
         columns: from :func:`read_columns`.
         window: W.
-        selection: the manifest's ``selection`` (``{"mode": "topk", "k": K}`` or
-            ``{"mode": "sampled", "draws": N}``).
+        selection: the manifest's ``selection`` (``{"mode": "topk", "k": K}``,
+            ``{"mode": "sampled", "draws": N}`` or ``{"mode": "adaptive", "k": K, ...}``).
 
     Returns:
         ``ids`` int32[W, K], ``logprobs`` float32[W, K] (log-probs over the full vocabulary;
         sampled: log(counts / draws)) and ``counts`` uint16[W, K] for sampled caches, None for
-        top-k. Sampled caches: K is the window's largest row, padding has id -1, log-prob
-        -inf and count 0.
+        top-k and adaptive. Sampled and adaptive caches: K is the window's largest row,
+        padding has id -1, log-prob -inf (and count 0).
     """
     rows = selection_rows(selection["mode"])
     return rows.dense(columns, window, int(selection[rows.format.size_key]))
@@ -412,6 +414,31 @@ def expand_sampled(
     return out_ids, out_logprobs, out_counts
 
 
+def expand_adaptive(
+    ids: np.ndarray, logprobs: np.ndarray, row_splits: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dense [W, Kmax] arrays from the ragged adaptive encoding.
+
+    Args:
+        ids: int32[M] each row's kept ids, concatenated (rank order).
+        logprobs: [M] their log-probs, in the cache's log-prob encoding.
+        row_splits: int32[W+1], row t owns entries [row_splits[t], row_splits[t+1]); starts at
+            0 and ends at M (checked by every read).
+
+    Returns:
+        ids int32[W, Kmax] (-1 padding) and logprobs float32[W, Kmax] (-inf padding); Kmax is
+        the window's largest row.
+    """
+    per_row = np.diff(np.asarray(row_splits, dtype=np.int64))
+    kmax = int(per_row.max()) if per_row.size else 0
+    keep = np.arange(kmax) < per_row[:, None]  # [W, Kmax], row-major like the flat arrays
+    out_ids = np.full(keep.shape, -1, dtype=np.int32)
+    out_logprobs = np.full(keep.shape, -np.inf, dtype=np.float32)
+    out_ids[keep] = ids
+    out_logprobs[keep] = logprobs
+    return out_ids, out_logprobs
+
+
 def _list_array(values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
     """A one-element list array holding ``values`` (flattened)."""
     flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=type_)
@@ -427,7 +454,8 @@ def window_record_batch(
         window: a ``PackedWindow`` (``window_id``, ``input_ids`` int32[W], ``length``,
             ``segment_starts`` int32[S]).
         rows: the teacher's ``TeacherRows`` for it: top-k ``ids`` int32[W, K] and ``logprobs``
-            float32[W, K], or sampled ``ids`` int32[M], ``counts`` uint16[M], ``row_splits``
+            float32[W, K], sampled ``ids`` int32[M], ``counts`` uint16[M], ``row_splits``
+            int32[W+1], or adaptive ``ids`` int32[M], ``logprobs`` float32[M], ``row_splits``
             int32[W+1]; and ``target_logprob`` float32[W].
         selection_mode: the cache's selection mode.
         logprob_dtype: the cache's log-prob encoding.
@@ -534,6 +562,22 @@ class SelectionRows:
             BadShard: naming the first broken invariant.
         """
         raise NotImplementedError
+
+    def check_rule(
+        self, columns: WindowColumns, *, w: int, selection: dict, logprobs: fmt.LogprobEncoding
+    ) -> None:
+        """Check that the stored rows obey the selection rule the manifest records, for modes
+        whose rows depend on one beyond their size (``longkd cache verify``); nothing by default.
+
+        Args:
+            columns: the window, already through :meth:`check`.
+            w: W.
+            selection: the manifest's ``selection``.
+            logprobs: the cache's log-prob encoding.
+
+        Raises:
+            BadShard: naming the first row that breaks the rule.
+        """
 
     def dense(
         self, columns: WindowColumns, w: int, size: int
@@ -650,7 +694,115 @@ class SampledRows(SelectionRows):
         return expand_sampled(columns.ids.astype(np.int32), counts, splits, size)
 
 
-_SELECTION_ROWS = {rows.format.mode: rows for rows in (TopKRows(), SampledRows())}
+class AdaptiveRows(SelectionRows):
+    """Mass-adaptive top-k: row t keeps its ``row_splits[t+1] - row_splits[t]`` most likely
+    entries, 1 to K, log-probs descending; where the manifest's rule (``min_mass``,
+    ``min_prob``: cache/encodings.py's ``select_entry_counts``) cut a row short, the rest of its
+    mass is in the tail, as for top-k."""
+
+    format = fmt.SELECTIONS["adaptive"]
+
+    def encode(self, window_id: int, w: int, rows, logprobs: fmt.LogprobEncoding) -> dict[str, pa.Array]:
+        ids = np.asarray(rows.ids)
+        values = np.asarray(rows.logprobs)
+        splits = np.asarray(rows.row_splits, dtype=np.int32)
+        if ids.ndim != 1 or values.shape != ids.shape or splits.shape != (w + 1,):
+            raise ValueError(
+                f"window {window_id}: adaptive ids {ids.shape} / logprobs {values.shape} / "
+                f"row_splits {splits.shape}"
+            )
+        value_type = logprobs.value_type
+        return {
+            fmt.IDS: _list_array(ids.astype(np.int32, copy=False), pa.int32()),
+            fmt.LOGPROBS: _list_array(values.astype(value_type.to_pandas_dtype(), copy=False), value_type),
+            fmt.ROW_SPLITS: _list_array(splits, pa.int32()),
+        }
+
+    def check_shape(self, columns: WindowColumns, *, w: int, size: int) -> None:
+        ids = columns.ids
+        values, splits = columns.mode_columns[fmt.LOGPROBS], columns.mode_columns[fmt.ROW_SPLITS]
+        if splits.shape[0] != w + 1:
+            raise BadShard(f"row_splits has {splits.shape[0]} entries, expected W+1={w + 1}")
+        if values.shape[0] != ids.shape[0]:
+            raise BadShard(f"logprobs has {values.shape[0]} entries, ids {ids.shape[0]}")
+        per_row = np.diff(splits.astype(np.int64))
+        if splits[0] != 0 or np.any(per_row < 1) or splits[-1] != ids.shape[0]:
+            raise BadShard(
+                "row_splits must start at 0, give every row at least one entry and end at len(ids)"
+            )
+        if per_row.max() > size:
+            raise BadShard(f"a row holds {int(per_row.max())} entries, more than k={size}")
+
+    def check(
+        self, columns: WindowColumns, *, w: int, size: int, vocab: int, logprobs: fmt.LogprobEncoding
+    ) -> None:
+        ids, splits = columns.ids, columns.mode_columns[fmt.ROW_SPLITS].astype(np.int64)
+        lp = columns.mode_columns[fmt.LOGPROBS].astype(np.float32)
+        if not np.all(np.isfinite(lp)):
+            raise BadShard("logprobs not finite")
+        if np.any(lp > fmt.LOGPROB_MAX):
+            raise BadShard(f"logprobs above 0 (max {float(lp.max()):.3g})")
+        rising = np.diff(lp) > 0
+        rising[splits[1:-1] - 1] = False  # from one row's last entry to the next row's first
+        if rising.any():
+            row = int(np.searchsorted(splits, np.argmax(rising), side="right") - 1)
+            raise BadShard(f"row {row}: logprobs not descending")
+        tail = 1.0 - np.add.reduceat(np.exp(lp.astype(np.float64)), splits[:-1])
+        if np.any(tail < logprobs.tail_min):
+            row = int(np.argmin(tail))
+            raise BadShard(
+                f"row {row}: tail mass {tail[row]:.3g} < {logprobs.tail_min} (probabilities sum above 1)"
+            )
+        rows = np.repeat(np.arange(w, dtype=np.int64), np.diff(splits))
+        if np.unique(rows * vocab + ids).shape[0] != ids.shape[0]:
+            raise BadShard("an id repeats within a row")
+
+    def check_rule(
+        self, columns: WindowColumns, *, w: int, selection: dict, logprobs: fmt.LogprobEncoding
+    ) -> None:
+        """What can be checked of the recorded rule without the entries a row left out: no
+        row goes on past the entry at which its covered mass reached ``min_mass``; no entry
+        but a row's first has a probability below ``min_prob``; and, under ``min_mass``
+        alone, a row of fewer than K entries covers ``min_mass``. (Under ``min_prob`` a row
+        also stops when its next entry falls below it, which the cache does not hold.)
+        Comparisons allow the encoding's rounding: the tail allowance for masses, the value
+        type's epsilon relative to ``log(min_prob)`` for log-probs."""
+        k, min_mass, min_prob = int(selection["k"]), selection.get("min_mass"), selection.get("min_prob")
+        splits = columns.mode_columns[fmt.ROW_SPLITS].astype(np.int64)
+        lp = columns.mode_columns[fmt.LOGPROBS].astype(np.float64)
+        last = splits[1:] - 1  # each row's last entry
+        covered = np.add.reduceat(np.exp(lp), splits[:-1])  # [W]
+        slack = -logprobs.tail_min
+        if min_mass is not None:
+            over = covered - np.exp(lp[last]) >= min_mass + slack
+            if over.any():
+                row = int(np.argmax(over))
+                raise BadShard(f"row {row}: keeps entries after its covered mass reached min_mass={min_mass}")
+            if min_prob is None:
+                short = (np.diff(splits) < k) & (covered < min_mass - slack)
+                if short.any():
+                    row = int(np.argmax(short))
+                    raise BadShard(
+                        f"row {row}: {int(np.diff(splits)[row])} entries of k={k} cover only "
+                        f"{covered[row]:.6g} < min_mass={min_mass}"
+                    )
+        if min_prob is not None:
+            log_min = float(np.log(min_prob))
+            eps = float(np.finfo(logprobs.value_type.to_pandas_dtype()).eps)
+            below = lp < log_min - eps * max(1.0, abs(log_min))
+            below[splits[:-1]] = False  # a row keeps its first entry whatever its probability
+            if below.any():
+                row = int(np.searchsorted(splits, np.argmax(below), side="right") - 1)
+                raise BadShard(f"row {row}: keeps an entry of probability below min_prob={min_prob}")
+
+    def dense(self, columns: WindowColumns, w: int, size: int) -> tuple[np.ndarray, np.ndarray, None]:
+        ids, logprobs = expand_adaptive(
+            columns.ids, columns.mode_columns[fmt.LOGPROBS], columns.mode_columns[fmt.ROW_SPLITS]
+        )
+        return ids, logprobs, None
+
+
+_SELECTION_ROWS = {rows.format.mode: rows for rows in (TopKRows(), SampledRows(), AdaptiveRows())}
 
 
 def selection_rows(mode: str) -> SelectionRows:
@@ -671,7 +823,8 @@ class RowRules:
     :meth:`check_read` is what every read applies (O(row), cheap next to decoding): the
     checksum of a format-2 row, then the lengths, the length field, monotone segment starts
     and offsets, and ids (``ids`` and ``input_ids``) inside the vocabulary. :meth:`check_all`
-    adds the rest (``longkd cache verify``): target log-probs, and each mode's value rules.
+    adds the rest (``longkd cache verify``): target log-probs, each mode's value rules and the
+    selection rule the manifest records (adaptive caches).
 
     Args:
         window: W.
@@ -697,7 +850,7 @@ class RowRules:
         encodings: dict | None = None,
     ):
         self.w, self.vocab, self.version = int(window), int(vocab), int(version)
-        self.mode = selection["mode"]
+        self.mode, self.selection = selection["mode"], dict(selection)
         self.rows = selection_rows(self.mode)
         self.size = int(selection[self.rows.format.size_key])
         self.logprobs = fmt.logprob_encoding(logprob_dtype)
@@ -747,4 +900,5 @@ class RowRules:
         if not np.all(np.isnan(target[length - 1 :])):
             raise BadShard("target_logprob must be NaN from row length-1 on")
         self.rows.check(columns, w=self.w, size=self.size, vocab=self.vocab, logprobs=self.logprobs)
+        self.rows.check_rule(columns, w=self.w, selection=self.selection, logprobs=self.logprobs)
         return int(length)

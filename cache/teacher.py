@@ -2,8 +2,9 @@
 
 The cache stores, for every position of a packed window, a sparse view of the teacher's
 next-token distribution at temperature T: the top-k log-probs (normalised over the full
-vocabulary, so the tail mass stays recoverable) or the counts of N draws from it, plus the
-log-prob of the true next token. Full ``[B, W, V]`` logits for long windows and large
+vocabulary, so the tail mass stays recoverable), a mass-adaptive prefix of them (each row
+cut once it covers enough mass or its next probability is too small) or the counts of N
+draws from it, plus the log-prob of the true next token. Full ``[B, W, V]`` logits for long windows and large
 vocabularies do not fit in memory (W=32768, V=152064 is 20 GB in fp32 per window), so the
 decoder body runs once and the LM head, the model's own logit post-processing, the log-softmax
 and the selection run over ``chunk_size`` positions at a time, on the device; only the
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from longkd.cache.encodings import ragged_from_dense, select_entry_counts
 from longkd.cache.identity import canonical_json, config_sha256, tokenizer_fingerprint, weights_sha256
 from longkd.cache.teacher_loading import embedding_size, is_causal_lm, looks_local, max_positions
 from longkd.cache.tensor_parallel import (
@@ -53,30 +55,48 @@ class SelectionConfig:
     """What is kept of each row's distribution.
 
     Args:
-        mode: ``topk`` (the k most likely ids and their log-probs) or ``sampled`` (``draws``
-            draws with replacement from p, stored as unique ids and counts).
-        k: entries per row in ``topk`` mode (ignored when sampled).
+        mode: ``topk`` (the k most likely ids and their log-probs), ``adaptive`` (of those,
+            each row's first entries until their mass reaches ``min_mass`` or the next
+            probability falls below ``min_prob``; at least one, at most k) or ``sampled``
+            (``draws`` draws with replacement from p, stored as unique ids and counts).
+        k: entries per row in ``topk`` mode, the most per row in ``adaptive`` mode (ignored
+            when sampled).
         draws: draws per row in ``sampled`` mode, 1..65535.
+        min_mass: ``adaptive``: the covered mass a row stops at, in (0, 1] (None: no mass rule).
+        min_prob: ``adaptive``: the smallest probability a row goes on to, in (0, 1) (None: no
+            probability rule). Adaptive needs at least one of the two.
 
     Raises:
-        LongkdError: an unknown mode, k < 1, or draws missing or out of range.
+        LongkdError: an unknown mode, k < 1, draws missing or out of range, or adaptive rules
+            missing, out of range or given to another mode.
     """
 
     mode: str = "topk"
     k: int = 64
     draws: int | None = None
+    min_mass: float | None = None
+    min_prob: float | None = None
 
     def __post_init__(self):
-        if self.mode not in ("topk", "sampled"):
-            raise LongkdError(f"selection mode {self.mode!r} is unknown; use 'topk' or 'sampled'")
-        if self.mode == "topk" and (not isinstance(self.k, int) or self.k < 1):
+        if self.mode not in ("topk", "adaptive", "sampled"):
+            raise LongkdError(f"selection mode {self.mode!r} is unknown; use 'topk', 'adaptive' or 'sampled'")
+        if self.mode != "sampled" and (not isinstance(self.k, int) or self.k < 1):
             raise LongkdError(f"--top-k must be a positive integer, got {self.k!r}")
         if self.mode == "sampled" and (not isinstance(self.draws, int) or not 1 <= self.draws <= MAX_DRAWS):
             raise LongkdError(f"--sample-draws must be an integer in [1, {MAX_DRAWS}], got {self.draws!r}")
+        rules = (self.min_mass, self.min_prob)
+        if self.mode != "adaptive" and rules != (None, None):
+            raise LongkdError(f"--min-mass and --min-prob need the adaptive selection, not {self.mode!r}")
+        if self.mode == "adaptive" and rules == (None, None):
+            raise LongkdError("adaptive selection needs --min-mass or --min-prob (or both)")
+        if self.min_mass is not None and not 0 < self.min_mass <= 1:
+            raise LongkdError(f"--min-mass must lie in (0, 1], got {self.min_mass!r}")
+        if self.min_prob is not None and not 0 < self.min_prob < 1:
+            raise LongkdError(f"--min-prob must lie in (0, 1), got {self.min_prob!r}")
 
     def check_vocab(self, vocab: int) -> None:
         """Raise LongkdError if top-k asks for more entries than the teacher has logits."""
-        if self.mode == "topk" and self.k > vocab:
+        if self.mode != "sampled" and self.k > vocab:
             raise LongkdError(f"--top-k {self.k} exceeds the teacher vocabulary {vocab}")
 
 
@@ -85,6 +105,8 @@ class TeacherRows:
     """The selected distribution of every row of one window (numpy, on the host).
 
     topk: ``ids`` int32[W, K], ``logprobs`` float32[W, K] (descending per row).
+    adaptive: ``ids`` int32[M], ``logprobs`` float32[M], ``row_splits`` int32[W+1]; row t owns
+    ``[row_splits[t], row_splits[t+1])``, 1 to K entries, the first ones of its top-K row.
     sampled: ``ids`` int32[M], ``counts`` uint16[M], ``row_splits`` int32[W+1]; row t owns
     ``[row_splits[t], row_splits[t+1])``, its ids ascending and its counts summing to draws.
     Both: ``target_logprob`` float32[W], log p(input_ids[t+1]) at row t, NaN at row W-1.
@@ -320,7 +342,7 @@ class Teacher:
             input_ids: Long[B, W] packed tokens.
             position_ids: Long[B, W] their positions (continuous, or reset per segment).
             window_ids: B global window ids (they seed the sampler).
-            selection: top-k or sampled.
+            selection: top-k, adaptive or sampled.
             temperature: T > 0; the stored distribution is ``log_softmax(logits / T)`` in fp32.
             seed: the sampling seed; window b draws from a generator seeded from
                 (seed, window_ids[b]), so its draws do not depend on the batch it is in.
@@ -357,6 +379,9 @@ class Teacher:
         target = torch.empty(batch, window, dtype=torch.float32, device=self.head_device)
         if selection.mode == "topk":
             rows = self._run_topk(hidden, nxt, target, selection.k, temperature, chunk_size)
+        elif selection.mode == "adaptive":
+            topk = self._run_topk(hidden, nxt, target, selection.k, temperature, chunk_size)
+            rows = [adaptive_rows(row, selection) for row in topk]
         else:
             rows = self._run_sampled(hidden, nxt, target, window_ids, selection.draws, temperature,
                                      seed, chunk_size)  # fmt: skip
@@ -487,6 +512,33 @@ def _head_device(model) -> torch.device:
     head = model.get_output_embeddings()
     device = getattr(getattr(head, "_hf_hook", None), "execution_device", None)
     return torch.device(head.weight.device if device is None else device)
+
+
+def adaptive_rows(rows: TeacherRows, selection: SelectionConfig) -> TeacherRows:
+    """The adaptive rows of one window from its top-K rows: each row's first
+    ``select_entry_counts`` entries (cache/encodings.py), decided on the float32 log-probs
+    that are stored.
+
+    Args:
+        rows: top-k rows, ``ids`` int32[W, K] and ``logprobs`` float32[W, K] (descending).
+        selection: an ``adaptive`` selection (its ``k`` is K).
+
+    Returns:
+        Adaptive rows: ``ids`` int32[M], ``logprobs`` float32[M], ``row_splits`` int32[W+1].
+    """
+    counts = select_entry_counts(
+        rows.logprobs, cap=selection.k, min_mass=selection.min_mass, min_prob=selection.min_prob
+    )
+    splits = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(counts, out=splits[1:])
+    return TeacherRows(
+        window_id=rows.window_id,
+        mode="adaptive",
+        ids=ragged_from_dense(rows.ids, counts),
+        logprobs=ragged_from_dense(rows.logprobs, counts),
+        row_splits=splits,
+        target_logprob=rows.target_logprob,
+    )
 
 
 def _window_seed(seed: int, window_id: int) -> int:

@@ -6,7 +6,8 @@ sha256, the Arrow schema, row counts and tokens, window ids (each shard an arith
 cover ``0 .. windows - 1``; stride 1 for a one-rank build), and the
 invariants of every row (cache/rows.py's ``RowRules``: the checksum of a format-2 row, list
 lengths, log-probs finite, <= 0 and descending, tail mass not negative, ids and input ids
-inside the vocabulary, sampled counts summing to the draws). It stops at the
+inside the vocabulary, sampled counts summing to the draws, adaptive rows obeying their
+recorded rule). It stops at the
 first problem and names the shard and what is wrong, so a user knows which file to rebuild.
 """
 
@@ -14,11 +15,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from longkd.cache import format as fmt
 from longkd.cache.manifest import load_manifest
 from longkd.cache.rows import BadShard, RowRules, ShardFile, UnreadableShard, read_columns
 from longkd.cache.storage import Location
 from longkd.errors import LongkdError
+
+# Windows `cache info` reads to measure the entries per row of a ragged (adaptive, sampled) cache.
+INFO_SAMPLE_WINDOWS = 16
 
 
 @dataclass
@@ -113,8 +119,43 @@ def _verify_shard(location: Location, manifest: dict, shard: dict, first_window:
     return next_window
 
 
+def describe_selection(selection: dict) -> str:
+    """A manifest ``selection`` in words: ``top-k 64``, ``adaptive top-k 64 (min mass 0.999)``,
+    ``sampled, 64 draws``."""
+    mode = selection["mode"]
+    if mode == "sampled":
+        return f"sampled, {selection['draws']} draws"
+    if mode == "adaptive":
+        rules = [f"min {name} {selection[f'min_{name}']:g}" for name in ("mass", "prob")
+                 if selection.get(f"min_{name}") is not None]  # fmt: skip
+        return f"adaptive top-k {selection['k']} ({', '.join(rules)})"
+    return f"top-k {selection['k']}"
+
+
+def mean_entries_per_row(uri, windows: int = INFO_SAMPLE_WINDOWS) -> tuple[float, int]:
+    """Mean stored entries per row (over all W rows) of up to ``windows`` windows spread evenly
+    over a cache, and how many were read; for top-k caches K, with no window read.
+
+    Raises:
+        LongkdError: not a finished cache, or a damaged window among those read.
+    """
+    from longkd.cache.reader import CacheReader
+
+    with CacheReader(uri) as reader:
+        selection = reader.selection
+        if selection["mode"] == "topk":
+            return float(selection["k"]), 0
+        n = reader.num_windows
+        indices = np.unique(np.linspace(0, n - 1, min(n, windows)).round().astype(np.int64)) if n else []
+        entries = sum(int((window.ids >= 0).sum()) for window in reader.iter_windows(indices))
+        return entries / (len(indices) * reader.window) if len(indices) else 0.0, len(indices)
+
+
 def cache_info(uri) -> dict:
     """A summary of a finished cache for ``longkd cache info`` (JSON-serialisable).
+
+    ``mean_entries_per_row`` is measured on ``entries_sampled_windows`` windows
+    (:func:`mean_entries_per_row`) for caches whose rows differ in length.
 
     Raises:
         LongkdError: not a finished cache.
@@ -125,7 +166,7 @@ def cache_info(uri) -> dict:
     on_disk = sum(max(location.size(s["path"]), 0) for s in m["shards"]) + location.size(fmt.MANIFEST_NAME)
     tokens = int(totals["tokens"])
     stats = m["packing"].get("stats", {})
-    return {
+    info = {
         "uri": location.uri,
         "format_version": m["format_version"],
         "teacher": m["teacher"].get("name_or_path"),
@@ -144,3 +185,5 @@ def cache_info(uri) -> dict:
         "bytes_on_disk": on_disk,
         "bytes_per_token": on_disk / tokens if tokens else None,
     }
+    info["mean_entries_per_row"], info["entries_sampled_windows"] = mean_entries_per_row(location)
+    return info

@@ -184,7 +184,8 @@ def kl_by_position(
         buckets: equal-width buckets of the row index over the evaluated prefix.
         batch_size: windows per forward.
         device: torch device when ``model`` is a path.
-        mode: the loss mode, as in training: ``bucket`` (default), ``renorm`` or ``sampled``.
+        mode: the loss mode, as in training: ``bucket`` (default; top-k and adaptive caches,
+            whose rows of 1..K entries are padded), ``renorm`` or ``sampled``.
         window: evaluate the first P = ``window`` rows of each cached window (prefix validity:
             a causal teacher's first P rows are its distribution on the P-token prefix); default
             the cache window W.

@@ -15,13 +15,16 @@ PNG, HTML).
 
 Definitions (per row t < length - 1; row t is the teacher's distribution for input_ids[t+1]):
 
-- top-k caches: the stored probabilities p_1..p_k plus the tail r = 1 - sum(p) as one extra
-  category (the k+1 bucket distribution the ``bucket`` loss uses). ``entropy`` is the entropy
-  of that distribution in nats (a lower bound of the teacher's full entropy, since merging
-  categories can only lower it); ``covered`` is 1 - r.
+- top-k and adaptive caches: the stored probabilities p_1..p_k plus the tail r = 1 - sum(p)
+  as one extra category (the k+1 bucket distribution the ``bucket`` loss uses; an adaptive
+  row stores 1..K entries). ``entropy`` is the entropy of that distribution in nats (a lower
+  bound of the teacher's full entropy, since merging categories can only lower it);
+  ``covered`` is 1 - r.
 - sampled caches: the empirical distribution counts / draws; ``covered`` is 1 by definition.
-- ``top1`` is the largest stored probability; ``target_nll`` is -log p_T(true next token) at
-  the cache's temperature; ``target_stored`` is 1 when the true next token is among the ids.
+- ``top1`` is the largest stored probability; ``entries`` the number of stored ids (K for
+  top-k, 1..K for adaptive, the distinct ids drawn for sampled); ``target_nll`` is
+  -log p_T(true next token) at the cache's temperature; ``target_stored`` is 1 when the true
+  next token is among the ids.
 """
 
 from __future__ import annotations
@@ -39,10 +42,12 @@ from longkd.errors import LongkdError
 # a split sample that begins the window): bucket i is [edges[i], edges[i+1]), the last is open.
 SEGMENT_EDGES = (0, 8, 32, 128, 512)
 HIST_BINS = 20
-STATS = ("entropy", "top1", "covered", "target_nll", "target_stored")
+STATS = ("entropy", "top1", "covered", "entries", "target_nll", "target_stored")
 ENTROPY_NOTE = {
     "topk": "entropy (nats) of the k+1 bucket distribution: the stored top-k probabilities plus the tail "
     "mass as one category; a lower bound of the teacher's full entropy",
+    "adaptive": "entropy (nats) of the bucket distribution: the stored entries (1..k a row) plus the "
+    "tail mass as one category; a lower bound of the teacher's full entropy",
     "sampled": "entropy (nats) of the empirical distribution counts / draws",
 }
 
@@ -61,12 +66,13 @@ def row_statistics(window, mode: str) -> dict[str, np.ndarray]:
 
     Args:
         window: a :class:`longkd.cache.reader.CachedWindow` (ids/logprobs [W, K]).
-        mode: the cache's selection mode, ``topk`` or ``sampled``.
+        mode: the cache's selection mode, ``topk``, ``adaptive`` or ``sampled``.
 
     Returns:
         Arrays of length R (the rows t < length - 1 whose target is finite): ``row`` (t),
         ``segment_offset`` (t minus the start of t's segment), and float64 ``entropy``,
-        ``top1``, ``covered``, ``target_nll``, ``target_stored`` (see the module docstring).
+        ``top1``, ``covered``, ``entries``, ``target_nll``, ``target_stored`` (see the module
+        docstring).
     """
     from longkd.cache.packing import position_ids_for
 
@@ -76,8 +82,8 @@ def row_statistics(window, mode: str) -> dict[str, np.ndarray]:
     valid = (rows < window.length - 1) & np.isfinite(target)
     lp = window.logprobs[valid].astype(np.float64)  # [R, K]
     ids = window.ids[valid]
-    p = np.exp(lp)  # exp(-inf) = 0 at sampled padding
-    if mode == "topk":
+    p = np.exp(lp)  # exp(-inf) = 0 at padding
+    if mode != "sampled":  # stored log-probs of the teacher: the rest is the tail
         mass = p.sum(axis=1)
         tail = np.clip(1.0 - mass, 0.0, None)
         entropy = -_xlogx(p).sum(axis=1) - _xlogx(tail)
@@ -92,6 +98,7 @@ def row_statistics(window, mode: str) -> dict[str, np.ndarray]:
         "entropy": entropy,
         "top1": p.max(axis=1) if p.shape[1] else np.zeros(len(p)),
         "covered": covered,
+        "entries": (ids >= 0).sum(axis=1).astype(np.float64),
         "target_nll": -target[valid],
         "target_stored": (ids == nxt[:, None]).any(axis=1).astype(np.float64),
     }
@@ -256,7 +263,8 @@ def inspect_cache(
             "rows": "row t (t < length - 1) is the teacher's distribution for input_ids[t+1]",
             "entropy": ENTROPY_NOTE[mode],
             "top1": "largest stored probability",
-            "covered": "stored probability mass, 1 - tail" if mode == "topk" else "1 (sampled cache)",
+            "covered": "stored probability mass, 1 - tail" if mode != "sampled" else "1 (sampled cache)",
+            "entries": "stored ids per row",
             "target_nll": "-log p_T(true next token), nats, at the cache temperature",
             "target_stored": "fraction of rows whose true next token is among the stored ids",
             "by_position": "buckets of the row index t along the window",
@@ -311,7 +319,7 @@ def show_position(uri, window: int, at: int, top: int = 10, context: int = 16) -
         ``segment_offset``, ``context`` (``start``, ``ids``, ``tokens``, ``text``), ``next``
         (``id``, ``token``, ``logprob``, ``prob``, ``rank`` among the stored ids or None; None
         when t >= length - 1), ``candidates`` (``rank``, ``id``, ``token``, ``prob``,
-        ``logprob``, ``count`` for sampled caches), ``tail_mass`` (top-k) and ``tokenizer``
+        ``logprob``, ``count`` for sampled caches), ``tail_mass`` (top-k, adaptive) and ``tokenizer``
         (how tokens were decoded). Tokens are None when no matching tokenizer loads.
 
     Raises:
@@ -359,7 +367,7 @@ def show_position(uri, window: int, at: int, top: int = 10, context: int = 16) -
                     "text": tok.decode(ctx) if tok else None},  # fmt: skip
         "next": nxt,
         "candidates": candidates,
-        "tail_mass": float(max(0.0, 1.0 - np.exp(lps).sum())) if mode == "topk" else None,
+        "tail_mass": float(max(0.0, 1.0 - np.exp(lps).sum())) if mode != "sampled" else None,
         "tokenizer": tok_status,
     }
 

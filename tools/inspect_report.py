@@ -12,15 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
+from longkd.cache.verify import describe_selection
 from longkd.tools import report
 from longkd.tools.inspect_cache import STATS
+
+HEADERS = ["bucket", "rows", "entropy (nats)", "top-1 p", "covered", "entries", "target NLL", "target stored"]
 
 
 def format_inspect(result: dict) -> str:
     """The terminal view of :func:`~longkd.tools.inspect_cache.inspect_cache`."""
     s = result["summary"]
-    sel = s["selection"]
-    selection = f"top-k {sel['k']}" if sel["mode"] == "topk" else f"sampled, {sel['draws']} draws"
+    selection = describe_selection(s["selection"])
     stats = s["packing_stats"]
     packing = (
         f"{stats.get('samples', '?')} samples, efficiency {report.format_value(stats.get('efficiency'))}, "
@@ -41,10 +43,9 @@ def format_inspect(result: dict) -> str:
         ("compression ratio", s["compression_ratio"]),
     ]  # fmt: skip
     o = result["overall"]
-    headers = ["bucket", "rows", "entropy (nats)", "top-1 p", "covered", "target NLL", "target stored"]
 
     def table(groups):
-        return report.text_table(headers, [[g["bucket"], g["rows"], *(g[k] for k in STATS)] for g in groups])
+        return report.text_table(HEADERS, [[g["bucket"], g["rows"], *(g[k] for k in STATS)] for g in groups])
 
     return "\n".join([
         report.key_value_table(pairs), "",
@@ -90,7 +91,11 @@ def plot_inspect(result: dict, path) -> Path:
     groups = [g for g in result["by_position"] if g["rows"]]
     mid = [(g["start"] + g["end"] - 1) / 2 for g in groups]
     sel = s["selection"]
-    kind = f"top-{sel['k']}" if sel["mode"] == "topk" else f"sampled ({sel['draws']} draws; 1 by definition)"
+    kind = {
+        "topk": f"top-{sel.get('k')}",
+        "adaptive": f"adaptive top-{sel.get('k')}",
+        "sampled": f"sampled ({sel.get('draws')} draws; 1 by definition)",
+    }[sel["mode"]]
     for ax, key, label, title in (
         (axes[0, 0], "covered", "covered probability mass (fraction)", f"Covered mass by position, {kind}"),
         (axes[0, 1], "entropy", "mean entropy (nats)", "Entropy of the cached rows by position"),
@@ -135,10 +140,9 @@ def html_inspect(result: dict, path, png=None) -> Path:
     else:
         data = Path(png).read_bytes()
     summary = [(k, v) for k, v in s.items() if k not in ("packing", "packing_stats")]
-    headers = ["bucket", "rows", "entropy (nats)", "top-1 p", "covered", "target NLL", "target stored"]
 
     def table(groups):
-        return report.html_table(headers, [[g["bucket"], g["rows"], *(g[k] for k in STATS)] for g in groups])
+        return report.html_table(HEADERS, [[g["bucket"], g["rows"], *(g[k] for k in STATS)] for g in groups])
 
     defs = result["definitions"]
     packing = list(s["packing"].items()) + list(s["packing_stats"].items())

@@ -125,10 +125,11 @@ class CacheDataset(IterableDataset):
             opened).
 
     Attributes:
-        window: W. selection: ``{"mode": "topk", "k": K}`` or ``{"mode": "sampled", "draws": N}``.
+        window: W. selection: ``{"mode": "topk", "k": K}``, ``{"mode": "sampled", "draws": N}``
+            or ``{"mode": "adaptive", "k": K, "min_mass": M, "min_prob": P}``.
         temperature: T of the stored log-probs (the loss's default temperature).
         loss_mode: the loss mode ``longkd train`` uses for this cache by default
-            (``"sampled"`` for a sampled cache, else ``"bucket"``).
+            (``"sampled"`` for a sampled cache, else ``"bucket"``: top-k and adaptive caches).
         windows_per_epoch: windows in the pool.
 
     Raises:
@@ -329,8 +330,8 @@ def collate_windows(items: list[WindowItem], *, skip_first_tokens: int = 0) -> d
         ``input_ids`` long [B, P]; ``position_ids`` long [B, P] (from the cache's position
         mode); ``labels`` long [B, P], the next token, -100 where not trained (the window's
         last row, padding, and the skipped rows); ``loss_mask`` bool [B, P] (= labels != -100);
-        ``teacher_ids`` long [B, P, K], -1 at padding (sampled caches: K is the batch's largest
-        entry count); ``teacher_logprobs`` float32 [B, P, K], the teacher's log-probs over the
+        ``teacher_ids`` long [B, P, K], -1 at padding (sampled and adaptive caches: K is the
+        batch's largest entry count); ``teacher_logprobs`` float32 [B, P, K], the teacher's log-probs over the
         full vocabulary at the cache's temperature (sampled caches: log(counts / draws)), -inf
         at padding; ``window_ids`` long [B] (pool indices); ``stream_offsets`` long [B] (for
         ``CacheDataset.mark_consumed``).

@@ -71,8 +71,8 @@ def _loss_mode(s: StudentConfig, selection: dict, where: str) -> str:
     mode = s.loss.mode or ("sampled" if sampled else "bucket")
     if mode == "sampled" and not sampled:
         raise LongkdError(
-            f"{where}.loss.mode: 'sampled' needs a sampled cache, but this one holds top-k; "
-            "use bucket or renorm"
+            f"{where}.loss.mode: 'sampled' needs a sampled cache, but this one holds "
+            f"{selection.get('mode')} rows; use bucket or renorm"
         )
     return mode
 

@@ -57,8 +57,8 @@ class WindowBatch:
         position_ids: long [B, W], from each cache's position mode.
         lengths: long [B], real tokens per window (< W only for a padded last window).
         segment_starts: long [B, Smax], starts of packed samples (first is 0), -1 padded.
-        ids: long [B, W, K], teacher token ids; -1 marks padding (sampled caches, where K is
-            the batch's largest per-row entry count).
+        ids: long [B, W, K], teacher token ids; -1 marks padding (sampled and adaptive caches,
+            where K is the batch's largest per-row entry count).
         teacher_logprobs: float32 [B, W, K], teacher log-probs over the full vocabulary at the
             cache's temperature (sampled caches: log(counts / draws)); -inf at padding.
         next_token_logprob: float32 [B, W], teacher log-prob of the true next token; NaN where

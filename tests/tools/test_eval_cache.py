@@ -50,6 +50,13 @@ def top8_cache(teacher_dir, data_file, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def adaptive_cache(teacher_dir, data_file, tmp_path_factory):
+    """Rows of 1..16 entries, cut at 0.7 of the mass or below p = 0.02."""
+    out = tmp_path_factory.mktemp("c") / "adaptive"
+    return _build(teacher_dir, data_file, out, "--top-k", "16", "--min-mass", "0.7", "--min-prob", "0.02")
+
+
+@pytest.fixture(scope="module")
 def sampled_reset_cache(teacher_dir, data_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("c") / "sampled"
     return _build(teacher_dir, data_file, out, "--sample-draws", "16", "--position-mode", "reset")
@@ -104,10 +111,11 @@ def _reference(model_dir, cache, indices, *, prefix=W, selection="topk", reset=F
             ce_logq = torch.log_softmax(logits[0].double(), -1).numpy()
             logq = torch.log_softmax(logits[0].double() / manifest["temperature"], -1).numpy()
         for t in range(min(prefix, r["length"] - 1)):
-            if selection == "topk":
+            if selection in ("topk", "adaptive"):
                 k = manifest["selection"]["k"]
-                tid = np.asarray(r["ids"][t * k : (t + 1) * k])
-                p = np.exp(np.asarray(r["logprobs"][t * k : (t + 1) * k], dtype=np.float64))
+                lo, hi = (t * k, (t + 1) * k) if selection == "topk" else r["row_splits"][t : t + 2]
+                tid = np.asarray(r["ids"][lo:hi])
+                p = np.exp(np.asarray(r["logprobs"][lo:hi], dtype=np.float64))
                 q = np.exp(logq[t, tid])
                 tail, qtail = max(1 - p.sum(), 0.0), 1 - q.sum()
                 kl = (p * (np.log(p) - logq[t, tid])).sum()
@@ -160,6 +168,24 @@ def test_other_model_matches_reference(student_dir, full_cache, top8_cache, tmp_
     assert "extrapolation" in text and "24-31" in text
     png = plot_kl(result, tmp_path / "kl.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_adaptive_cache_matches_reference(student_dir, adaptive_cache, tmp_path, capsys):
+    from longkd.cli import main
+
+    rows = _windows(adaptive_cache)
+    entries = np.concatenate([np.diff(r["row_splits"]) for r in rows[2:]])
+    assert entries.min() < entries.max() <= 16  # rows of different lengths
+    result = kl_by_position(str(student_dir), str(adaptive_cache), windows=4, buckets=4, batch_size=3)
+    assert result["selection"]["mode"] == "adaptive" and result["mode"] == "bucket"
+    ref = _reference(student_dir, adaptive_cache, [2, 3, 4, 5], selection="adaptive")
+    _check(result, ref, [0, 8, 16, 24, 32])
+    argv = ["eval", str(student_dir), "--task", "cache-kl", "--cache", str(adaptive_cache), "--windows", "4",
+            "--buckets", "4", "--out", str(tmp_path / "eval"), "--device", "cpu", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["overall"]["kl"] == pytest.approx(result["overall"]["kl"], rel=1e-6)
+    assert (tmp_path / "eval" / "results.md").is_file()
 
 
 def test_temperature(student_dir, teacher_dir, data_file, tmp_path):

@@ -45,6 +45,12 @@ def topk_cache(teacher_dir, data_file, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def adaptive_cache(teacher_dir, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("c") / "adaptive"
+    return _build(teacher_dir, data_file, out, "--top-k", "8", "--min-mass", "0.6", "--min-prob", "0.02")
+
+
+@pytest.fixture(scope="module")
 def sampled_cache(teacher_dir, data_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("c") / "sampled"
     return _build(teacher_dir, data_file, out, "--sample-draws", "16", "--position-mode", "reset")
@@ -67,7 +73,7 @@ def _by_hand(cache, indices) -> dict[str, np.ndarray]:
     """Per-row statistics of the given windows, computed from the Arrow columns directly."""
     manifest = json.loads((cache / "manifest.json").read_text())
     sel = manifest["selection"]
-    acc = {k: [] for k in ("t", "offset", "entropy", "top1", "covered", "nll", "stored")}
+    acc = {k: [] for k in ("t", "offset", "entropy", "top1", "covered", "entries", "nll", "stored")}
     rows = _rows(cache)
     for index in indices:
         r = rows[index]
@@ -80,6 +86,12 @@ def _by_hand(cache, indices) -> dict[str, np.ndarray]:
                 tail = max(0.0, 1.0 - p.sum())
                 dist = np.append(p, tail)
                 covered = min(1.0, p.sum())
+            elif sel["mode"] == "adaptive":
+                lo, hi = r["row_splits"][t], r["row_splits"][t + 1]
+                ids = r["ids"][lo:hi]
+                p = np.exp(r["logprobs"][lo:hi].astype(np.float64))
+                dist = np.append(p, max(0.0, 1.0 - p.sum()))
+                covered = min(1.0, p.sum())
             else:
                 lo, hi = r["row_splits"][t], r["row_splits"][t + 1]
                 ids = r["ids"][lo:hi]
@@ -91,6 +103,7 @@ def _by_hand(cache, indices) -> dict[str, np.ndarray]:
             acc["entropy"].append(-(dist * np.log(dist)).sum())
             acc["top1"].append(p.max())
             acc["covered"].append(covered)
+            acc["entries"].append(len(ids))
             acc["nll"].append(-float(r["target_logprob"][t]))
             acc["stored"].append(float(r["input_ids"][t + 1] in set(ids.tolist())))
     return {k: np.asarray(v, dtype=np.float64) for k, v in acc.items()}
@@ -98,17 +111,18 @@ def _by_hand(cache, indices) -> dict[str, np.ndarray]:
 
 def _check_group(entry: dict, hand: dict, sel: np.ndarray) -> None:
     assert entry["rows"] == int(sel.sum())
-    for key, name in (("entropy", "entropy"), ("top1", "top1"), ("covered", "covered"),
-                      ("target_nll", "nll"), ("target_stored", "stored")):  # fmt: skip
+    pairs = (("entropy", "entropy"), ("top1", "top1"), ("covered", "covered"), ("entries", "entries"),
+             ("target_nll", "nll"), ("target_stored", "stored"))  # fmt: skip
+    for key, name in pairs:
         if sel.any():
             assert entry[key] == pytest.approx(hand[name][sel].mean(), rel=1e-6, abs=1e-9), key
         else:
             assert entry[key] is None
 
 
-@pytest.mark.parametrize("which", ["topk", "sampled"])
-def test_statistics_equal_hand_computation(which, topk_cache, sampled_cache):
-    cache = topk_cache if which == "topk" else sampled_cache
+@pytest.mark.parametrize("which", ["topk", "sampled", "adaptive"])
+def test_statistics_equal_hand_computation(which, topk_cache, sampled_cache, adaptive_cache):
+    cache = {"topk": topk_cache, "sampled": sampled_cache, "adaptive": adaptive_cache}[which]
     manifest = json.loads((cache / "manifest.json").read_text())
     n = manifest["totals"]["windows"]
     result = inspect_cache(str(cache), sample_windows=100, buckets=8)
@@ -127,6 +141,11 @@ def test_statistics_equal_hand_computation(which, topk_cache, sampled_cache):
     if which == "topk":
         assert 0.2 < result["overall"]["covered"] < 0.999  # top-8 of 64 leaves a real tail
         assert "k+1 bucket" in result["definitions"]["entropy"]
+        assert result["overall"]["entries"] == 8
+    elif which == "adaptive":
+        assert 1 <= result["overall"]["entries"] < 8  # the rule cut rows short
+        assert min(hand["entries"]) < max(hand["entries"])
+        assert "1..k a row" in result["definitions"]["entropy"]
     else:
         assert result["overall"]["covered"] == 1.0
     s = result["summary"]
@@ -190,6 +209,16 @@ def test_show_position(topk_cache, sampled_cache):
     assert got["position_id"] == got["segment_offset"] == 10 - max(x for x in s["segment_starts"] if x <= 10)
 
 
+def test_show_position_of_an_adaptive_cache(adaptive_cache):
+    r = _rows(adaptive_cache)[3]
+    for at in range(W):
+        got = show_position(str(adaptive_cache), 3, at, top=100)
+        lo, hi = r["row_splits"][at], r["row_splits"][at + 1]
+        assert [c["id"] for c in got["candidates"]] == r["ids"][lo:hi].tolist()  # rank order, no padding
+        lps = r["logprobs"][lo:hi].astype(np.float64)
+        assert got["tail_mass"] == pytest.approx(1 - np.exp(lps).sum(), abs=1e-6)
+
+
 def test_show_position_without_tokenizer(topk_cache, tmp_path):
     copy = tmp_path / "moved"
     shutil.copytree(topk_cache, copy)
@@ -207,6 +236,15 @@ def _cli(argv) -> int:
     register_inspect(parser.add_subparsers(dest="cache_command"))
     args = parser.parse_args(["inspect", *argv])
     return args.func(args)
+
+
+def test_adaptive_cache_terminal_view_and_plot(adaptive_cache, tmp_path, capsys):
+    assert _cli([str(adaptive_cache), "--plot", str(tmp_path / "a.png")]) == 0
+    text = capsys.readouterr().out
+    assert "adaptive top-k 8 (min mass 0.6, min prob 0.02) (float32 log-probs)" in text
+    header = next(line for line in text.splitlines() if "entropy (nats)" in line)
+    assert " entries " in header
+    assert (tmp_path / "a.png").stat().st_size > 10_000
 
 
 def test_cli_json_plot_html(topk_cache, tmp_path, capsys):
