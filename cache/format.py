@@ -56,11 +56,14 @@ class LogprobEncoding:
         tail_min: the most negative tail mass (1 minus the sum of a row's stored
             probabilities) rounding to this type can give; fp16 rounds each log-prob by up to
             2^-11 relative, so exp-sums of the stored top-k may exceed 1 by a few 1e-4.
+        error: how far (nats) a read log-prob may lie from the teacher's beyond the value
+            type's own rounding: 0 for plain columns, 1/64 for ``grid-max`` ones.
     """
 
     name: str
     value_type: pa.DataType
     tail_min: float
+    error: float = 0.0
 
 
 LOGPROB_ENCODINGS = {
@@ -71,6 +74,9 @@ LOGPROB_ENCODINGS = {
     )
 }
 LOGPROB_DTYPES = tuple(LOGPROB_ENCODINGS)
+# What a ``grid-max`` log-prob column reads as: float32 within 1/64 nat of the teacher's (the
+# grid's rounding plus the row's shift to its exact tail; docs/format.md "grid-max").
+GRID_LOGPROBS = LogprobEncoding("grid-max", pa.float32(), tail_min=-1e-4, error=1 / 64)
 
 # A column type standing for the cache's log-prob encoding (its LogprobEncoding.value_type).
 LOGPROB_VALUES = None

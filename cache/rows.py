@@ -696,9 +696,10 @@ class SampledRows(SelectionRows):
 
 class AdaptiveRows(SelectionRows):
     """Mass-adaptive top-k: row t keeps its ``row_splits[t+1] - row_splits[t]`` most likely
-    entries, 1 to K, log-probs descending; where the manifest's rule (``min_mass``,
-    ``min_prob``: cache/encodings.py's ``select_entry_counts``) cut a row short, the rest of its
-    mass is in the tail, as for top-k."""
+    entries, 1 to K, log-probs descending (or, stored ``sorted-gaps``, ids ascending); where
+    the manifest's rule (``min_mass``, ``min_prob``: cache/encodings.py's
+    ``select_entry_counts``) cut a row short, the rest of its mass is in the tail, as for
+    top-k."""
 
     format = fmt.SELECTIONS["adaptive"]
 
@@ -742,11 +743,13 @@ class AdaptiveRows(SelectionRows):
             raise BadShard("logprobs not finite")
         if np.any(lp > fmt.LOGPROB_MAX):
             raise BadShard(f"logprobs above 0 (max {float(lp.max()):.3g})")
-        rising = np.diff(lp) > 0
+        # rank order: log-probs descending; id order (sorted-gaps): ids ascending
+        rising = np.diff(lp) > 0 if columns.entry_order == "rank" else np.diff(ids.astype(np.int64)) <= 0
         rising[splits[1:-1] - 1] = False  # from one row's last entry to the next row's first
         if rising.any():
             row = int(np.searchsorted(splits, np.argmax(rising), side="right") - 1)
-            raise BadShard(f"row {row}: logprobs not descending")
+            what = "logprobs not descending" if columns.entry_order == "rank" else "ids not ascending"
+            raise BadShard(f"row {row}: {what}")
         tail = 1.0 - np.add.reduceat(np.exp(lp.astype(np.float64)), splits[:-1])
         if np.any(tail < logprobs.tail_min):
             row = int(np.argmin(tail))
@@ -766,15 +769,19 @@ class AdaptiveRows(SelectionRows):
         alone, a row of fewer than K entries covers ``min_mass``. (Under ``min_prob`` a row
         also stops when its next entry falls below it, which the cache does not hold.)
         Comparisons allow the encoding's rounding: the tail allowance for masses, the value
-        type's epsilon relative to ``log(min_prob)`` for log-probs."""
+        type's epsilon relative to ``log(min_prob)`` for log-probs, and the encoding's
+        ``error`` on every log-prob (a grid's rounding)."""
         k, min_mass, min_prob = int(selection["k"]), selection.get("min_mass"), selection.get("min_prob")
         splits = columns.mode_columns[fmt.ROW_SPLITS].astype(np.int64)
         lp = columns.mode_columns[fmt.LOGPROBS].astype(np.float64)
+        if columns.entry_order == "id":  # each row in rank order: log-prob descending, ties by id
+            rows = np.repeat(np.arange(w, dtype=np.int64), np.diff(splits))
+            lp = lp[np.lexsort((columns.ids, -lp, rows))]
         last = splits[1:] - 1  # each row's last entry
         covered = np.add.reduceat(np.exp(lp), splits[:-1])  # [W]
         slack = -logprobs.tail_min
         if min_mass is not None:
-            over = covered - np.exp(lp[last]) >= min_mass + slack
+            over = covered - np.exp(lp[last] + logprobs.error) >= min_mass + slack
             if over.any():
                 row = int(np.argmax(over))
                 raise BadShard(f"row {row}: keeps entries after its covered mass reached min_mass={min_mass}")
@@ -789,7 +796,7 @@ class AdaptiveRows(SelectionRows):
         if min_prob is not None:
             log_min = float(np.log(min_prob))
             eps = float(np.finfo(logprobs.value_type.to_pandas_dtype()).eps)
-            below = lp < log_min - eps * max(1.0, abs(log_min))
+            below = lp < log_min - max(eps * max(1.0, abs(log_min)), logprobs.error)
             below[splits[:-1]] = False  # a row keeps its first entry whatever its probability
             if below.any():
                 row = int(np.searchsorted(splits, np.argmax(below), side="right") - 1)
@@ -853,8 +860,9 @@ class RowRules:
         self.mode, self.selection = selection["mode"], dict(selection)
         self.rows = selection_rows(self.mode)
         self.size = int(selection[self.rows.format.size_key])
-        self.logprobs = fmt.logprob_encoding(logprob_dtype)
         self.codecs = ColumnCodecs(self.mode, self.size, self.w, self.vocab, encodings)
+        grid = self.codecs.names.get(fmt.LOGPROBS) == "grid-max"
+        self.logprobs = fmt.GRID_LOGPROBS if grid else fmt.logprob_encoding(logprob_dtype)
         self.schema = fmt.shard_schema(self.mode, logprob_dtype, self.version, self.codecs.names)
 
     @classmethod

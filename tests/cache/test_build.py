@@ -143,7 +143,9 @@ def test_float16_encoding_roundtrip(teacher_dir, data_file, tmp_path, capsys):
     assert "bytes per token:" in text and "packing efficiency:" in text
 
 
-@pytest.mark.parametrize("selection", [("--top-k", "16"), ("--sample-draws", "24")])
+@pytest.mark.parametrize(
+    "selection", [("--top-k", "16"), ("--sample-draws", "24"), ("--top-k", "16", "--min-prob", "0.009")]
+)
 def test_compact_build_equals_plain_and_trains(teacher_dir, data_file, tmp_path, capsys, selection):
     """A compact cache verifies, reads back as the plain cache of the same build (ids as sets
     per row, log-probs within the 1/64-nat grid, the tail and counts exact), inspects and
@@ -159,6 +161,12 @@ def test_compact_build_equals_plain_and_trains(teacher_dir, data_file, tmp_path,
     assert b.manifest["format_version"] == 3 and b.manifest["encoding"]["columns"]["ids"] == "sorted-gaps"
     assert set(a.manifest["encoding"]["columns"].values()) == {"plain"}
     assert b.manifest["totals"]["bytes"] < a.manifest["totals"]["bytes"]
+    if "--min-prob" in selection:  # adaptive: ragged rows, entry counts from row_splits
+        assert (
+            b.selection["mode"] == "adaptive"
+            and b.manifest["encoding"]["columns"]["row_splits"] == "entry-counts"
+        )
+        assert any((a.read_window(i).ids < 0).any() for i in range(a.num_windows))
     for i in range(a.num_windows):
         x, y = a.read_window(i), b.read_window(i)
         np.testing.assert_array_equal(x.input_ids, y.input_ids)

@@ -87,9 +87,9 @@ def assert_same_window(plain, packed, splits):
             else:
                 assert [b[i] for i in ids] == [a[i] for i in ids]
     if fmt.LOGPROBS in plain.mode_columns:
+        starts = np.asarray(splits[:-1], np.int64)
         tails = [
-            1
-            - np.exp(np.asarray(c.mode_columns[fmt.LOGPROBS], np.float64)).reshape(len(splits) - 1, -1).sum(1)
+            1 - np.add.reduceat(np.exp(np.asarray(c.mode_columns[fmt.LOGPROBS], np.float64)), starts)
             for c in (plain, packed)
         ]
         np.testing.assert_allclose(tails[1], tails[0], rtol=0, atol=2e-6)
@@ -145,6 +145,38 @@ def test_sampled_compact_window_equals_plain(draws):
     dense_packed = dense_rows(packed, w, {"mode": "sampled", "draws": draws})
     for a, b in zip(dense_plain, dense_packed):
         assert a.shape == b.shape  # same entries per row, so the same padding
+
+
+@pytest.mark.parametrize(
+    "rules", [{"min_mass": 0.8}, {"min_prob": 0.02}, {"min_mass": 0.9, "min_prob": 0.01}]
+)
+def test_adaptive_compact_window_equals_plain_and_keeps_its_rule(rules):
+    """Ragged adaptive rows: entry counts from row_splits; verify's rule checks, in rank order
+    and with the grid's allowance, pass on what the compact cache reads back."""
+    from tests.cache.test_adaptive_rows import adaptive_from_topk
+
+    rng = np.random.default_rng()
+    vocab, k = 60, int(rng.integers(2, 12))
+    selection = {"mode": "adaptive", "k": k, "min_mass": None, "min_prob": None, **rules}
+    for _ in range(10):
+        w = int(rng.integers(8, 40))
+        window = make_window(rng, int(rng.integers(0, 1000)), w, vocab)
+        _, rows = adaptive_from_topk(rng, window, vocab, k, **rules)
+        out = []
+        for encoding in ("plain", "compact"):
+            rules_ = RowRules(
+                window=w,
+                vocab=vocab,
+                selection=selection,
+                logprob_dtype="float32",
+                version=3,
+                encodings=fmt.encoding_preset(encoding, "adaptive"),
+            )
+            batch = window_record_batch(window, rows, "adaptive", "float32", rules_.codecs)
+            out.append(read_columns(batch, 0, "adaptive", rules_.codecs))
+            rules_.check_all(out[-1])
+        assert_same_window(*out, rows.row_splits)
+        assert rules_.codecs.names[fmt.ROW_SPLITS] == "entry-counts"
 
 
 def test_renormalise_reproduces_the_stored_tail():
