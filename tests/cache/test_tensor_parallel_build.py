@@ -350,3 +350,27 @@ def test_a_build_started_before_tensor_parallel_existed_resumes(setup, tmp_path,
         assert main(build_args(teacher, data, out, max_windows=4)) == 0
     assert "resuming" in capsys.readouterr().out
     assert main(["cache", "verify", str(out)]) == 0
+
+
+@pytest.mark.slow
+def test_one_group_cuts_adaptive_rows_as_one_process(setup, tmp_path):
+    """Adaptive rows are cut from the merged top-K, so a tensor-parallel build keeps the rows a
+    one-process build keeps (up to log-prob ties at a cut)."""
+    teacher, data, _ = setup
+    rules = {"top_k": 16, "min_mass": 0.9, "temperature": SAMPLED_T, "max_windows": 8}  # peaked rows
+    reference, out = tmp_path / "one-process", tmp_path / "tp2"
+    with one_torch_thread():
+        assert main(build_args(teacher, data, reference, **rules)) == 0
+    code, _, err = run_torchrun(build_args(teacher, data, out, tensor_parallel=2, **rules))
+    assert code == 0, err[-3000:]
+    assert main(["cache", "verify", str(out)]) == 0
+    kept = same = 0
+    for x, y in zip(CacheReader(out).iter_windows(), CacheReader(reference).iter_windows(), strict=True):
+        x_entries, y_entries = (x.ids >= 0).sum(1), (y.ids >= 0).sum(1)
+        assert 1 <= x_entries.min() and x_entries.max() <= 16 and x_entries.mean() < 15, "rows are cut"
+        rows = x_entries == y_entries
+        kept, same = kept + rows.size, same + int(rows.sum())
+        width = min(x.ids.shape[1], y.ids.shape[1])
+        live = (x.ids[rows, :width] >= 0) & (x.ids[rows, :width] == y.ids[rows, :width])
+        np.testing.assert_allclose(x.logprobs[rows, :width][live], y.logprobs[rows, :width][live], atol=1e-5)
+    assert same >= 0.99 * kept, f"only {same} of {kept} rows keep as many entries as one process"
