@@ -484,6 +484,7 @@ def encode_logprobs(
     layout: str = "grid-max",
     steps: int = DEFAULT_STEPS,
     packing: str = "bits",
+    tail: np.ndarray | None = None,
 ) -> bytes:
     """Encode ragged rows of log-probs on a grid of ``1 / steps`` nat, with each row's tail.
 
@@ -499,10 +500,12 @@ def encode_logprobs(
             gaps ``a[i] - a[i - 1]`` in rank order).
         steps: grid steps per nat (64: error <= 1/128 nat).
         packing: ``"bits"`` or ``"bytes"`` for the integer sections.
+        tail: float[R] the rows' tails to store, when ``logprobs`` are already grid values
+            chosen by the caller (default: ``1 - sum(exp(x))`` of ``logprobs``).
 
     Returns:
         The encoded column; its tail section holds ``1 - sum(exp(x))`` per row, computed in
-        float64 from the unrounded log-probs, as float32.
+        float64 from the unrounded log-probs (or ``tail``), as float32.
 
     Raises:
         LongkdError: NaN or positive log-probs, counts that do not match, an unknown layout,
@@ -512,10 +515,16 @@ def encode_logprobs(
     grid, neginf = _grid(logprobs, steps, "logprobs")
     starts = row_starts(counts)
     nonempty = counts > 0
-    tail = np.ones(len(counts), np.float64)
+    if tail is not None:
+        tail = np.asarray(tail, np.float64).reshape(-1)
+        if tail.shape != counts.shape:
+            raise LongkdError(f"logprobs: {tail.shape[0]} tails for {counts.shape[0]} rows")
+    else:
+        tail = np.ones(len(counts), np.float64)
+        if grid.size:
+            mass = np.exp(np.asarray(logprobs, np.float64).reshape(-1))
+            tail[nonempty] = 1.0 - np.add.reduceat(mass, starts[nonempty])
     if grid.size:
-        mass = np.exp(np.asarray(logprobs, np.float64).reshape(-1))
-        tail[nonempty] = 1.0 - np.add.reduceat(mass, starts[nonempty])
         if tail.min() < TAIL_MIN:
             raise LongkdError(
                 f"logprobs: row {int(np.argmin(tail))}'s probabilities sum to {1 - tail.min():.6f} > 1; "

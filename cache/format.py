@@ -75,7 +75,8 @@ LOGPROB_ENCODINGS = {
 }
 LOGPROB_DTYPES = tuple(LOGPROB_ENCODINGS)
 # What a ``grid-max`` log-prob column reads as: float32 within 1/64 nat of the teacher's (the
-# grid's rounding plus the row's shift to its exact tail; docs/format.md "grid-max").
+# grid's rounding plus the row's shift to its exact tail; docs/format.md "grid-max"), the
+# allowance a reader gives any writer; longkd's own writes stay within 1/128 nat.
 GRID_LOGPROBS = LogprobEncoding("grid-max", pa.float32(), tail_min=-1e-4, error=1 / 64)
 
 # A column type standing for the cache's log-prob encoding (its LogprobEncoding.value_type).
