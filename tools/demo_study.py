@@ -17,7 +17,7 @@ What it reuses, so that a study fits a busy 2-core machine:
 Every run is one child process with one torch thread (the demo's CPU settings pinned); its
 cost is the process CPU time of training (robust to other jobs on the machine) and the wall
 time. The study of a factor writes OUT/FACTOR.json (every run and the summary) and
-OUT/FACTOR.md (one table: mean ± sd over seeds).
+OUT/FACTOR.md (one table: mean ± sd over seeds; ``--name`` chooses another file name).
 
     python -m longkd.tools.demo_study --factor steps --levels 240,480,960 --seeds 0,1,2
     python -m longkd.tools.demo_study --factor temperature --levels none,2,4 --set mode=renorm
@@ -41,12 +41,14 @@ from pathlib import Path
 
 from longkd.errors import LongkdError
 
-# arm -> (cache position mode, kd_weight, ce_weight scale): the demo's students that the
-# study can train. ce-phasewise trains on cross-entropy only (the recipe's KD settings unused).
+# arm -> the position mode of the cache it trains on: the demo's students that the study can
+# train (ce-phasewise: cross-entropy only, the recipe's KD settings unused), and the untrained
+# student with the RoPE the schedule ends with (no cache, no training): what scaling alone gives.
 ARMS = {
     "kd-phasewise": "continuous",
     "kd-reset-control": "reset",
     "ce-phasewise": "continuous",
+    "untrained-scaled": None,
 }
 
 
@@ -173,8 +175,9 @@ def schedule(recipe: StudyRecipe, short: int, window: int) -> list[dict]:
 def train_config(recipe: StudyRecipe, arm: str, *, student: Path, cache: Path, out: Path, seed: int,
                  short: int, window: int) -> dict:  # fmt: skip
     """The ``longkd train`` config of one arm (as ``tools/demo.train_config`` writes the demo's)."""
-    if arm not in ARMS:
-        raise LongkdError(f"unknown study arm {arm!r}; use one of {', '.join(ARMS)}")
+    if not ARMS.get(arm):
+        trained = [a for a, mode in ARMS.items() if mode]
+        raise LongkdError(f"no training for study arm {arm!r}; trained arms: {', '.join(trained)}")
     if arm == "ce-phasewise":
         loss = {"mode": recipe.mode, "kd_weight": 0.0, "ce_weight": 1.0}
     else:
@@ -242,6 +245,29 @@ def _job_cache(job: dict) -> dict:
     return {}
 
 
+def scaled_student(student: Path, recipe: StudyRecipe, out: Path, short: int, window: int) -> Path:
+    """Save the untrained student with the RoPE of the schedule's last phase, as training would end.
+
+    Returns:
+        ``out``, a model directory (weights as pre-trained, config with the scaled rope).
+    """
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from longkd.trainer.rope import apply_rope, build_schedule
+
+    model = AutoModelForCausalLM.from_pretrained(student)
+    last = build_schedule(schedule(recipe, short, window), base_config=model.config)[-1]
+    if last.rope_parameters is not None:
+        apply_rope(model, last.rope_parameters, last.max_position_embeddings)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (student / name).is_file():
+            shutil.copy(student / name, out / name)
+    return out
+
+
 def _job_run(job: dict) -> dict:
     """Train one student and measure its retrieval by distance; CPU and wall time of each."""
     import yaml
@@ -252,14 +278,18 @@ def _job_run(job: dict) -> dict:
 
     recipe, toy = StudyRecipe(**job["recipe"]), RECIPES[job["toy_recipe"]]
     out = Path(job["out"])
-    cfg = train_config(recipe, job["arm"], student=Path(job["student"]), cache=Path(job["cache"]),
-                       out=out / "train", seed=job["seed"], short=toy.short, window=toy.window)  # fmt: skip
-    (out / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     cpu, wall = time.process_time(), time.perf_counter()
-    run_cli(["train", str(out / "train.yaml"), "--no-progress"], out / "train.log")
+    if ARMS[job["arm"]] is None:
+        checkpoint = scaled_student(Path(job["student"]), recipe, out / "model", toy.short, toy.window)
+    else:
+        cfg = train_config(recipe, job["arm"], student=Path(job["student"]), cache=Path(job["cache"]),
+                           out=out / "train", seed=job["seed"], short=toy.short,
+                           window=toy.window)  # fmt: skip
+        (out / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        run_cli(["train", str(out / "train.yaml"), "--no-progress"], out / "train.log")
+        root = out / "train" / job["arm"] / "checkpoints"
+        checkpoint = root / (root / "latest").read_text().strip()
     train_cpu, train_wall = time.process_time() - cpu, time.perf_counter() - wall
-    root = out / "train" / job["arm"] / "checkpoints"
-    checkpoint = root / (root / "latest").read_text().strip()
     cpu, wall = time.process_time(), time.perf_counter()
     argv = ["eval", str(checkpoint), "--task", "toy", "--out", str(out / "toy"), "--device", "cpu",
             "--distances", ",".join(map(str, toy.distances())), "--per-distance", str(job["per_distance"]),
@@ -309,8 +339,8 @@ def _spawn(job: dict, folder: Path) -> dict:
 
 def run_study(out: Path, models_dir: Path, factor: str, levels: list[str], seeds: list[int],
               arms: list[str], base: StudyRecipe, *, toy_recipe: str = "w256", per_distance: int = 64,
-              jobs: int = 1) -> dict:  # fmt: skip
-    """Train and measure every (level, seed, arm); write OUT/FACTOR.json and OUT/FACTOR.md.
+              jobs: int = 1, name: str | None = None) -> dict:  # fmt: skip
+    """Train and measure every (level, seed, arm); write OUT/NAME.json and OUT/NAME.md.
 
     Args:
         out: the study folder (caches, runs and tables; shared by studies of other factors).
@@ -321,9 +351,10 @@ def run_study(out: Path, models_dir: Path, factor: str, levels: list[str], seeds
         base: the recipe every level starts from.
         toy_recipe: ``tools/toy_models.RECIPES`` key; per_distance: probes per distance.
         jobs: child processes at a time (one torch thread each).
+        name: the tables' file name (default: the factor).
 
     Returns:
-        ``{"factor", "levels", "runs": [...], "summary": [...]}`` (as written to FACTOR.json).
+        ``{"factor", "levels", "runs": [...], "summary": [...]}`` (as written to NAME.json).
 
     Raises:
         LongkdError: an unknown factor, arm or level, or a failed job.
@@ -352,7 +383,7 @@ def run_study(out: Path, models_dir: Path, factor: str, levels: list[str], seeds
     caches = {}
     for r in recipes.values():
         for seed in seeds:
-            for arm in arms:
+            for arm in [a for a in arms if ARMS[a]]:
                 key = cache_key(r, arm, seed)
                 caches[key] = {"kind": "cache", "recipe": asdict(r), "seed": seed, "mode": ARMS[arm],
                                "out": str(out / "caches" / key / "cache"), **common}  # fmt: skip
@@ -363,7 +394,7 @@ def run_study(out: Path, models_dir: Path, factor: str, levels: list[str], seeds
         def one(item):
             level, r, seed, arm = item
             job = {"kind": "run", "recipe": asdict(r), "arm": arm, "seed": seed, "per_distance": per_distance,
-                   "cache": str(out / "caches" / cache_key(r, arm, seed) / "cache"),
+                   "cache": str(out / "caches" / cache_key(r, arm, seed) / "cache") if ARMS[arm] else None,
                    "toy_world": str(toy_world), **common}  # fmt: skip
             rid = run_id(r, arm, seed)
             job["out"] = str(out / "runs" / rid)
@@ -375,8 +406,8 @@ def run_study(out: Path, models_dir: Path, factor: str, levels: list[str], seeds
         results = list(pool.map(one, runs))
     study = {"factor": factor, "levels": levels, "seeds": seeds, "arms": arms, "base": asdict(base),
              "runs": results, "summary": summarize(results, toy.short, toy.window)}  # fmt: skip
-    (out / f"{factor}.json").write_text(json.dumps(study, indent=1) + "\n")
-    (out / f"{factor}.md").write_text(markdown(study, toy.short, toy.window))
+    (out / f"{name or factor}.json").write_text(json.dumps(study, indent=1) + "\n")
+    (out / f"{name or factor}.md").write_text(markdown(study, toy.short, toy.window))
     return study
 
 
@@ -477,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--toy-recipe", default="w256", help="toy models: w256 (default) or w512")
     p.add_argument("--per-distance", type=int, default=64, help="probes per distance (default: 64)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one thread each (default: 1)")
+    p.add_argument("--name", help="write OUT/NAME.json and OUT/NAME.md (default: the factor)")
     p.add_argument("--job", help=argparse.SUPPRESS)  # a child process: run this job file
     return p
 
@@ -504,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         levels = split_levels(args.factor, args.levels)
         study = run_study(Path(args.out), Path(args.models_dir), args.factor, levels, seeds,
                           args.arms.split(","), base, toy_recipe=args.toy_recipe,
-                          per_distance=args.per_distance, jobs=args.jobs)  # fmt: skip
+                          per_distance=args.per_distance, jobs=args.jobs, name=args.name)  # fmt: skip
     except LongkdError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

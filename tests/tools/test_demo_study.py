@@ -65,6 +65,28 @@ def test_schedule_shares_headroom_and_rope_type():
     assert len(plain) == 1 and plain[0].until == 9 and plain[0].rope_parameters["factor"] == 4.0
 
 
+def test_the_untrained_arm_is_the_student_with_the_last_phase_rope(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from longkd.tools.toy_models import build_model
+
+    toy = RECIPES["w256"]
+    build_model(toy.student, toy.world, toy.short, 0).save_pretrained(tmp_path / "student")
+    recipe = StudyRecipe(rope_headroom=1.25, rope_type="linear")
+    out = demo_study.scaled_student(tmp_path / "student", recipe, tmp_path / "scaled", toy.short, toy.window)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_type"] == "linear"
+    assert cfg["rope_parameters"]["factor"] == 1.25 * toy.window / toy.short
+    assert cfg["max_position_embeddings"] == 1.25 * toy.window
+    before = load_file(tmp_path / "student" / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(LongkdError, match="no training for study arm 'untrained-scaled'"):
+        demo_study.train_config(recipe, "untrained-scaled", student=out, cache=out, out=out, seed=0,
+                                short=toy.short, window=toy.window)  # fmt: skip
+
+
 def test_levels_are_parsed_by_the_factor_type_and_bad_ones_refused():
     r = StudyRecipe()
     assert demo_study.with_setting(r, "steps", "480").steps == 480
@@ -138,24 +160,28 @@ def test_a_tiny_study_runs_shares_caches_and_resumes(tmp_path, capsys):
     from tests.tools.test_demo import _weak_models  # briefly trained models, the w256 recipe's names
 
     _weak_models(tmp_path / "models")
-    argv = ["--factor", "steps", "--levels", "3,4", "--seeds", "0", "--arms", "kd-phasewise,kd-reset-control",
+    argv = ["--factor", "steps", "--levels", "3,4", "--seeds", "0", "--arms",
+            "kd-phasewise,kd-reset-control,untrained-scaled",
             "--set", "train_docs=24", "--set", "batch_size=2", "--per-distance", "2", "--out",
             str(tmp_path / "study"), "--models-dir", str(tmp_path / "models"), "--jobs", "2"]  # fmt: skip
     assert demo_study.main(argv) == 0
     out = tmp_path / "study"
     study = json.loads((out / "steps.json").read_text())
-    assert [(r["level"], r["arm"]) for r in study["runs"]] == [
-        ("3", "kd-phasewise"), ("3", "kd-reset-control"), ("4", "kd-phasewise"), ("4", "kd-reset-control")]
+    arms = ["kd-phasewise", "kd-reset-control", "untrained-scaled"]
+    assert [(r["level"], r["arm"]) for r in study["runs"]] == [(lv, a) for lv in ("3", "4") for a in arms]
     assert sorted(p.name for p in (out / "caches").iterdir()) == ["continuous-s0-n24-k32", "reset-s0-n24-k32"]
     for run in study["runs"]:
         assert run["train_cpu_s"] > 0 and run["train_wall_s"] > 0
-        toy = json.loads((out / "runs" / run["id"] / "toy" / "results.json").read_text())
+        folder = out / "runs" / run["id"]
+        toy = json.loads((folder / "toy" / "results.json").read_text())
         assert {str(r["distance"]): r["score"] / 100 for r in toy["by_distance"]} == run["by_distance"]
-        cfg = (out / "runs" / run["id"] / "train.yaml").read_text()
-        assert f"steps: {run['recipe']['steps']}" in cfg
+        trained = run["arm"] != "untrained-scaled"
+        assert (folder / "train.yaml").is_file() == trained and (folder / "model").is_dir() != trained
+        if trained:
+            assert f"steps: {run['recipe']['steps']}" in (folder / "train.yaml").read_text()
     assert "| 4 | kd-reset-control | 1 |" in (out / "steps.md").read_text()
     capsys.readouterr()
     mtimes = {p: p.stat().st_mtime for p in out.glob("runs/*/result.json")}
     assert demo_study.main(argv) == 0  # a rerun reuses every finished run
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/result.json")} == mtimes
-    assert capsys.readouterr().out.count("[study]") == 4
+    assert capsys.readouterr().out.count("[study]") == 6
