@@ -417,6 +417,9 @@ def run_study(out: Path, models_dir: Path, factor: str, levels: list[str], seeds
 def run_metrics(by_distance: dict, short: int, window: int) -> dict:
     """Within S, beyond S, the two longest distances and the lowest up to W, of one run.
 
+    Within and beyond S are the demo's (tools/demo_report.py): within, the distances whose
+    probe fits in S (``ToyRecipe.short_max_distance``); beyond, those past S.
+
     Args:
         by_distance: ``{distance (str or int): accuracy in [0, 1]}``.
         short, window: S and W.
@@ -425,8 +428,10 @@ def run_metrics(by_distance: dict, short: int, window: int) -> dict:
         Accuracies in [0, 1]: ``within``, ``beyond``, ``at_<d>`` for the two longest
         distances, ``lowest`` (over every distance).
     """
+    from longkd.tools.toy_models import PROBE_LEAD
+
     acc = {int(d): a for d, a in by_distance.items()}
-    within = [a for d, a in acc.items() if d <= short]
+    within = [a for d, a in acc.items() if d + 2 + PROBE_LEAD <= short]
     beyond = [a for d, a in acc.items() if short < d <= window]
     far = sorted(acc)[-2:]
     return {"within": sum(within) / len(within), "beyond": sum(beyond) / len(beyond),

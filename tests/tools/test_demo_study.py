@@ -146,7 +146,7 @@ def test_summary_is_the_mean_and_sample_sd_of_the_runs():
         beyond = acc[:, ds > toy.short].mean(axis=1)
         assert row["beyond"]["mean"] == pytest.approx(beyond.mean())
         assert row["beyond"]["sd"] == pytest.approx(beyond.std(ddof=1))
-        assert row["within"]["mean"] == pytest.approx(acc[:, ds <= toy.short].mean())
+        assert row["within"]["mean"] == pytest.approx(acc[:, ds <= toy.short_max_distance()].mean())
         assert row["at_238"]["values"] == pytest.approx(acc[:, -1].tolist())
         assert row["at_178"]["mean"] == pytest.approx(acc[:, list(ds).index(178)].mean())
         assert row["lowest"]["min"] == pytest.approx(acc.min())
