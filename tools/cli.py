@@ -373,6 +373,8 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--heldout-docs", type=int, help="short documents in the held-out cache")
     g.add_argument("--top-k", type=int, help="teacher entries stored per position")
     g.add_argument("--per-distance", type=int, help="retrieval probes per distance")
+    g.add_argument("--encoding", choices=("plain", "compact"),
+                   help="the caches' column encoding (default: plain, the README's tables)")  # fmt: skip
     p.set_defaults(func=_cmd_demo)
 
 

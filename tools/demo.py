@@ -78,6 +78,9 @@ class DemoSettings:
         heldout_docs: short documents in the held-out cache (other documents, never trained on).
         top_k: teacher entries stored per position.
         per_distance: retrieval probes per distance.
+        encoding: the caches' column encoding (``longkd cache build --encoding``): plain, so
+            that the tables in README.md and docs/demo.md stay those of a plain-cache run
+            (a compact run is reported beside them in docs/demo.md), or compact.
     """
 
     recipe: str = "w256"
@@ -89,6 +92,7 @@ class DemoSettings:
     heldout_docs: int = 160
     top_k: int = 32
     per_distance: int = 64
+    encoding: str = "plain"
 
 
 PRESETS = {
@@ -281,7 +285,8 @@ def _build(demo: Demo, teacher: Path, data: Path, out: Path, mode: str, seed: in
     # long documents (continuous mode), so its logits are in distribution.
     argv = ["cache", "build", "--teacher", str(teacher), "--data", str(data), "--window", str(recipe.window),
             "--position-mode", mode, "--no-eos", "--top-k", str(demo.settings.top_k), "--batch-size", "8",
-            "--device", demo.device, "--seed", str(seed), "--out", str(out)]  # fmt: skip
+            "--device", demo.device, "--seed", str(seed), "--encoding", demo.settings.encoding,
+            "--out", str(out)]  # fmt: skip
     run_cli(argv, demo.path("logs", "cache.log"))
 
 
