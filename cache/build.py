@@ -264,8 +264,10 @@ def _check_out(
     group.agree({"settings": settings.content_settings()})
     stored, complete = group.rank0(lambda: _out_state(location))
     if stored is not None and isinstance(stored.get("settings"), dict):
-        # Builds from before --tensor-parallel existed ran one teacher per rank.
+        # Builds from before --tensor-parallel existed ran one teacher per rank; builds from
+        # before --encoding existed wrote plain columns.
         stored["settings"].setdefault("tensor_parallel", 1)
+        stored["settings"].setdefault("encoding", "plain")
     if stored is not None:
         compare_build_record(location, stored, {"settings": settings.content_settings()})
         if complete:

@@ -55,7 +55,7 @@ class BuildSettings:
     device_map: str | None = None
     shard_size: str | int = "256MB"
     logprob_dtype: str = "float32"
-    encoding: str = "plain"
+    encoding: str = "compact"
     compression_level: int | None = None
     seed: int = 0
     max_windows: int | None = None

@@ -123,13 +123,14 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--logprob-dtype",
         choices=("float32", "float16"),
-        help="stored log-prob type: float32 (default) or float16",
+        help="stored log-prob type of --encoding plain: float32 (default) or float16",
     )
     g.add_argument(
         "--encoding",
         choices=("plain", "compact"),
-        help="column encodings: plain (Arrow lists, default) or compact (sorted id gaps, log-probs on "
-        "a 1/64-nat grid with the exact tail; docs/format.md)",
+        help="column encodings: compact (default: sorted id gaps, log-probs within 1/128 nat with "
+        "the exact tail, about a third of plain's bytes) or plain (Arrow lists; --logprob-dtype "
+        "applies to it); docs/format.md",
     )
     g.add_argument("--compression-level", type=int, help="zstd level (default: 1)")
     g.add_argument(

@@ -3,7 +3,9 @@
     python examples/read_with_arrow_tools.py --cache cache --window 3 --at 10
 
 A cache is a folder of Arrow IPC files (one row per window) and a `manifest.json`
-(docs/format.md). Each tool below finds window `--window` and prints the teacher's top
+(docs/format.md). Generic Arrow tools read the plain column encoding (`longkd cache build
+--encoding plain`); the default compact columns are byte strings that need the decoders
+specified in docs/format.md. Each tool below finds window `--window` and prints the teacher's top
 candidates for the token after position `--at` of a top-k cache: row t of a window stores
 its K candidates at `ids[t*K:(t+1)*K]`, log-probs at the same places, most likely first.
 

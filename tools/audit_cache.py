@@ -83,6 +83,7 @@ def build_world(work: Path) -> dict:
         settings = resolve_settings({
             "teacher": str(teacher), "data": str(work / "data.jsonl"), "window": WINDOW, "out": str(cache),
             "top_k": TOP_K, "max_windows": WINDOWS, "tail": "pad", "device": "cpu", "batch_size": 4,
+            "encoding": "plain",  # the cases rewrite plain Arrow list columns
         })  # fmt: skip
         build_cache(settings, progress=False, echo=lambda *_: None)
     manifest = json.loads((cache / "manifest.json").read_text())

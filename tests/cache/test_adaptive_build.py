@@ -47,7 +47,8 @@ def topk_cache(teacher_dir, data_file, tmp_path_factory):
 
 
 def build_argv(teacher_dir, data_file, out, *extra, **flags):
-    flags = {"window": W, "max_windows": 4, "batch_size": 2, "top_k": K, **flags}
+    # plain columns: the comparisons below take rows in rank order
+    flags = {"window": W, "max_windows": 4, "batch_size": 2, "top_k": K, "encoding": "plain", **flags}
     return cache_build_argv(teacher_dir, data_file, out, *extra, **flags)
 
 

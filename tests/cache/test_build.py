@@ -34,7 +34,14 @@ def data_file(tmp_path_factory):
 
 
 def build(teacher_dir, data_file, out, *extra):
-    return main(cache_build_argv(teacher_dir, data_file, out, *extra, window=W, max_windows=5, batch_size=2))
+    """A small build; plain columns (whose Arrow lists these tests read) unless ``extra`` names
+    an encoding."""
+    encoding = None if "--encoding" in extra else "plain"
+    return main(
+        cache_build_argv(
+            teacher_dir, data_file, out, *extra, window=W, max_windows=5, batch_size=2, encoding=encoding
+        )
+    )
 
 
 def expected_rows(teacher_dir, data_file, *, selection, batch_size=2, max_windows=5, temperature=1.0, seed=0):

@@ -107,6 +107,7 @@ def test_arrow_tools_read_the_same_top_candidates(setup):
         max_windows=12,
         shard_size="8KB",
         logprob_dtype="float16",
+        encoding="plain",  # what generic Arrow tools read without longkd's decoders
     )
     window, at = 7, 19
     got = example("read_with_arrow_tools").main(

@@ -35,7 +35,11 @@ def data_file(tmp_path_factory):
 
 
 def _build(teacher_dir, data_file, out, *extra):
-    return build_cache(teacher_dir, data_file, out, *extra, window=W, batch_size=3, max_windows=6)
+    # plain: the references below read the Arrow lists directly
+    encoding = None if "--encoding" in extra else "plain"
+    return build_cache(
+        teacher_dir, data_file, out, *extra, window=W, batch_size=3, max_windows=6, encoding=encoding
+    )
 
 
 @pytest.fixture(scope="module")

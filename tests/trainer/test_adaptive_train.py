@@ -28,7 +28,8 @@ def caches(teacher_dir, tmp_path_factory):
     """The same windows of one teacher as a top-K cache and as an adaptive one."""
     root = tmp_path_factory.mktemp("adaptive")
     data = base.write_data(root / "d.jsonl", 60, seed=None)
-    topk = base.make_cache(teacher_dir, data, root / "topk", 8, "--top-k", str(K))
+    # plain: cut_top_k takes each row's first entries, which needs rank order
+    topk = base.make_cache(teacher_dir, data, root / "topk", 8, "--top-k", str(K), "--encoding", "plain")
     adaptive = base.make_cache(
         teacher_dir,
         data,
@@ -40,6 +41,8 @@ def caches(teacher_dir, tmp_path_factory):
         str(MIN_MASS),
         "--min-prob",
         str(MIN_PROB),
+        "--encoding",
+        "plain",  # compared entry by entry, in rank order, with the cut top-K rows
     )
     return {"topk": topk, "adaptive": adaptive}
 
