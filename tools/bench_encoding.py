@@ -1,280 +1,429 @@
-"""Bytes per token and decoding speed of the compact column encodings against plain columns.
+"""Bytes per token of caches built by ``longkd cache build``, plain against compact, and what
+the compact encodings cost in accuracy and decoding speed.
 
-Builds top-K rows (and mass-adaptive and sampled rows) either from random logits (the flat
-distributions of a random-weight teacher, the worst case for compression) or from a trained
-teacher run over held-out windows of its corpus (``--teacher DIR``, e.g. the text teacher of
-``tools/text_teacher.py``), encodes every column plain (as the format v1 shards store it) and
-with ``cache/encodings.py``, compresses each window's column with zstd the way the Arrow file
-does, and prints bytes per token per column, the round-trip error and decoding tokens/s on one
-core. It works on in-memory windows, not on caches built by ``longkd cache build``.
+Storage is what limits a teacher cache at scale, and a random-weight teacher (flat
+distributions) is the worst case for compression, unlike any real teacher. So this benchmark
+builds its caches from a teacher trained on real text (``tools/text_teacher.py``), from the
+same teacher cached at a lower temperature (``--sharp-temperature``, default 0.5: peaked
+rows, a stand-in for a better-trained teacher, since this small one is far flatter than a
+real one) and from a random-weight teacher of the same shape and tokenizer, all over the same
+held-out text, with the real command:
 
-    python -m longkd.tools.bench_encoding                       # random rows, V = 32000
-    python -m longkd.tools.bench_encoding --teacher ~/.cache/longkd/text-teacher/text-teacher-HASH \
-        --json out.json
+- ``plain_topk64``: top-64, plain columns (int32 ids, float32 log-probs);
+- ``compact_topk64``: top-64, ``--encoding compact`` (and ``_zstd3``: at zstd level 3);
+- ``adaptive``: ``--top-k 64 --min-mass M --encoding compact`` (mass-adaptive rows);
+- ``plain_sampled64`` / ``sampled64``: 64 draws per position, plain and compact.
+
+For each cache it reports bytes per token (every shard file's bytes over the window tokens,
+all columns included) and a per-column breakdown (each column written alone, with the cache's
+zstd level). Against the plain cache of the same teacher it reports the largest log-prob error
+of the compact and adaptive caches (over entries with p >= 1e-4, and over all entries) and
+``bucket_loss_rel_error``: the bucket sparse KL of fixed students (an untrained one and one
+half-trained on the plain cache) against each compact cache, relative to the same
+loss against the plain cache (the half-trained student stops at half the untrained loss, so
+that the loss stays well above the rounding). Decoding speed is the reader's (Arrow read, zstd, decode,
+dense view) on one thread, and the column decoding alone (``decode_tokens_per_s_one_core``:
+record batches already in memory, then the codecs and the dense view).
+
+    python -m longkd.tools.text_teacher                        # once: trains the text teacher
+    python -m longkd.tools.bench_encoding --json bench.json    # ~5 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from longkd.cache import encodings as enc
+from longkd.errors import LongkdError
+
+P_MIN = 1e-4  # log-prob errors are bounded for entries at least this likely
+STUDENT_STEPS = 50
 
 
-@dataclass
-class Window:
-    """One window's teacher rows, dense and plain."""
-
-    input_ids: np.ndarray  # int32[W]
-    segment_starts: np.ndarray  # int32[S]
-    ids: np.ndarray  # int32[W, K] rank order
-    logprobs: np.ndarray  # float32[W, K] descending
-    target_logprob: np.ndarray  # float32[W], NaN at the last row
-    entropy: np.ndarray  # float64[W] of the full distribution
-    sampled: dict = field(default_factory=dict)  # ids, counts, entry counts of 64 draws
-
-
-def _rows_from_logprobs(full: np.ndarray, input_ids: np.ndarray, k: int, draws: int, rng) -> Window:
-    """A window from full log-probs float32[W, V] and its tokens."""
-    ids = np.argpartition(-full, k - 1, axis=1)[:, :k]
-    lp = np.take_along_axis(full, ids, 1)
-    order = np.argsort(-lp, axis=1, kind="stable")
-    ids, lp = np.take_along_axis(ids, order, 1), np.take_along_axis(lp, order, 1)
-    target = np.full(len(full), np.nan, np.float32)
-    target[:-1] = full[np.arange(len(full) - 1), input_ids[1:]]
-    probs = np.exp(full.astype(np.float64))
-    entropy = -(probs * full).sum(1)
-    # sampled: draws with replacement from each row, distinct ids in ascending order
-    cdf = np.cumsum(probs, axis=1)
-    u = rng.random((len(full), draws)) * cdf[:, -1:]
-    hits = np.minimum(np.stack([np.searchsorted(c, x) for c, x in zip(cdf, u)]), full.shape[1] - 1)
-    rows = np.repeat(np.arange(len(full)), draws)
-    uniq, counts = np.unique(rows.astype(np.int64) * full.shape[1] + hits.reshape(-1), return_counts=True)
-    sampled = {
-        "ids": (uniq % full.shape[1]).astype(np.int32),
-        "counts": counts.astype(np.int64),
-        "entry_counts": np.bincount(uniq // full.shape[1], minlength=len(full)),
-    }
-    return Window(input_ids, np.array([0], np.int32), ids.astype(np.int32), lp.astype(np.float32), target,
-                  entropy, sampled)  # fmt: skip
-
-
-def random_windows(n: int, window: int, vocab: int, k: int, draws: int, seed: int = 0) -> list[Window]:
-    """Windows of random logits (N(0, 1) per entry: flat, like a random-weight teacher)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        logits = rng.normal(size=(window, vocab)).astype(np.float32)
-        full = logits - logits.max(1, keepdims=True)
-        full -= np.log(np.exp(full).sum(1, keepdims=True))
-        out.append(_rows_from_logprobs(full, rng.integers(3, vocab, window).astype(np.int32), k, draws, rng))
+def _build(teacher: Path, data: Path, out: Path, args, *extra: str) -> Path:
+    """One ``longkd cache build`` run into ``out`` (its stderr kept in ``out``.log)."""
+    cmd = [
+        sys.executable, "-m", "longkd", "cache", "build", "--teacher", str(teacher), "--data", str(data),
+        "--window", str(args.window), "--max-windows", str(args.windows), "--batch-size", "1",
+        "--compression-level", str(args.zstd_level), "--device", "cpu", "--out", str(out), *extra,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    Path(f"{out}.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise LongkdError(f"`longkd cache build` for {out.name} failed: {tail}")
     return out
 
 
-def teacher_windows(teacher_dir: str, n: int, window: int, k: int, draws: int, seed: int = 0) -> list[Window]:
-    """Windows of a trained text teacher over held-out windows of its corpus.
-
-    The teacher directory must hold a ``metrics.json`` written by ``tools/text_teacher.py``
-    (its settings name the held-out files).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def heldout_dataset(teacher_dir: Path, out: Path) -> Path:
+    """The text teacher's held-out files as a JSON-lines dataset (``{"text": ...}`` per file)."""
     from longkd.tools import text_teacher as tt
 
     spec = tt.TextTeacherSpec(**tt.load_metrics(teacher_dir)["spec"])
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir).float().eval()
-    stream = tt.token_stream(tokenizer, tt.corpus_files(spec)[1])
-    rng = np.random.default_rng(seed)
-    step = max(window, (len(stream) - window) // max(1, n))
-    out = []
-    for i in range(n):
-        ids = stream[i * step : i * step + window]
-        with torch.no_grad():
-            logits = model(input_ids=torch.from_numpy(ids.astype(np.int64))[None]).logits[0].float()
-        full = torch.log_softmax(logits, -1).numpy()
-        w = _rows_from_logprobs(full, ids.astype(np.int32), k, draws, rng)
-        w.segment_starts = np.concatenate([[0], np.flatnonzero(ids[:-1] == tt.EOS_ID) + 1]).astype(np.int32)
-        out.append(w)
+    with open(out, "w") as f:
+        for path in tt.corpus_files(spec)[1]:
+            f.write(json.dumps({"text": path.read_text(encoding="utf-8", errors="replace")}) + "\n")
     return out
 
 
-def _zstd(data: bytes, level: int) -> int:
-    import zstandard
+def random_teacher(teacher_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A random-weight model of the text teacher's config, saved with its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    return min(len(data), len(zstandard.ZstdCompressor(level=level).compress(data)))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(teacher_dir))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
+    return out
 
 
-def measure(windows: list[Window], vocab: int, level: int = 1, min_mass: float = 0.999) -> dict:
-    """Bytes per token per column (after zstd), errors and decoding speed.
+def cache_bytes(cache: Path) -> tuple[int, int]:
+    """(bytes of every shard file, window tokens) of a built cache."""
+    manifest = json.loads((cache / "manifest.json").read_text())
+    size = sum((cache / s["path"]).stat().st_size for s in manifest["shards"])
+    windows = sum(s["rows"] for s in manifest["shards"])
+    return size, windows * int(manifest["window"])
 
-    Returns:
-        ``{"columns": {name: bytes/token}, "totals": {...}, "errors": {...},
-        "adaptive_mean_entries", "decode_tokens_per_s_one_core", "mean_entropy"}``.
-    """
-    tokens = sum(len(w.input_ids) for w in windows)
+
+def column_bytes(cache: Path, level: int) -> dict[str, int]:
+    """Each column's bytes when written alone into an Arrow file with zstd at ``level``."""
+    import pyarrow as pa
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=level))
     sizes: dict[str, int] = {}
-    errors = {"max_logprob_error": 0.0, "max_logprob_error_p_ge_1e-4": 0.0, "max_tail_error": 0.0}
-    adaptive_entries = 0
-    decode_seconds = 0.0
+    for shard in manifest["shards"]:
+        with pa.memory_map(str(cache / shard["path"])) as source:
+            table = pa.ipc.open_file(source).read_all()
+        for name in table.column_names:
+            alone = pa.table({name: table[name]})
+            empty, sink = pa.BufferOutputStream(), pa.BufferOutputStream()
+            for target, rows in ((empty, alone.slice(0, 0)), (sink, alone)):
+                with pa.ipc.new_file(target, alone.schema, options=options) as writer:
+                    writer.write_table(rows)
+            sizes[name] = sizes.get(name, 0) + sink.getvalue().size - empty.getvalue().size
+    return sizes
 
-    def add(name: str, blob: bytes) -> None:
-        sizes[name] = sizes.get(name, 0) + _zstd(blob, level)
 
-    width_v = enc.bits_for(vocab - 1)
-    rank_of_id = enc.frequency_remap(np.concatenate([w.ids.reshape(-1) for w in windows]), vocab)
-    for w in windows:
-        rows, k = w.ids.shape
-        counts = np.full(rows, k)
-        # plain format v1 columns
-        add("input_ids/plain", w.input_ids.astype("<i4").tobytes())
-        add("segment_starts/plain", w.segment_starts.astype("<i4").tobytes())
-        add("ids/plain", w.ids.astype("<i4").tobytes())
-        add("logprobs/plain float32", w.logprobs.astype("<f4").tobytes())
-        add("logprobs/plain float16", w.logprobs.astype("<f2").tobytes())
-        add("target_logprob/plain", w.target_logprob.astype("<f4").tobytes())
-        # compact top-K columns
-        flat_ids, flat_lp = w.ids.reshape(-1), w.logprobs.reshape(-1)
-        ids_blob, order = enc.encode_ids(flat_ids, counts, vocab)
-        add("ids/delta bits", ids_blob)
-        add("ids/delta bytes", enc.encode_ids(flat_ids, counts, vocab, packing="bytes")[0])
-        add("ids/remap+delta bits", enc.encode_ids(rank_of_id[flat_ids], counts, vocab)[0])
-        add("ids/rank order, vocab bits", enc.encode_uints(flat_ids, width=width_v))
-        lp_blob = enc.encode_logprobs(flat_lp[order], counts)
-        add("logprobs/grid-max bits", lp_blob)
-        add("logprobs/grid-max bytes", enc.encode_logprobs(flat_lp[order], counts, packing="bytes"))
-        add(
-            "logprobs/grid-delta bits (rank order)", enc.encode_logprobs(flat_lp, counts, layout="grid-delta")
-        )
-        target_blob = enc.encode_target_logprob(w.target_logprob)
-        add("target_logprob/grid bits", target_blob)
-        input_blob = enc.encode_uints(w.input_ids, width=width_v)
-        add("input_ids/vocab bits", input_blob)
-        add("segment_starts/gaps bits", enc.encode_segment_starts(w.segment_starts, rows))
-        # round trips: ids exact, log-probs within the grid, tails exact
-        if not (enc.decode_ids(ids_blob, counts, vocab) == flat_ids[order]).all():
-            raise AssertionError("ids did not round-trip")
-        got_lp, tail = enc.decode_logprobs(lp_blob, counts)
-        ref = flat_lp[order].astype(np.float64)
-        err = np.abs(got_lp - ref)
-        errors["max_logprob_error"] = max(errors["max_logprob_error"], float(err.max()))
-        big = ref >= np.log(1e-4)
-        if big.any():
-            errors["max_logprob_error_p_ge_1e-4"] = max(
-                errors["max_logprob_error_p_ge_1e-4"], float(err[big].max())
-            )
-        true_tail = 1 - np.exp(w.logprobs.astype(np.float64)).sum(1)
-        errors["max_tail_error"] = max(errors["max_tail_error"], float(np.abs(tail - true_tail).max()))
-        # decoding speed: the compact top-K columns of one window, one core
-        best = float("inf")
-        for _ in range(7):  # the fastest of several runs: the machine may be shared
+def _windows(cache: Path) -> list:
+    from longkd.cache.reader import CacheReader
+
+    with CacheReader(str(cache)) as reader:
+        return list(reader.iter_windows())
+
+
+def _by_id(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by id (padding, id -1, first), so caches that store another order compare."""
+    order = np.argsort(ids, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(logprobs, order, 1)
+
+
+def logprob_errors(plain: list, compact: list) -> dict[str, float]:
+    """The largest |log-prob| differences of ``compact`` against ``plain`` (same teacher, same
+    windows), matched by id within each row; ids the compact rows dropped (adaptive) are not
+    compared, ids it holds that the plain rows lack are an error."""
+    worst = {"max_logprob_error": 0.0, "max_logprob_error_all": 0.0, "max_target_error": 0.0}
+    for a, b in zip(plain, compact, strict=True):
+        a_ids, a_lp = _by_id(a.ids, a.logprobs)
+        for t in range(a_ids.shape[0]):
+            keep = b.ids[t] >= 0
+            cols = np.searchsorted(a_ids[t], b.ids[t][keep])
+            found = a_ids[t][np.minimum(cols, a_ids.shape[1] - 1)]
+            if np.any(cols >= a_ids.shape[1]) or np.any(found != b.ids[t][keep]):
+                raise LongkdError(f"window {a.window_id} row {t}: compact ids are not among the plain ids")
+            err = np.abs(a_lp[t][cols].astype(np.float64) - b.logprobs[t][keep])
+            big = a_lp[t][cols] >= np.log(P_MIN)
+            worst["max_logprob_error_all"] = max(worst["max_logprob_error_all"], float(err.max(initial=0)))
+            worst["max_logprob_error"] = max(worst["max_logprob_error"], float(err[big].max(initial=0)))
+        real = ~np.isnan(a.target_logprob)
+        diff = np.abs(a.target_logprob[real].astype(np.float64) - b.target_logprob[real])
+        worst["max_target_error"] = max(worst["max_target_error"], float(diff.max(initial=0)))
+    return worst
+
+
+def _batch(windows: list):
+    import torch
+
+    ids = torch.from_numpy(np.stack([w.input_ids for w in windows]).astype(np.int64))
+    pos = torch.from_numpy(np.stack([w.position_ids for w in windows]).astype(np.int64))
+    return ids, pos
+
+
+def _padded(windows: list) -> tuple:
+    """teacher ids / log-probs of ``windows`` padded to one K: int64 / float32 [B, W, K]."""
+    import torch
+
+    k = max(w.ids.shape[1] for w in windows)
+    ids = np.full((len(windows), windows[0].ids.shape[0], k), -1, np.int64)
+    lp = np.full(ids.shape, -np.inf, np.float32)
+    for b, w in enumerate(windows):
+        ids[b, :, : w.ids.shape[1]] = w.ids
+        lp[b, :, : w.ids.shape[1]] = w.logprobs
+    return torch.from_numpy(ids), torch.from_numpy(lp)
+
+
+def _row_mask(windows: list):
+    import torch
+
+    return torch.from_numpy(np.stack([~np.isnan(w.target_logprob) for w in windows]))
+
+
+def students(teacher_dir: Path, plain: list, seed: int = 0) -> dict:
+    """Two fixed students of the teacher's shape: untrained, and half-trained: distilled
+    (bucket sparse KL, AdamW) on the plain cache's windows until its loss is half the untrained
+    one's (at most ``STUDENT_STEPS`` steps). A student that matched the teacher would make the
+    relative error meaningless: its loss would be the size of the rounding itself."""
+    import copy
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from longkd import sparse_kl_loss
+
+    torch.manual_seed(seed + 1)
+    untrained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(teacher_dir)).float()
+    trained = copy.deepcopy(untrained)
+    ids, pos = _batch(plain)
+    t_ids, t_lp = _padded(plain)
+    mask = _row_mask(plain)
+    opt = torch.optim.AdamW(trained.parameters(), lr=3e-3)
+    first = None
+    for _ in range(STUDENT_STEPS):
+        logits = trained(input_ids=ids, position_ids=pos).logits
+        loss = sparse_kl_loss(logits, t_ids, t_lp, mask=mask, mode="bucket")
+        first = float(loss) if first is None else first
+        if float(loss) <= first / 2:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {"untrained": untrained.eval(), "half-trained": trained.eval()}
+
+
+def bucket_losses(models: dict, windows: list) -> dict[str, float]:
+    """The bucket sparse KL of each student against ``windows``' rows (mean over real rows)."""
+    import torch
+
+    from longkd import sparse_kl_loss
+
+    ids, pos = _batch(windows)
+    t_ids, t_lp = _padded(windows)
+    mask = _row_mask(windows)
+    out = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            logits = model(input_ids=ids, position_ids=pos).logits.float()
+            out[name] = float(sparse_kl_loss(logits, t_ids, t_lp, mask=mask, mode="bucket"))
+    return out
+
+
+def decode_speed(cache: Path, repeats: int = 5) -> float:
+    """Tokens/s on one thread: the reader end to end (Arrow read, zstd, checks, decode, dense
+    view), fastest of ``repeats`` passes over every window."""
+    from longkd.cache.reader import CacheReader
+
+    _, tokens = cache_bytes(cache)
+    best = float("inf")
+    for _ in range(repeats):
+        with CacheReader(str(cache)) as reader:
             start = time.perf_counter()
-            enc.decode_ids(ids_blob, counts, vocab)
-            enc.decode_logprobs(lp_blob, counts)
-            enc.decode_target_logprob(target_blob, rows)
-            enc.decode_uints(input_blob, rows, "input_ids", limit=vocab)
+            for _ in reader.iter_windows():
+                pass
             best = min(best, time.perf_counter() - start)
-        decode_seconds += best
-        # mass-adaptive rows
-        keep = enc.select_entry_counts(w.logprobs, cap=k, min_mass=min_mass)
-        adaptive_entries += int(keep.sum())
-        a_ids, a_lp = enc.ragged_from_dense(w.ids, keep), enc.ragged_from_dense(w.logprobs, keep)
-        a_blob, a_order = enc.encode_ids(a_ids, keep, vocab)
-        add("adaptive/ids delta bits", a_blob)
-        add("adaptive/logprobs grid-max bits", enc.encode_logprobs(a_lp[a_order], keep))
-        add("adaptive/entry counts bits", enc.encode_uints(keep))
-        add("adaptive/row_splits plain", np.concatenate([[0], np.cumsum(keep)]).astype("<i4").tobytes())
-        # sampled rows
-        s = w.sampled
-        add("sampled/ids plain", s["ids"].astype("<i4").tobytes())
-        add("sampled/counts plain uint16", s["counts"].astype("<u2").tobytes())
-        add(
-            "sampled/row_splits plain",
-            np.concatenate([[0], np.cumsum(s["entry_counts"])]).astype("<i4").tobytes(),
-        )
-        add("sampled/ids delta bits", enc.encode_ids(s["ids"], s["entry_counts"], vocab)[0])
-        add("sampled/counts bytes", enc.encode_uints(s["counts"], packing="bytes", offset=1))
-        add("sampled/counts bits", enc.encode_uints(s["counts"], offset=1))
-        add("sampled/entry counts bits", enc.encode_uints(s["entry_counts"]))
-    bpt = {name: size / tokens for name, size in sizes.items()}
-    common_plain = bpt["input_ids/plain"] + bpt["segment_starts/plain"] + bpt["target_logprob/plain"]
-    common_compact = (
-        bpt["input_ids/vocab bits"] + bpt["segment_starts/gaps bits"] + bpt["target_logprob/grid bits"]
+    return tokens / best
+
+
+def codec_decode_speed(cache: Path, repeats: int = 5) -> float:
+    """Tokens/s on one thread of the column decoding alone: every window's record batch already
+    read and decompressed, then ``read_columns`` (the codecs) and the dense [W, K] view;
+    fastest of ``repeats`` passes."""
+    import pyarrow as pa
+
+    from longkd.cache.column_codecs import ColumnCodecs
+    from longkd.cache.rows import dense_rows, read_columns
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    codecs, mode = ColumnCodecs.of(manifest), manifest["selection"]["mode"]
+    batches = []
+    for shard in manifest["shards"]:
+        with pa.memory_map(str(cache / shard["path"])) as source:
+            file = pa.ipc.open_file(source)
+            batches += [file.get_batch(i) for i in range(file.num_record_batches)]
+    _, tokens = cache_bytes(cache)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in batches:
+            for row in range(batch.num_rows):
+                dense_rows(read_columns(batch, row, mode, codecs), manifest["window"], manifest["selection"])
+        best = min(best, time.perf_counter() - start)
+    return tokens / best
+
+
+def entropy(teacher_dir: Path, windows: list, temperature: float = 1.0) -> float:
+    """Mean entropy (nats) of the teacher's full next-token distributions at ``temperature``
+    on ``windows``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).float().eval()
+    ids, pos = _batch(windows)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, position_ids=pos).logits.double() / temperature, -1)
+    return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+def measure_teacher(teacher: Path, data: Path, work: Path, args, temperature: float = 1.0) -> dict:
+    """Every cache of one teacher (stored at ``temperature``) and its numbers (the JSON's keys
+    for that teacher)."""
+    builds = {
+        "plain_topk64": ("--top-k", "64", "--encoding", "plain"),
+        "compact_topk64": ("--top-k", "64", "--encoding", "compact"),
+        "compact_topk64_zstd3": ("--top-k", "64", "--encoding", "compact", "--compression-level", "3"),
+        "adaptive": ("--top-k", "64", "--min-mass", str(args.min_mass), "--encoding", "compact"),
+        "plain_sampled64": ("--sample-draws", "64", "--encoding", "plain"),
+        "sampled64": ("--sample-draws", "64", "--encoding", "compact"),
+    }
+    caches = {}
+    for name, flags in builds.items():
+        start = time.perf_counter()
+        caches[name] = _build(teacher, data, work / name, args, "--temperature", str(temperature), *flags)
+        print(f"  built {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    result: dict = {"bytes_per_token": {}, "columns": {}}
+    for name, cache in caches.items():
+        size, tokens = cache_bytes(cache)
+        result["bytes_per_token"][name] = size / tokens
+        result["columns"][name] = {col: b / tokens for col, b in column_bytes(cache, args.zstd_level).items()}
+    plain = _windows(caches["plain_topk64"])
+    compact, adaptive = _windows(caches["compact_topk64"]), _windows(caches["adaptive"])
+    errors = logprob_errors(plain, compact)
+    adaptive_errors = logprob_errors(plain, adaptive)
+    models = students(teacher, plain)
+    ref = bucket_losses(models, plain)
+    rel = {}
+    for name, windows in (("compact_topk64", compact), ("adaptive", adaptive)):
+        got = bucket_losses(models, windows)
+        rel[name] = {s: abs(got[s] - ref[s]) / abs(ref[s]) for s in ref}
+    entries = [int((w.ids >= 0).sum()) for w in adaptive]
+    real_rows = sum(w.ids.shape[0] for w in adaptive)
+    bpt = result["bytes_per_token"]
+    result.update(
+        {
+            "teacher_entropy": entropy(teacher, plain, temperature),
+            "temperature": temperature,
+            "plain_topk64_bpt": bpt["plain_topk64"],
+            "compact_topk64_bpt": bpt["compact_topk64"],
+            "compact_topk64_zstd3_bpt": bpt["compact_topk64_zstd3"],
+            "adaptive_bpt": bpt["adaptive"],
+            "adaptive_mean_entries": sum(entries) / real_rows,
+            "sampled64_bpt": bpt["sampled64"],
+            "plain_sampled64_bpt": bpt["plain_sampled64"],
+            "max_logprob_error": errors["max_logprob_error"],
+            "max_logprob_error_all": errors["max_logprob_error_all"],
+            "max_target_logprob_error": errors["max_target_error"],
+            "adaptive_max_logprob_error": adaptive_errors["max_logprob_error"],
+            "bucket_loss_rel_error": max(max(v.values()) for v in rel.values()),
+            "bucket_loss_rel_errors": rel,
+            "bucket_losses_plain": ref,
+            "decode_tokens_per_s_one_core": codec_decode_speed(caches["compact_topk64"]),
+            "plain_decode_tokens_per_s_one_core": codec_decode_speed(caches["plain_topk64"]),
+            "reader_tokens_per_s_one_core": decode_speed(caches["compact_topk64"]),
+            "plain_reader_tokens_per_s_one_core": decode_speed(caches["plain_topk64"]),
+        }
     )
-    totals = {
-        "plain_topk_bpt": common_plain + bpt["ids/plain"] + bpt["logprobs/plain float32"],
-        "compact_topk_bpt": common_compact + bpt["ids/delta bits"] + bpt["logprobs/grid-max bits"],
-        "adaptive_bpt": common_compact
-        + bpt["adaptive/ids delta bits"]
-        + bpt["adaptive/logprobs grid-max bits"]
-        + bpt["adaptive/entry counts bits"],
-        "sampled_plain_bpt": common_plain
-        + bpt["sampled/ids plain"]
-        + bpt["sampled/counts plain uint16"]
-        + bpt["sampled/row_splits plain"],
-        "sampled_compact_bpt": common_compact
-        + bpt["sampled/ids delta bits"]
-        + min(bpt["sampled/counts bytes"], bpt["sampled/counts bits"])
-        + bpt["sampled/entry counts bits"],
-    }
-    return {
-        "tokens": tokens,
-        "k": int(windows[0].ids.shape[1]),
-        "vocab": vocab,
-        "zstd_level": level,
-        "min_mass": min_mass,
-        "mean_entropy": float(np.mean([w.entropy.mean() for w in windows])),
-        "columns": bpt,
-        "totals": totals,
-        "errors": errors,
-        "adaptive_mean_entries": adaptive_entries / tokens,
-        "sampled_mean_entries": float(np.mean([w.sampled["entry_counts"].mean() for w in windows])),
-        "decode_tokens_per_s_one_core": tokens / decode_seconds,
-    }
+    return result
 
 
 def table(result: dict) -> str:
-    """The measurement as markdown: one line per column encoding, then the totals."""
-    lines = ["| column / encoding | bytes/token |", "|---|---:|"]
-    lines += [f"| {name} | {value:.2f} |" for name, value in result["columns"].items()]
-    lines += [f"| **{name}** | **{value:.2f}** |" for name, value in result["totals"].items()]
-    extra = {k: v for k, v in result.items() if k not in ("columns", "totals")}
-    return "\n".join(lines) + "\n\n" + json.dumps(extra, indent=1)
+    """The headline numbers of both teachers as a markdown table, then the per-column bytes."""
+    teachers = ("text", "text_sharp", "random")
+    keys = [k for k, v in result["text"].items() if isinstance(v, float)]
+    lines = ["| measure | " + " | ".join(teachers) + " |", "|---|" + "---:|" * len(teachers)]
+    lines += [f"| {k} | " + " | ".join(f"{result[t][k]:.4g}" for t in teachers) + " |" for k in keys]
+    for teacher in teachers:
+        lines += ["", f"Bytes/token per column, {teacher} teacher:", ""]
+        caches = result[teacher]["columns"]
+        names = sorted({c for cols in caches.values() for c in cols})
+        lines += ["| column | " + " | ".join(caches) + " |", "|---|" + "---:|" * len(caches)]
+        for col in names:
+            row = [f"{caches[c][col]:.2f}" if col in caches[c] else "" for c in caches]
+            lines.append(f"| {col} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def default_teacher() -> Path:
+    """The text teacher of the default settings, if trained (``python -m longkd.tools.text_teacher``)."""
+    from longkd.tools import text_teacher as tt
+
+    return tt.cached_dir(tt.TextTeacherSpec(), "~/.cache/longkd/text-teacher")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m longkd.tools.bench_encoding", description=__doc__.split("\n\n")[0]
+        prog="python -m longkd.tools.bench_encoding",
+        description="Build plain, compact, adaptive and sampled caches of a text teacher and of a "
+        "random teacher of the same shape with `longkd cache build`, and print bytes per token, "
+        "per-column bytes, log-prob and bucket-loss errors, and decoding speed.",
     )
-    p.add_argument("--teacher", help="a trained text teacher's directory (default: random rows)")
-    p.add_argument("--windows", type=int, default=4)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=32000, help="random rows only")
-    p.add_argument("--top-k", type=int, default=64)
-    p.add_argument("--draws", type=int, default=64)
-    p.add_argument("--min-mass", type=float, default=0.999)
-    p.add_argument("--zstd-level", type=int, default=1)
-    p.add_argument("--json", help="also write the result here")
+    p.add_argument(
+        "--teacher",
+        help="a trained text teacher's directory (default: the one "
+        "`python -m longkd.tools.text_teacher` trains under ~/.cache/longkd/text-teacher)",
+    )
+    p.add_argument("--windows", type=int, default=16, help="windows per cache (default: 16)")
+    p.add_argument("--window", type=int, default=512, help="W (default: 512, the teacher's context)")
+    p.add_argument("--min-mass", type=float, default=0.999, help="adaptive rows' covered mass (0.999)")
+    p.add_argument(
+        "--sharp-temperature",
+        type=float,
+        default=0.5,
+        help="also cache the text teacher at this temperature: peaked rows like a better-trained "
+        "teacher's (default: 0.5)",
+    )
+    p.add_argument("--zstd-level", type=int, default=1, help="the caches' zstd level (default: 1)")
+    p.add_argument("--work", help="keep the caches here (default: a temporary directory, removed)")
+    p.add_argument("--json", help="also write every number here")
     args = p.parse_args(argv)
-    if args.teacher:
-        windows = teacher_windows(args.teacher, args.windows, args.window, args.top_k, args.draws)
-        from transformers import AutoConfig
+    teacher = Path(args.teacher).expanduser() if args.teacher else default_teacher()
+    if not (teacher / "metrics.json").is_file():
+        raise SystemExit(
+            f"error: no trained text teacher at {teacher}; "
+            "train it with `python -m longkd.tools.text_teacher`"
+        )
+    import torch
 
-        vocab = AutoConfig.from_pretrained(args.teacher).vocab_size
-    else:
-        windows = random_windows(args.windows, args.window, args.vocab, args.top_k, args.draws)
-        vocab = args.vocab
-    result = measure(windows, vocab, args.zstd_level, args.min_mass)
-    result["rows"] = args.teacher or "random logits N(0, 1)"
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="longkd-bench-") as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        data = heldout_dataset(teacher, work / "heldout.jsonl")
+        result = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "work")}}
+        result["settings"]["teacher"] = str(teacher)
+        print("text teacher:", file=sys.stderr)
+        result["text"] = measure_teacher(teacher, data, work / "text", args)
+        print(f"text teacher at T = {args.sharp_temperature}:", file=sys.stderr)
+        sharp = args.sharp_temperature
+        result["text_sharp"] = measure_teacher(teacher, data, work / "text-sharp", args, sharp)
+        print("random teacher:", file=sys.stderr)
+        rand = random_teacher(teacher, work / "random-teacher")
+        result["random"] = measure_teacher(rand, data, work / "random", args)
+    headline = {k: v for k, v in result["text"].items() if not isinstance(v, dict)}
+    for name in ("text_sharp", "random"):
+        headline[f"{name}_teacher"] = {k: v for k, v in result[name].items() if not isinstance(v, dict)}
+    result = {**headline, **result}
     print(table(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 
