@@ -201,8 +201,9 @@ def students(teacher_dir: Path, plain: list, seed: int = 0) -> dict:
     for _ in range(STUDENT_STEPS):
         logits = trained(input_ids=ids, position_ids=pos).logits
         loss = sparse_kl_loss(logits, t_ids, t_lp, mask=mask, mode="bucket")
-        first = float(loss) if first is None else first
-        if float(loss) <= first / 2:
+        value = loss.item()
+        first = value if first is None else first
+        if value <= first / 2:
             break
         opt.zero_grad()
         loss.backward()

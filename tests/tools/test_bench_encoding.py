@@ -1,0 +1,64 @@
+"""tools/bench_encoding.py's measurements on tiny caches built here: per-column bytes against
+the shard files, log-prob errors and bucket losses of compact against plain caches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from longkd.tools import bench_encoding as bench
+from tests.helpers import build_cache, write_random_text
+
+VOCAB, W = 300, 32
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_model_dir, tmp_path_factory):
+    teacher = tiny_model_dir("llama", vocab_size=VOCAB, hidden_size=32, num_layers=1, seed=7)
+    root = tmp_path_factory.mktemp("bench")
+    data = write_random_text(root / "d.jsonl", samples=40, vocab=VOCAB, lengths=(5, 40), seed=3)
+    made = {"teacher": teacher}
+    for name, encoding in (("plain", "plain"), ("compact", "compact")):
+        made[name] = build_cache(
+            teacher, data, root / name, window=W, top_k=16, max_windows=6, encoding=encoding, temperature=0.3
+        )
+    return made
+
+
+def test_column_bytes_account_for_the_shard_files(caches):
+    for name in ("plain", "compact"):
+        size, tokens = bench.cache_bytes(caches[name])
+        assert tokens == 6 * W
+        columns = bench.column_bytes(caches[name], level=1)
+        assert {"ids", "input_ids", "target_logprob", "checksum"} <= set(columns)
+        # each column alone carries its own per-batch framing, so the parts exceed the file a little
+        assert 0.8 * size < sum(columns.values()) < 2.0 * size
+    assert bench.column_bytes(caches["compact"], 1)["ids"] < bench.column_bytes(caches["plain"], 1)["ids"]
+
+
+def test_compact_log_probs_are_within_1_128_nat_of_plain(caches):
+    plain, compact = bench._windows(caches["plain"]), bench._windows(caches["compact"])
+    errors = bench.logprob_errors(plain, compact)
+    assert 0 < errors["max_logprob_error_all"] <= 1 / 128
+    assert errors["max_target_error"] <= 1 / 128
+    assert bench.logprob_errors(plain, plain)["max_logprob_error_all"] == 0
+
+
+def test_logprob_errors_refuses_ids_the_plain_rows_lack(caches):
+    plain, compact = bench._windows(caches["plain"]), bench._windows(caches["compact"])
+    compact[0].ids[3, 0] = (int(compact[0].ids[3].max()) + 1) % VOCAB
+    while compact[0].ids[3, 0] in plain[0].ids[3]:
+        compact[0].ids[3, 0] = (compact[0].ids[3, 0] + 1) % VOCAB
+    with pytest.raises(Exception, match="not among the plain ids"):
+        bench.logprob_errors(plain, compact)
+
+
+def test_bucket_losses_of_compact_rows_stay_close_to_plain(caches):
+    plain, compact = bench._windows(caches["plain"]), bench._windows(caches["compact"])
+    models = bench.students(caches["teacher"], plain)
+    ref, got = bench.bucket_losses(models, plain), bench.bucket_losses(models, compact)
+    assert set(ref) == {"untrained", "half-trained"}
+    assert ref["half-trained"] < ref["untrained"]
+    for name in ref:
+        assert abs(got[name] - ref[name]) <= 1e-2 * ref[name]
+    assert np.isfinite(bench.codec_decode_speed(caches["compact"], repeats=1))
