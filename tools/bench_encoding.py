@@ -95,11 +95,12 @@ def cache_bytes(cache: Path) -> tuple[int, int]:
     return size, windows * int(manifest["window"])
 
 
-def column_bytes(cache: Path, level: int) -> dict[str, int]:
-    """Each column's bytes when written alone into an Arrow file with zstd at ``level``."""
+def column_bytes(cache: Path) -> dict[str, int]:
+    """Each column's bytes when written alone into an Arrow file with zstd at the cache's level."""
     import pyarrow as pa
 
     manifest = json.loads((cache / "manifest.json").read_text())
+    level = int(manifest["encoding"].get("compression_level", 1))
     options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=level))
     sizes: dict[str, int] = {}
     for shard in manifest["shards"]:
@@ -304,7 +305,7 @@ def measure_teacher(teacher: Path, data: Path, work: Path, args, temperature: fl
     for name, cache in caches.items():
         size, tokens = cache_bytes(cache)
         result["bytes_per_token"][name] = size / tokens
-        result["columns"][name] = {col: b / tokens for col, b in column_bytes(cache, args.zstd_level).items()}
+        result["columns"][name] = {col: b / tokens for col, b in column_bytes(cache).items()}
     plain = _windows(caches["plain_topk64"])
     compact, adaptive = _windows(caches["compact_topk64"]), _windows(caches["adaptive"])
     errors = logprob_errors(plain, compact)

@@ -29,11 +29,11 @@ def test_column_bytes_account_for_the_shard_files(caches):
     for name in ("plain", "compact"):
         size, tokens = bench.cache_bytes(caches[name])
         assert tokens == 6 * W
-        columns = bench.column_bytes(caches[name], level=1)
+        columns = bench.column_bytes(caches[name])
         assert {"ids", "input_ids", "target_logprob", "checksum"} <= set(columns)
         # each column alone carries its own per-batch framing, so the parts exceed the file a little
         assert 0.8 * size < sum(columns.values()) < 2.0 * size
-    assert bench.column_bytes(caches["compact"], 1)["ids"] < bench.column_bytes(caches["plain"], 1)["ids"]
+    assert bench.column_bytes(caches["compact"])["ids"] < bench.column_bytes(caches["plain"])["ids"]
 
 
 def test_compact_log_probs_are_within_1_128_nat_of_plain(caches):
