@@ -26,7 +26,7 @@ dense view) on one thread, and the column decoding alone (``decode_tokens_per_s_
 record batches already in memory, then the codecs and the dense view).
 
     python -m longkd.tools.text_teacher                        # once: trains the text teacher
-    python -m longkd.tools.bench_encoding --json bench.json    # ~5 minutes on 2 CPU cores
+    python -m longkd.tools.bench_encoding --json bench.json    # ~12 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
