@@ -11,7 +11,7 @@ import pytest
 
 from longkd.cache import encodings as enc
 from longkd.cache import format as fmt
-from longkd.cache.manifest import build_manifest, load_manifest, write_manifest
+from longkd.cache.manifest import load_manifest
 from longkd.cache.reader import CacheReader
 from longkd.cache.rows import dense_rows, read_columns, window_record_batch
 from longkd.cache.storage import Location
@@ -19,7 +19,7 @@ from longkd.cache.teacher import SelectionConfig, TeacherRows, adaptive_rows
 from longkd.cache.verify import verify_cache
 from longkd.cache.writer import ShardWriter
 from longkd.errors import LongkdError
-from tests.cache.test_format import log_softmax, make_topk_rows, make_window
+from tests.cache.test_format import finish_synthetic_cache, log_softmax, make_topk_rows, make_window
 
 
 def reference_counts(logprobs: np.ndarray, k: int, min_mass, min_prob) -> np.ndarray:
@@ -131,21 +131,14 @@ def write_adaptive_cache(out, rows_fn, *, w=16, vocab=40, k=8, selection=None, l
     window = make_window(rng, 0, w, vocab)
     rows = rows_fn(rng, window)
     writer.put(window, rows)
-    shards = writer.close()
-    write_manifest(
+    finish_synthetic_cache(
         loc,
-        build_manifest(
-            teacher={},
-            tokenizer={"size": vocab, "fingerprint": "synthetic"},
-            embedding_size=vocab,
-            window=w,
-            packing={},
-            selection=selection or {"mode": "adaptive", "k": k, "min_mass": 0.9, "min_prob": None},
-            temperature=1.0,
-            encoding={"logprobs": logprob_dtype},
-            dataset={},
-            shards=[s.to_dict() for s in shards],
-        ),
+        writer,
+        w=w,
+        vocab=vocab,
+        selection=selection or {"mode": "adaptive", "k": k, "min_mass": 0.9, "min_prob": None},
+        encoding={"logprobs": logprob_dtype},
+        samples=1,
     )
     return out
 

@@ -15,14 +15,14 @@ import pytest
 from longkd.cache import format as fmt
 from longkd.cache.column_codecs import ColumnCodecs, renormalise
 from longkd.cache.encodings import decode_logprobs, encode_logprobs
-from longkd.cache.manifest import build_manifest, load_manifest, write_manifest
+from longkd.cache.manifest import load_manifest
 from longkd.cache.reader import CacheReader
 from longkd.cache.rows import BadShard, RowRules, dense_rows, read_columns, window_record_batch
 from longkd.cache.storage import Location
 from longkd.cache.verify import verify_cache
 from longkd.cache.writer import ShardWriter
 from longkd.errors import LongkdError
-from tests.cache.test_format import make_sampled_rows, make_topk_rows, make_window
+from tests.cache.test_format import finish_synthetic_cache, make_sampled_rows, make_topk_rows, make_window
 
 GRID = 1 / 64  # target_logprob's grid: rounding <= GRID / 2
 LOGPROB_ERROR = 1 / 128  # what longkd's grid-max log-probs read back within (snap_to_grid)
@@ -380,25 +380,11 @@ def write_compact_cache(out, n=4, w=16, vocab=50, k=5):
     for i in range(n):
         window = make_window(rng, i, w, vocab)
         writer.put(window, make_topk_rows(rng, window, vocab, k))
-    shards = writer.close()
-    manifest = build_manifest(
-        teacher={"name_or_path": "synthetic"},
-        tokenizer={"fingerprint": "x", "size": vocab},
-        embedding_size=vocab,
-        window=w,
-        packing={"position_mode": "continuous", "stats": {"efficiency": 1.0}},
-        selection={"mode": "topk", "k": k},
-        temperature=1.0,
-        encoding={
-            "ids": "int32",
-            "logprobs": "float32",
-            "compression": "zstd",
-            "columns": codecs.manifest_entry(),
-        },
-        dataset={"source": "synthetic", "fingerprint": "y", "samples": n},
-        shards=[s.to_dict() for s in shards],
+    encoding = {"ids": "int32", "logprobs": "float32", "compression": "zstd"}
+    encoding["columns"] = codecs.manifest_entry()
+    finish_synthetic_cache(
+        loc, writer, w=w, vocab=vocab, selection={"mode": "topk", "k": k}, encoding=encoding, samples=n
     )
-    write_manifest(loc, manifest)
     return loc
 
 

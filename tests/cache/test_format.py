@@ -74,6 +74,28 @@ def make_sampled_rows(rng, window, vocab: int, draws: int):
     )
 
 
+def finish_synthetic_cache(loc, writer, *, w, vocab, selection, encoding=None, samples=0):
+    """Close ``writer`` and write the manifest of a synthetic cache (one place for the fields
+    a test does not care about); returns the shard entries."""
+    shards = writer.close()
+    write_manifest(
+        loc,
+        build_manifest(
+            teacher={"name_or_path": "synthetic"},
+            tokenizer={"fingerprint": "x", "size": vocab},
+            embedding_size=vocab,
+            window=w,
+            packing={"position_mode": "continuous", "stats": {"efficiency": 1.0}},
+            selection=selection,
+            temperature=1.0,
+            encoding=encoding or {"ids": "int32", "logprobs": "float32", "compression": "zstd"},
+            dataset={"source": "synthetic", "fingerprint": "y", "samples": samples},
+            shards=[s.to_dict() for s in shards],
+        ),
+    )
+    return shards
+
+
 def write_synthetic_cache(
     out, *, n=6, w=32, vocab=50, k=5, mode="topk", draws=16, logprob_dtype="float32", shard_size=4000, seed=0
 ):
@@ -92,21 +114,9 @@ def write_synthetic_cache(
         writer.put(win, r)
         windows.append(win)
         rows.append(r)
-    shards = writer.close()
     selection = {"mode": "topk", "k": k} if mode == "topk" else {"mode": "sampled", "draws": draws}
-    manifest = build_manifest(
-        teacher={"name_or_path": "synthetic"},
-        tokenizer={"fingerprint": "x", "size": vocab},
-        embedding_size=vocab,
-        window=w,
-        packing={"position_mode": "continuous", "stats": {"efficiency": 1.0}},
-        selection=selection,
-        temperature=1.0,
-        encoding={"ids": "int32", "logprobs": logprob_dtype, "compression": "zstd", "compression_level": 1},
-        dataset={"source": "synthetic", "fingerprint": "y", "samples": n},
-        shards=[s.to_dict() for s in shards],
-    )
-    write_manifest(loc, manifest)
+    encoding = {"ids": "int32", "logprobs": logprob_dtype, "compression": "zstd", "compression_level": 1}
+    finish_synthetic_cache(loc, writer, w=w, vocab=vocab, selection=selection, encoding=encoding, samples=n)
     return loc, windows, rows
 
 

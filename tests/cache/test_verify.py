@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from longkd.cache.manifest import build_manifest, write_manifest
 from longkd.cache.storage import Location
 from longkd.cache.verify import verify_cache
 from longkd.cache.writer import ShardWriter
 from longkd.cli import main
+from tests.cache.test_format import finish_synthetic_cache
 from tests.helpers import build_cache, read_manifest, write_random_text
 
 
@@ -105,23 +105,8 @@ def _synthetic(tmp_path, rows_fn, mode="topk", w=8, vocab=20, k=3, draws=4):
         segment_starts=np.array([0], np.int32),
     )
     writer.put(window, rows_fn(w, vocab, k, draws))
-    shards = writer.close()
     selection = {"mode": mode, "k": k} if mode == "topk" else {"mode": mode, "draws": draws}
-    write_manifest(
-        loc,
-        build_manifest(
-            teacher={},
-            tokenizer={"size": vocab, "fingerprint": "synthetic"},
-            embedding_size=vocab,
-            window=w,
-            packing={},
-            selection=selection,
-            temperature=1.0,
-            encoding={"logprobs": "float32"},
-            dataset={},
-            shards=[s.to_dict() for s in shards],
-        ),
-    )
+    finish_synthetic_cache(loc, writer, w=w, vocab=vocab, selection=selection, samples=1)
     return verify_cache(tmp_path / "syn")
 
 
