@@ -101,7 +101,7 @@ def snap_to_grid(
     ``x + u``, and the decoder's shift ``s(u)`` brings it back. The row's decoded error is
     smallest where its mass-weighted rounding error is 0, i.e. where ``u = -s(u)``; such a
     ``u`` exists in every row (the weighted error is a sawtooth in ``u`` whose jumps all go up
-    and whose mean over one grid step is 0). Three Newton steps ``u <- -s(u)`` find it in
+    and whose mean over one grid step is 0). From ``u = 0``, two Newton steps ``u <- -s(u)`` find it in
     most rows; a row still above ``max_error`` then tries ``candidates`` offsets spread over
     one grid step and keeps the first within ``max_error``, or the best. On a grid of
     ``steps`` = 68 the rounding alone errs by at most 1/136 nat, which leaves the shift room
@@ -130,9 +130,9 @@ def snap_to_grid(
     best_err = np.full(len(counts), np.inf)
     todo = np.ones(len(counts), bool)  # rows not yet within max_error
     u = np.zeros(len(counts))
-    for i in range(3 + candidates):
-        if i >= 3:  # offsets 0, +1, -1, +2, ... / (candidates * steps)
-            j = i - 3
+    for i in range(2 + candidates):  # u = 0 (i = 0) counts as the first candidate offset
+        if i >= 3:  # offsets +1, -1, +2, ... / (candidates * steps)
+            j = i - 2
             u[todo] = (j + 1) // 2 * (1 if j % 2 else -1) / (candidates * steps)
         a, err, shift = _snapped_rows(x, rows, counts, tail, u, todo, steps)
         sub_rows = np.repeat(np.arange(int(todo.sum())), counts[todo])
