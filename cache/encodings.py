@@ -143,11 +143,12 @@ def shuffle_bytes(values: np.ndarray, itemsize: int) -> np.ndarray:
 
 
 def unshuffle_bytes(data: np.ndarray, count: int, itemsize: int) -> np.ndarray:
-    """Inverse of :func:`shuffle_bytes`: uint32[count]."""
+    """Inverse of :func:`shuffle_bytes`: ``uint{8 * itemsize}[count]`` (uint8, uint16 or uint32)."""
     planes = data.reshape(itemsize, count)
-    out = planes[0].astype(np.uint32)
-    for b in range(1, itemsize):  # one shift-or per plane: no strided transpose
-        out |= planes[b].astype(np.uint32) << np.uint32(8 * b)
+    out = planes[itemsize - 1].astype(f"u{itemsize}")
+    for b in range(itemsize - 2, -1, -1):  # shift in one plane at a time: no strided transpose
+        out <<= 8
+        out |= planes[b]
     return out
 
 
@@ -232,8 +233,9 @@ class _Sections:
         return out
 
     def ints(self, name: str, count: int | None = None) -> tuple[np.ndarray, int]:
-        """The next section's integers as uint32, and the sentinel its width reserves
-        (``2 ** width - 1``, or the itemsize's maximum for byte-shuffled sections)."""
+        """The next section's integers (uint32 when bit-packed; uint8, uint16 or uint32 by
+        itemsize when byte-shuffled), and the sentinel its width reserves (``2 ** width - 1``,
+        or the itemsize's maximum for byte-shuffled sections)."""
         kind, n = self._head(name, count)
         if kind <= MAX_WIDTH:
             return unpack_bits(self._payload(name, -(-n * kind // 8)), n, kind), (1 << kind) - 1
@@ -442,14 +444,21 @@ def decode_ids(blob: bytes, counts: np.ndarray, vocab_size: int) -> np.ndarray:
     gaps, _ = sections.ints("gaps", int(counts.sum()))
     sections.done()
     if _uniform(counts):  # fixed top-K: rows are the rows of an [R, K] array
-        ids = gaps.view(np.int32).reshape(len(counts), -1)
-        ids[:, 1:] += 1
-        np.cumsum(ids, axis=1, out=ids)
-        ids = ids.reshape(-1)
-    else:
-        increments = gaps.astype(np.int64)
-        increments += ~_row_firsts(counts)
-        ids = _segmented_cumsum(increments, counts)
+        k = int(counts[0])
+        # int32 cannot overflow when every gap fits 16 bits and K < 2**15
+        wide = gaps.dtype.itemsize > 2 or k >= 2**15
+        ids = np.cumsum(gaps.reshape(len(counts), k), axis=1, dtype=np.int64 if wide else np.int32)
+        ids += np.arange(k, dtype=ids.dtype)  # each gap after a row's first is stored minus 1
+        largest = ids[:, -1]  # rows ascend: the last id is the row's largest
+        if largest.max() >= vocab_size:
+            row = int(np.argmax(largest >= vocab_size))
+            raise sections.fail(
+                f"row {row}: an id decodes to {int(largest[row])}, beyond the vocabulary of {vocab_size}"
+            )
+        return ids.reshape(-1).astype(np.int32, copy=False)
+    increments = gaps.astype(np.int64)
+    increments += ~_row_firsts(counts)
+    ids = _segmented_cumsum(increments, counts)
     if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
         bad = int(np.argmax((ids >= vocab_size) | (ids < 0)))
         row = int(np.searchsorted(np.cumsum(counts), bad, side="right"))
@@ -588,7 +597,9 @@ def decode_logprobs(blob: bytes, counts: np.ndarray) -> tuple[np.ndarray, np.nda
         rel, sentinel = sections.ints("entries", total)
         missing = rel == sentinel
         if _uniform(counts):
-            grid = (rel.reshape(len(counts), -1) + base[:, None]).reshape(-1)  # uint32
+            grid = rel.reshape(len(counts), -1).astype(np.uint32)
+            grid += base[:, None]
+            grid = grid.reshape(-1)
         else:
             grid = rel.astype(np.int64) + np.repeat(base.astype(np.int64), counts)
     else:

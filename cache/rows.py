@@ -384,6 +384,14 @@ def dense_rows(
     return rows.dense(columns, window, int(selection[rows.format.size_key]))
 
 
+def _owned(values: np.ndarray, dtype) -> np.ndarray:
+    """``values`` as a writable array of ``dtype``: itself when it already is one (a decoded
+    column), else a copy (a read-only view of an Arrow buffer, another dtype)."""
+    if values.dtype == dtype and values.flags.writeable:
+        return values
+    return values.astype(dtype)
+
+
 def expand_sampled(
     ids: np.ndarray, counts: np.ndarray, row_splits: np.ndarray, draws: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -638,8 +646,8 @@ class TopKRows(SelectionRows):
                 raise BadShard("an id repeats within a row")
 
     def dense(self, columns: WindowColumns, w: int, size: int) -> tuple[np.ndarray, np.ndarray, None]:
-        ids = columns.ids.astype(np.int32).reshape(w, size)
-        return ids, columns.mode_columns[fmt.LOGPROBS].astype(np.float32).reshape(w, size), None
+        ids, values = columns.ids, columns.mode_columns[fmt.LOGPROBS]
+        return _owned(ids, np.int32).reshape(w, size), _owned(values, np.float32).reshape(w, size), None
 
 
 class SampledRows(SelectionRows):

@@ -330,6 +330,16 @@ def test_corrupt_blobs_raise():
             call()
 
 
+@pytest.mark.parametrize("packing", ["bits", "bytes"])
+def test_huge_id_gaps_are_refused_not_wrapped(packing):
+    """Gaps whose sums overflow 32 bits (a damaged blob) name the row, in fixed and ragged rows."""
+    for counts in (np.array([2, 2]), np.array([3, 1])):
+        gaps = np.array([1, 2**31, 2**31 - 1, 2**31 + 5])
+        blob = enc._section_ints(gaps, packing)
+        with pytest.raises(LongkdError, match="row 0: an id decodes to .* beyond the vocabulary"):
+            enc.decode_ids(blob, counts, 262144)
+
+
 # ----------------------------------------------------------------------------- docs/format.md
 
 

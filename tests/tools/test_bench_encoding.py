@@ -62,3 +62,23 @@ def test_bucket_losses_of_compact_rows_stay_close_to_plain(caches):
     for name in ref:
         assert abs(got[name] - ref[name]) <= 1e-2 * ref[name]
     assert np.isfinite(bench.codec_decode_speed(caches["compact"], repeats=1))
+
+
+def test_long_windows_decode_to_the_cache_windows_concatenated(caches):
+    windows = bench._windows(caches["compact"])
+    codecs, batches = bench.long_windows(caches["compact"], window=3 * W)
+    assert len(batches) == 2 and codecs.window == 3 * W
+    for b, batch in enumerate(batches):
+        got = codecs.decode(batch, 0, 3 * W)
+        group = windows[3 * b : 3 * b + 3]
+        np.testing.assert_array_equal(got["input_ids"], np.concatenate([g.input_ids for g in group]))
+        np.testing.assert_array_equal(
+            got["segment_starts"], np.concatenate([g.segment_starts + j * W for j, g in enumerate(group)])
+        )
+        ids = np.concatenate([g.ids for g in group])  # [3W, K], ascending within each row
+        np.testing.assert_array_equal(got["ids"].reshape(ids.shape), ids)
+        logprobs = np.concatenate([g.logprobs for g in group])
+        np.testing.assert_allclose(got["logprobs"].reshape(ids.shape), logprobs, atol=1 / 128)
+    assert np.isfinite(bench.long_window_decode_speed(caches["compact"], window=3 * W, repeats=1))
+    with pytest.raises(Exception, match="too few"):
+        bench.long_windows(caches["compact"], window=7 * W)
