@@ -132,7 +132,11 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
         "the exact tail, about a third of plain's bytes) or plain (Arrow lists; --logprob-dtype "
         "applies to it); docs/format.md",
     )
-    g.add_argument("--compression-level", type=int, help="zstd level (default: 1)")
+    g.add_argument(
+        "--compression-level",
+        type=int,
+        help="zstd level (default: 3; higher: smaller, slower to write, as fast to read)",
+    )
     g.add_argument(
         "--progress", action="store_true", help="show the progress bar even when not on a terminal"
     )

@@ -96,7 +96,7 @@ class ShardWriter:
         logprob_dtype: a log-prob encoding of cache/format.py: ``"float32"`` or ``"float16"``.
         codecs: the cache's column encodings (cache/column_codecs.py); None: all plain.
         shard_size: roll over to a new shard once a file reaches this many bytes (int or "256MB").
-        compression_level: zstd level (None: pyarrow's default, 1).
+        compression_level: zstd level (None: format.DEFAULT_COMPRESSION_LEVEL, 3).
         rank: producer rank (shard names ``shard-RRRRR-*`` and ledger ``rank-RRRRR.jsonl``).
         completed: ledger entries already on disk (when resuming); new shards continue after them.
         stride: the step between consecutive window ids this rank writes (the world size).
