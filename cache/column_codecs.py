@@ -125,46 +125,53 @@ def snap_to_grid(
     if not x.size:
         return x, tail
     tail[nonempty] = 1.0 - np.add.reduceat(np.exp(x), enc.row_starts(counts)[nonempty])
-    rows = np.repeat(np.arange(len(counts)), counts)
-    best_a = np.zeros_like(x)
-    best_err = np.full(len(counts), np.inf)
-    todo = np.ones(len(counts), bool)  # rows not yet within max_error
+    chosen_a = np.zeros_like(x)
+    # The rows still searched, as a compact sub-problem: rows within max_error leave it (their
+    # best grid integers written to chosen_a), so each offset costs only the rows still left.
+    entry_index = np.arange(x.size)
+    sub_x, sub_counts, sub_tail = x, counts, tail
+    best_a, best_err = np.zeros_like(x), np.full(len(counts), np.inf)
     u = np.zeros(len(counts))
     for i in range(2 + candidates):  # u = 0 (i = 0) counts as the first candidate offset
         if i >= 3:  # offsets +1, -1, +2, ... / (candidates * steps)
             j = i - 2
-            u[todo] = (j + 1) // 2 * (1 if j % 2 else -1) / (candidates * steps)
-        a, err, shift = _snapped_rows(x, rows, counts, tail, u, todo, steps)
-        sub_rows = np.repeat(np.arange(int(todo.sum())), counts[todo])
-        better = err < best_err[todo]
-        chosen = np.flatnonzero(todo)[better]
-        best_err[chosen] = err[better]
-        best_a[np.isin(rows, chosen)] = a[better[sub_rows]]
+            u[:] = (j + 1) // 2 * (1 if j % 2 else -1) / (candidates * steps)
+        sub_rows = np.repeat(np.arange(len(sub_counts)), sub_counts)
+        a, err, shift = _snapped_rows(sub_x, sub_rows, sub_counts, sub_tail, u, steps)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_a = np.where(better[sub_rows], a, best_a)
         if i < 3:
-            u[todo] = -shift
-        todo &= best_err > max_error
-        if not todo.any():
-            break
-    return np.where(np.isfinite(x), -best_a / steps, -np.inf), tail
+            u = -shift
+        done = best_err <= max_error
+        if done.any():
+            leaving = done[sub_rows]
+            chosen_a[entry_index[leaving]] = best_a[leaving]
+            stay, staying = ~done, ~leaving
+            if not stay.any():
+                break
+            sub_x, sub_counts, sub_tail = sub_x[staying], sub_counts[stay], sub_tail[stay]
+            best_a, entry_index, best_err, u = best_a[staying], entry_index[staying], best_err[stay], u[stay]
+    else:  # rows that no offset brought within max_error keep their best
+        chosen_a[entry_index] = best_a
+    return np.where(np.isfinite(x), -chosen_a / steps, -np.inf), tail
 
 
-def _snapped_rows(x, rows, counts, tail, u, todo, steps):
-    """Rows ``todo`` rounded after offsets ``u``: their grid integers, each row's largest
-    decoded error and the decoder's shift (float64[todo rows])."""
-    entries = todo[rows]
-    sub_x, sub_counts = x[entries], counts[todo]
-    finite = np.isfinite(sub_x)
-    a = np.maximum(np.rint(-np.where(finite, sub_x + u[rows[entries]], 0.0) * steps), 0.0)
+def _snapped_rows(x, rows, counts, tail, u, steps):
+    """Rows rounded after offsets ``u`` (one per row): their grid integers, each row's largest
+    decoded error and the decoder's shift (float64[rows])."""
+    finite = np.isfinite(x)
+    a = np.maximum(np.rint(-np.where(finite, x + u[rows], 0.0) * steps), 0.0)
     values = np.where(finite, -a / steps, -np.inf).astype(np.float32)
-    decoded = renormalise(values, tail[todo].astype(np.float32), sub_counts)
+    decoded = renormalise(values, tail.astype(np.float32), counts)
     with np.errstate(invalid="ignore"):  # -inf - -inf at -inf entries, masked out
-        err = np.where(finite, np.abs(decoded.astype(np.float64) - sub_x), 0.0)
+        err = np.where(finite, np.abs(decoded.astype(np.float64) - x), 0.0)
         shift = np.where(finite, decoded.astype(np.float64) - values, np.nan)
-        live = sub_counts > 0
-        starts = enc.row_starts(sub_counts)[live]
-        row_err = np.zeros(len(sub_counts))
+        live = counts > 0
+        starts = enc.row_starts(counts)[live]
+        row_err = np.zeros(len(counts))
         row_err[live] = np.maximum.reduceat(err, starts)
-        row_shift = np.zeros(len(sub_counts))
+        row_shift = np.zeros(len(counts))
         row_shift[live] = np.fmax.reduceat(shift, starts)
     return a, row_err, np.nan_to_num(row_shift)
 

@@ -10,7 +10,7 @@ real one) and from a random-weight teacher of the same shape and tokenizer, all 
 held-out text, with the real command:
 
 - ``plain_topk64``: top-64, plain columns (int32 ids, float32 log-probs);
-- ``compact_topk64``: top-64, ``--encoding compact`` (and ``_zstd3``: at zstd level 3);
+- ``compact_topk64``: top-64, ``--encoding compact`` (and ``_zstd1``: at zstd level 1);
 - ``adaptive``: ``--top-k 64 --min-mass M --encoding compact`` (mass-adaptive rows);
 - ``plain_sampled64`` / ``sampled64``: 64 draws per position, plain and compact.
 
@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from longkd.cache import format as fmt
 from longkd.errors import LongkdError
 
 P_MIN = 1e-4  # log-prob errors are bounded for entries at least this likely
@@ -282,7 +283,6 @@ def long_windows(cache: Path, window: int) -> tuple:
     """
     import pyarrow as pa
 
-    from longkd.cache import format as fmt
     from longkd.cache.column_codecs import ColumnCodecs
 
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -342,7 +342,7 @@ def measure_teacher(teacher: Path, data: Path, work: Path, args, temperature: fl
     builds = {
         "plain_topk64": ("--top-k", "64", "--encoding", "plain"),
         "compact_topk64": ("--top-k", "64", "--encoding", "compact"),
-        "compact_topk64_zstd3": ("--top-k", "64", "--encoding", "compact", "--compression-level", "3"),
+        "compact_topk64_zstd1": ("--top-k", "64", "--encoding", "compact", "--compression-level", "1"),
         "adaptive": ("--top-k", "64", "--min-mass", str(args.min_mass), "--encoding", "compact"),
         "plain_sampled64": ("--sample-draws", "64", "--encoding", "plain"),
         "sampled64": ("--sample-draws", "64", "--encoding", "compact"),
@@ -376,7 +376,7 @@ def measure_teacher(teacher: Path, data: Path, work: Path, args, temperature: fl
             "temperature": temperature,
             "plain_topk64_bpt": bpt["plain_topk64"],
             "compact_topk64_bpt": bpt["compact_topk64"],
-            "compact_topk64_zstd3_bpt": bpt["compact_topk64_zstd3"],
+            "compact_topk64_zstd1_bpt": bpt["compact_topk64_zstd1"],
             "adaptive_bpt": bpt["adaptive"],
             "adaptive_mean_entries": sum(entries) / real_rows,
             "sampled64_bpt": bpt["sampled64"],
@@ -444,7 +444,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also cache the text teacher at this temperature: peaked rows like a better-trained "
         "teacher's (default: 0.5)",
     )
-    p.add_argument("--zstd-level", type=int, default=1, help="the caches' zstd level (default: 1)")
+    p.add_argument(
+        "--zstd-level",
+        type=int,
+        default=fmt.DEFAULT_COMPRESSION_LEVEL,
+        help=f"the caches' zstd level (default: {fmt.DEFAULT_COMPRESSION_LEVEL}, longkd's)",
+    )
     p.add_argument("--work", help="keep the caches here (default: a temporary directory, removed)")
     p.add_argument("--json", help="also write every number here")
     args = p.parse_args(argv)
