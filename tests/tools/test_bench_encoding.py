@@ -62,6 +62,7 @@ def test_bucket_losses_of_compact_rows_stay_close_to_plain(caches):
     for name in ref:
         assert abs(got[name] - ref[name]) <= 1e-2 * ref[name]
     assert np.isfinite(bench.codec_decode_speed(caches["compact"], repeats=1))
+    assert np.isfinite(bench.codec_encode_speed(caches["plain"], caches["compact"], repeats=1))
 
 
 def test_long_windows_decode_to_the_cache_windows_concatenated(caches):
