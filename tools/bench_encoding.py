@@ -153,6 +153,34 @@ def logprob_errors(plain: list, compact: list) -> dict[str, float]:
     return worst
 
 
+def curve_fit_errors(plain: list, degrees: tuple[int, ...] = (3, 6, 9)) -> dict[str, dict[str, float]]:
+    """What a fitted curve in place of stored log-probs would cost and err: each row's sorted
+    log-probs (rank r = 0..K-1) fitted by least squares with a polynomial of ``degree`` in
+    ``log(1 + r)``, its coefficients stored as float16 (2 bytes each; the ids would still be
+    stored in rank order, which is not counted here).
+
+    Returns:
+        ``{degree: {"coefficient_bpt": bytes/token, "max_error": nat, "mean_error": nat}}``,
+        errors over the entries with p >= P_MIN of rows without -inf entries.
+    """
+    rows = np.concatenate([np.sort(w.logprobs, axis=1)[:, ::-1] for w in plain]).astype(np.float64)
+    rows = rows[np.isfinite(rows).all(axis=1)]
+    x = np.log1p(np.arange(rows.shape[1]))
+    big = rows >= np.log(P_MIN)
+    out = {}
+    for degree in degrees:
+        basis = np.vander(x / x[-1], degree + 1)  # [K, degree + 1]
+        coef, *_ = np.linalg.lstsq(basis, rows.T, rcond=None)  # [degree + 1, rows]
+        fitted = (basis @ coef.astype(np.float16).astype(np.float64)).T
+        err = np.abs(fitted - rows)[big]
+        out[str(degree)] = {
+            "coefficient_bpt": 2.0 * (degree + 1),
+            "max_error": float(err.max(initial=0)),
+            "mean_error": float(err.mean()) if err.size else 0.0,
+        }
+    return out
+
+
 def _batch(windows: list):
     import torch
 
@@ -413,6 +441,7 @@ def measure_teacher(teacher: Path, data: Path, work: Path, args, temperature: fl
             "max_target_logprob_error": errors["max_target_error"],
             "adaptive_max_logprob_error": adaptive_errors["max_logprob_error"],
             "bucket_loss_rel_error": max(max(v.values()) for v in rel.values()),
+            "curve_fit": curve_fit_errors(plain),
             "bucket_loss_rel_errors": rel,
             "bucket_losses_plain": ref,
             "decode_tokens_per_s_one_core": codec_decode_speed(caches["compact_topk64"]),

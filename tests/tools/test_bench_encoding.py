@@ -83,3 +83,17 @@ def test_long_windows_decode_to_the_cache_windows_concatenated(caches):
     assert np.isfinite(bench.long_window_decode_speed(caches["compact"], window=3 * W, repeats=1))
     with pytest.raises(Exception, match="too few"):
         bench.long_windows(caches["compact"], window=7 * W)
+
+
+def test_curve_fit_errors_shrink_with_the_degree_and_vanish_on_exact_curves(caches):
+    plain = bench._windows(caches["plain"])
+    fits = bench.curve_fit_errors(plain, degrees=(1, 4))
+    assert fits["1"]["coefficient_bpt"] == 4.0 and fits["4"]["coefficient_bpt"] == 10.0
+    assert 0 < fits["4"]["mean_error"] < fits["1"]["mean_error"]
+    # rows that are exactly a quadratic in log(1 + rank) fit with float16 rounding only
+    k = plain[0].logprobs.shape[1]
+    u = np.log1p(np.arange(k)) / np.log1p(k - 1)
+    curve = -0.5 - 2.0 * u - 1.5 * u**2
+    plain[0].logprobs[:] = curve
+    exact = bench.curve_fit_errors(plain[:1], degrees=(2,))
+    assert exact["2"]["max_error"] < 5e-3
