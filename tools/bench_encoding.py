@@ -156,7 +156,8 @@ def logprob_errors(plain: list, compact: list) -> dict[str, float]:
 def curve_fit_errors(plain: list, degrees: tuple[int, ...] = (3, 6, 9)) -> dict[str, dict[str, float]]:
     """What a fitted curve in place of stored log-probs would cost and err: each row's sorted
     log-probs (rank r = 0..K-1) fitted by least squares with a polynomial of ``degree`` in
-    ``log(1 + r)``, its coefficients stored as float16 (2 bytes each; the ids would still be
+    ``log(1 + r)`` (in the Legendre basis, so that rounding the coefficients costs little), its
+    coefficients stored as float16 (2 bytes each; the ids would still be
     stored in rank order, which is not counted here).
 
     Returns:
@@ -169,7 +170,7 @@ def curve_fit_errors(plain: list, degrees: tuple[int, ...] = (3, 6, 9)) -> dict[
     big = rows >= np.log(P_MIN)
     out = {}
     for degree in degrees:
-        basis = np.vander(x / x[-1], degree + 1)  # [K, degree + 1]
+        basis = np.polynomial.legendre.legvander(2 * x / x[-1] - 1, degree)  # [K, degree + 1]
         coef, *_ = np.linalg.lstsq(basis, rows.T, rcond=None)  # [degree + 1, rows]
         fitted = (basis @ coef.astype(np.float16).astype(np.float64)).T
         err = np.abs(fitted - rows)[big]
