@@ -14,7 +14,7 @@ accepts it) beside ``metrics.json``: held-out loss and the mean entropy of its n
 distributions on held-out windows. It is cached under a hash of its settings, and a run that
 is interrupted resumes from its last checkpoint. It is for benchmarks, not for CI:
 
-    python -m longkd.tools.text_teacher --out ~/.cache/longkd/text-teacher      # ~25-45 min on 2 busy cores
+    python -m longkd.tools.text_teacher --out ~/.cache/longkd/text-teacher --threads 2   # ~70 min on 2 cores
     python -m longkd.tools.text_teacher --out DIR --steps 20 --vocab-size 500 --max-files 8
     python -m longkd.tools.text_teacher --out DIR --device cuda --steps 20000 --batch 16   # longer, on a GPU
 
@@ -70,14 +70,14 @@ class TextTeacherSpec:
 
     vocab_size: int = 32000
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 6
     num_heads: int = 4
     intermediate_size: int = 512
     context: int = 512
-    steps: int = 500
-    batch: int = 2
+    steps: int = 1100
+    batch: int = 8
     lr: float = 3e-3
-    warmup: int = 30
+    warmup: int = 50
     final_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     heldout_percent: int = 5
