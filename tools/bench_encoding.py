@@ -11,7 +11,9 @@ held-out text, with the real command:
 
 - ``plain_topk64``: top-64, plain columns (int32 ids, float32 log-probs);
 - ``compact_topk64``: top-64, ``--encoding compact`` (and ``_zstd1``: at zstd level 1);
-- ``adaptive``: ``--top-k 64 --min-mass M --encoding compact`` (mass-adaptive rows);
+- ``adaptive``: ``--top-k 64 --min-mass M --encoding compact`` (mass-adaptive rows), and
+  ``adaptive_min_prob``: the same with ``--min-prob P`` (a row also stops at its first entry
+  below P);
 - ``plain_sampled64`` / ``sampled64``: 64 draws per position, plain and compact.
 
 For each cache it reports bytes per token (every shard file's bytes over the window tokens,
@@ -395,11 +397,13 @@ def entropy(teacher_dir: Path, windows: list, temperature: float = 1.0) -> float
 def measure_teacher(teacher: Path, data: Path, work: Path, args, temperature: float = 1.0) -> dict:
     """Every cache of one teacher (stored at ``temperature``) and its numbers (the JSON's keys
     for that teacher)."""
+    adaptive_flags = ("--top-k", "64", "--min-mass", str(args.min_mass), "--encoding", "compact")
     builds = {
         "plain_topk64": ("--top-k", "64", "--encoding", "plain"),
         "compact_topk64": ("--top-k", "64", "--encoding", "compact"),
         "compact_topk64_zstd1": ("--top-k", "64", "--encoding", "compact", "--compression-level", "1"),
-        "adaptive": ("--top-k", "64", "--min-mass", str(args.min_mass), "--encoding", "compact"),
+        "adaptive": adaptive_flags,
+        "adaptive_min_prob": (*adaptive_flags, "--min-prob", str(args.min_prob)),
         "plain_sampled64": ("--sample-draws", "64", "--encoding", "plain"),
         "sampled64": ("--sample-draws", "64", "--encoding", "compact"),
     }
@@ -415,17 +419,23 @@ def measure_teacher(teacher: Path, data: Path, work: Path, args, temperature: fl
         result["columns"][name] = {col: b / tokens for col, b in column_bytes(cache).items()}
     plain = _windows(caches["plain_topk64"])
     compact, adaptive = _windows(caches["compact_topk64"]), _windows(caches["adaptive"])
+    adaptive_min_prob, sampled = _windows(caches["adaptive_min_prob"]), _windows(caches["sampled64"])
     errors = logprob_errors(plain, compact)
     adaptive_errors = logprob_errors(plain, adaptive)
     models = students(teacher, plain)
     ref = bucket_losses(models, plain)
     rel = {}
-    for name, windows in (("compact_topk64", compact), ("adaptive", adaptive)):
+    for name, windows in (
+        ("compact_topk64", compact), ("adaptive", adaptive), ("adaptive_min_prob", adaptive_min_prob)
+    ):  # fmt: skip
         got = bucket_losses(models, windows)
         rel[name] = {s: abs(got[s] - ref[s]) / abs(ref[s]) for s in ref}
-    entries = [int((w.ids >= 0).sum()) for w in adaptive]
-    real_rows = sum(w.ids.shape[0] for w in adaptive)
+
+    def mean_entries(windows: list) -> float:
+        return sum(int((w.ids >= 0).sum()) for w in windows) / sum(w.ids.shape[0] for w in windows)
+
     bpt = result["bytes_per_token"]
+    long = min(4096, args.windows * args.window)  # windows re-encoded this long for decoding
     result.update(
         {
             "teacher_entropy": entropy(teacher, plain, temperature),
@@ -434,20 +444,24 @@ def measure_teacher(teacher: Path, data: Path, work: Path, args, temperature: fl
             "compact_topk64_bpt": bpt["compact_topk64"],
             "compact_topk64_zstd1_bpt": bpt["compact_topk64_zstd1"],
             "adaptive_bpt": bpt["adaptive"],
-            "adaptive_mean_entries": sum(entries) / real_rows,
+            "adaptive_mean_entries": mean_entries(adaptive),
+            "adaptive_min_prob_bpt": bpt["adaptive_min_prob"],
+            "adaptive_min_prob_mean_entries": mean_entries(adaptive_min_prob),
+            "adaptive_min_prob_bucket_loss_rel_error": max(rel["adaptive_min_prob"].values()),
+            "sampled64_mean_entries": mean_entries(sampled),
             "sampled64_bpt": bpt["sampled64"],
             "plain_sampled64_bpt": bpt["plain_sampled64"],
             "max_logprob_error": errors["max_logprob_error"],
             "max_logprob_error_all": errors["max_logprob_error_all"],
             "max_target_logprob_error": errors["max_target_error"],
             "adaptive_max_logprob_error": adaptive_errors["max_logprob_error"],
-            "bucket_loss_rel_error": max(max(v.values()) for v in rel.values()),
+            "bucket_loss_rel_error": max(max(rel[name].values()) for name in ("compact_topk64", "adaptive")),
             "curve_fit": curve_fit_errors(plain),
             "bucket_loss_rel_errors": rel,
             "bucket_losses_plain": ref,
             "decode_tokens_per_s_one_core": codec_decode_speed(caches["compact_topk64"]),
             "plain_decode_tokens_per_s_one_core": codec_decode_speed(caches["plain_topk64"]),
-            "decode_tokens_per_s_one_core_w4096": long_window_decode_speed(caches["compact_topk64"]),
+            f"decode_tokens_per_s_one_core_w{long}": long_window_decode_speed(caches["compact_topk64"], long),
             "encode_tokens_per_s_one_core": codec_encode_speed(
                 caches["plain_topk64"], caches["compact_topk64"]
             ),
@@ -497,6 +511,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=16, help="windows per cache (default: 16)")
     p.add_argument("--window", type=int, default=512, help="W (default: 512, the teacher's context)")
     p.add_argument("--min-mass", type=float, default=0.999, help="adaptive rows' covered mass (0.999)")
+    p.add_argument(
+        "--min-prob",
+        type=float,
+        default=1e-3,
+        help="a second adaptive cache also stops a row at the first entry below this probability "
+        "(default: 1e-3)",
+    )
     p.add_argument(
         "--sharp-temperature",
         type=float,
