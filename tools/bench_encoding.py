@@ -155,6 +155,56 @@ def logprob_errors(plain: list, compact: list) -> dict[str, float]:
     return worst
 
 
+def id_alternatives(plain: list, vocab: int, level: int = fmt.DEFAULT_COMPRESSION_LEVEL) -> dict[str, float]:
+    """Bytes/token of a top-k cache's ``ids`` under encodings the format does not have, beside
+    its own (``sorted-gaps``), each window's ids alone through zstd at ``level`` (in memory):
+
+    - ``sorted_gaps``: the format's encoding (each row sorted, gaps, byte-shuffled);
+    - ``remap_sorted_gaps``: ids first replaced by their rank in a frequency table fitted on
+      the other half of the windows (what a table in the manifest, fitted on earlier data,
+      would give), on that half of the windows only, beside ``sorted_gaps_same_half``;
+    - ``window_dictionary``: per window, its distinct ids ordered by how many rows hold them
+      (stored as byte-shuffled uint16/32), and each row's ids as sorted gaps of their places in
+      that order; ``window_dictionary_table`` is the share of the dictionaries.
+    """
+    import zstandard
+
+    from longkd.cache import encodings as enc
+
+    def size(blob: bytes) -> int:
+        return len(zstandard.ZstdCompressor(level=level).compress(blob))
+
+    rows = [np.sort(w.ids, axis=1) for w in plain]
+    tokens = sum(r.shape[0] for r in rows)
+    out = dict.fromkeys(("sorted_gaps", "window_dictionary", "window_dictionary_table"), 0.0)
+    for r in rows:
+        counts = np.full(r.shape[0], r.shape[1])
+        out["sorted_gaps"] += size(enc.encode_ids(r.reshape(-1), counts, vocab, packing="bytes")[0])
+        distinct, where, hits = np.unique(r.reshape(-1), return_inverse=True, return_counts=True)
+        by_hits = np.argsort(-hits, kind="stable")
+        place = np.empty(len(distinct), np.int64)
+        place[by_hits] = np.arange(len(distinct))
+        places = np.sort(place[where].reshape(r.shape), axis=1)
+        width = 2 if vocab <= 2**16 else 4
+        table = size(enc.shuffle_bytes(distinct[by_hits], width).tobytes())
+        body = size(enc.encode_ids(places.reshape(-1), counts, len(distinct), packing="bytes")[0])
+        out["window_dictionary"] += table + body
+        out["window_dictionary_table"] += table
+    out = {k: v / tokens for k, v in out.items()}
+    half = len(rows) // 2
+    if half:
+        fitted = enc.frequency_remap(np.concatenate([r.reshape(-1) for r in rows[:half]]), vocab)
+        same = remapped = 0
+        for r in rows[half:]:
+            counts = np.full(r.shape[0], r.shape[1])
+            same += size(enc.encode_ids(r.reshape(-1), counts, vocab, packing="bytes")[0])
+            ranks = np.sort(fitted[r], axis=1).reshape(-1)
+            remapped += size(enc.encode_ids(ranks, counts, vocab, packing="bytes")[0])
+        held = sum(r.shape[0] for r in rows[half:])
+        out["sorted_gaps_same_half"], out["remap_sorted_gaps"] = same / held, remapped / held
+    return out
+
+
 def curve_fit_errors(plain: list, degrees: tuple[int, ...] = (3, 6, 9)) -> dict[str, dict[str, float]]:
     """What a fitted curve in place of stored log-probs would cost and err: each row's sorted
     log-probs (rank r = 0..K-1) fitted by least squares with a polynomial of ``degree`` in
@@ -436,6 +486,7 @@ def measure_teacher(teacher: Path, data: Path, work: Path, args, temperature: fl
 
     bpt = result["bytes_per_token"]
     long = min(4096, args.windows * args.window)  # windows re-encoded this long for decoding
+    vocab = json.loads((caches["plain_topk64"] / "manifest.json").read_text())["vocab"]["embedding_size"]
     result.update(
         {
             "teacher_entropy": entropy(teacher, plain, temperature),
@@ -457,6 +508,7 @@ def measure_teacher(teacher: Path, data: Path, work: Path, args, temperature: fl
             "adaptive_max_logprob_error": adaptive_errors["max_logprob_error"],
             "bucket_loss_rel_error": max(max(rel[name].values()) for name in ("compact_topk64", "adaptive")),
             "curve_fit": curve_fit_errors(plain),
+            "id_alternatives": id_alternatives(plain, vocab),
             "bucket_loss_rel_errors": rel,
             "bucket_losses_plain": ref,
             "decode_tokens_per_s_one_core": codec_decode_speed(caches["compact_topk64"]),

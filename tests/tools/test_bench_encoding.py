@@ -97,3 +97,24 @@ def test_curve_fit_errors_shrink_with_the_degree_and_vanish_on_exact_curves(cach
     plain[0].logprobs[:] = curve
     exact = bench.curve_fit_errors(plain[:1], degrees=(2,))
     assert exact["2"]["max_error"] < 5e-3
+
+
+def test_id_alternatives_measure_the_format_encoding_and_reorderings(caches):
+    import dataclasses
+
+    import zstandard
+
+    from longkd.cache import encodings as enc
+
+    plain = bench._windows(caches["plain"])
+    got = bench.id_alternatives(plain, VOCAB)
+    rows = [np.sort(w.ids, axis=1) for w in plain]
+    counts = np.full(W, rows[0].shape[1])
+    blobs = [enc.encode_ids(r.reshape(-1), counts, VOCAB, packing="bytes")[0] for r in rows]
+    own = sum(len(zstandard.ZstdCompressor(level=3).compress(b)) for b in blobs)
+    assert got["sorted_gaps"] == pytest.approx(own / (len(rows) * W))
+    assert 0 < got["window_dictionary_table"] < got["window_dictionary"]
+    assert got["remap_sorted_gaps"] > 0 and got["sorted_gaps_same_half"] > 0
+    # a window whose rows all hold the same ids: its dictionary order makes every row 0..K-1
+    same = [dataclasses.replace(plain[0], ids=np.tile(rows[0][:1], (W, 1)))]
+    assert bench.id_alternatives(same, VOCAB)["window_dictionary"] < got["window_dictionary"]
