@@ -129,7 +129,7 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
         "--encoding",
         choices=("plain", "compact"),
         help="column encodings: compact (default: sorted id gaps, log-probs within 1/128 nat with "
-        "the exact tail, about a third of plain's bytes) or plain (Arrow lists; --logprob-dtype "
+        "the exact tail, a third to 40% of plain's bytes) or plain (Arrow lists; --logprob-dtype "
         "applies to it); docs/format.md",
     )
     g.add_argument(
