@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=64, help="K stored ids per position")
     parser.add_argument("--vocab", type=int, default=32000, help="teacher vocabulary")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per WindowStream batch")
-    parser.add_argument("--logprob-dtype", default="float32", help="stored log-prob type")
+    parser.add_argument("--logprob-dtype", default="float32", help="stored log-prob type (plain caches)")
+    parser.add_argument(
+        "--encoding", default="compact", choices=("compact", "plain"), help="column encodings (compact)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per measurement")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds pricing the read checks")
     parser.add_argument("--workdir", default=None, help="keep the model, data and cache here")
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 "top_k": args.top_k,
                 "max_windows": args.windows,
                 "logprob_dtype": args.logprob_dtype,
+                "encoding": args.encoding,
                 "device": "cpu",
             }
         )
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# cache reader, {_dt.date.today().isoformat()}, CPU ({cpu}), 1 torch thread, num_workers 0")
     print(
         f"# cache: {n} windows, W={args.window}, top-k {args.top_k}, vocab {args.vocab}, "
-        f"logprobs {args.logprob_dtype}, {len(reader.shards)} shards, "
+        f"{args.encoding} columns, logprobs {args.logprob_dtype}, {len(reader.shards)} shards, "
         f"{totals['bytes'] / totals['tokens']:.1f} bytes/token on disk"
     )
     print("| path | windows | windows/s | tokens/s | ms/window |")
@@ -157,8 +161,9 @@ def _price_checks(reader, read_all, rounds: int, passes: int = 10):
     for entry in reader.shards:
         shard = ShardFile(reader.location, entry["path"], int(entry["rows"]))
         for row in range(int(entry["rows"])):
-            columns.append(read_columns(*shard.locate(row), mode))
-    rules = RowRules.of({**reader.manifest, "format_version": 1})  # the rules without the checksum
+            columns.append(read_columns(*shard.locate(row), mode, reader.rules.codecs))
+    rules = RowRules.of(reader.manifest)
+    rules.version = 1  # check_read without the checksum (timed on its own)
 
     def checksums():
         for c in columns:
