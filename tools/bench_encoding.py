@@ -176,10 +176,11 @@ def id_alternatives(plain: list, vocab: int, level: int = fmt.DEFAULT_COMPRESSIO
 
     rows = [np.sort(w.ids, axis=1) for w in plain]
     tokens = sum(r.shape[0] for r in rows)
-    out = dict.fromkeys(("sorted_gaps", "window_dictionary", "window_dictionary_table"), 0.0)
+    out = dict.fromkeys(("window_dictionary", "window_dictionary_table"), 0.0)
+    sorted_gaps = []  # each window's bytes under the format's encoding
     for r in rows:
         counts = np.full(r.shape[0], r.shape[1])
-        out["sorted_gaps"] += size(enc.encode_ids(r.reshape(-1), counts, vocab, packing="bytes")[0])
+        sorted_gaps.append(size(enc.encode_ids(r.reshape(-1), counts, vocab, packing="bytes")[0]))
         distinct, where, hits = np.unique(r.reshape(-1), return_inverse=True, return_counts=True)
         by_hits = np.argsort(-hits, kind="stable")
         place = np.empty(len(distinct), np.int64)
@@ -190,18 +191,18 @@ def id_alternatives(plain: list, vocab: int, level: int = fmt.DEFAULT_COMPRESSIO
         body = size(enc.encode_ids(places.reshape(-1), counts, len(distinct), packing="bytes")[0])
         out["window_dictionary"] += table + body
         out["window_dictionary_table"] += table
-    out = {k: v / tokens for k, v in out.items()}
+    out = {"sorted_gaps": sum(sorted_gaps) / tokens, **{k: v / tokens for k, v in out.items()}}
     half = len(rows) // 2
     if half:
         fitted = enc.frequency_remap(np.concatenate([r.reshape(-1) for r in rows[:half]]), vocab)
-        same = remapped = 0
+        remapped = 0
         for r in rows[half:]:
-            counts = np.full(r.shape[0], r.shape[1])
-            same += size(enc.encode_ids(r.reshape(-1), counts, vocab, packing="bytes")[0])
             ranks = np.sort(fitted[r], axis=1).reshape(-1)
+            counts = np.full(r.shape[0], r.shape[1])
             remapped += size(enc.encode_ids(ranks, counts, vocab, packing="bytes")[0])
         held = sum(r.shape[0] for r in rows[half:])
-        out["sorted_gaps_same_half"], out["remap_sorted_gaps"] = same / held, remapped / held
+        out["sorted_gaps_same_half"] = sum(sorted_gaps[half:]) / held
+        out["remap_sorted_gaps"] = remapped / held
     return out
 
 
@@ -361,24 +362,27 @@ def codec_encode_speed(plain: Path, compact: Path, repeats: int = 3) -> float:
     from longkd.cache.column_codecs import ColumnCodecs
 
     codecs = ColumnCodecs.of(json.loads((compact / "manifest.json").read_text()))
-    values = [
-        {
-            fmt.INPUT_IDS: w.input_ids,
-            fmt.SEGMENT_STARTS: w.segment_starts,
-            fmt.IDS: w.ids.reshape(-1),
-            fmt.LOGPROBS: w.logprobs.reshape(-1),
-            fmt.TARGET_LOGPROB: w.target_logprob,
-            fmt.LENGTH: w.length,
-        }
-        for w in _windows(plain)
-    ]
+    windows = _windows(plain)
+    values = [_top_k_columns([w], codecs.window) for w in windows]
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        for v in values:
-            codecs.encode(codecs.order_entries(v, None), v[fmt.LENGTH])
+        for v, w in zip(values, windows, strict=True):
+            codecs.encode(codecs.order_entries(v, None), w.length)
         best = min(best, time.perf_counter() - start)
     return len(values) * codecs.window / best
+
+
+def _top_k_columns(group: list, w: int) -> dict[str, np.ndarray]:
+    """The list columns of consecutive top-k windows of W = ``w`` (CachedWindow), concatenated
+    as one window's flat arrays (segment starts shifted to their place in it)."""
+    return {
+        fmt.INPUT_IDS: np.concatenate([g.input_ids for g in group]),
+        fmt.SEGMENT_STARTS: np.concatenate([g.segment_starts + j * w for j, g in enumerate(group)]),
+        fmt.IDS: np.concatenate([g.ids.reshape(-1) for g in group]),
+        fmt.LOGPROBS: np.concatenate([g.logprobs.reshape(-1) for g in group]),
+        fmt.TARGET_LOGPROB: np.concatenate([g.target_logprob for g in group]),
+    }
 
 
 def long_windows(cache: Path, window: int) -> tuple:
@@ -404,14 +408,7 @@ def long_windows(cache: Path, window: int) -> tuple:
     )  # fmt: skip
     batches = []
     for i in range(0, len(windows) - per + 1, per):
-        group = windows[i : i + per]
-        values = {
-            fmt.INPUT_IDS: np.concatenate([g.input_ids for g in group]),
-            fmt.SEGMENT_STARTS: np.concatenate([g.segment_starts + j * w for j, g in enumerate(group)]),
-            fmt.IDS: np.concatenate([g.ids.reshape(-1) for g in group]),
-            fmt.LOGPROBS: np.concatenate([g.logprobs.reshape(-1) for g in group]),
-            fmt.TARGET_LOGPROB: np.concatenate([g.target_logprob for g in group]),
-        }
+        values = _top_k_columns(windows[i : i + per], w)
         arrays = codecs.encode(codecs.order_entries(values, None), per * w)
         batches.append(pa.RecordBatch.from_pydict({**arrays, fmt.LENGTH: pa.array([per * w], pa.int32())}))
     return codecs, batches
