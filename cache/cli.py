@@ -128,9 +128,9 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--encoding",
         choices=("plain", "compact"),
-        help="column encodings: compact (default: sorted id gaps, log-probs within 1/128 nat with "
-        "the exact tail, a third to 40% of plain's bytes) or plain (Arrow lists; --logprob-dtype "
-        "applies to it); docs/format.md",
+        help="column encodings: compact (default: ids through the window's dictionary, log-probs "
+        "within 1/128 nat with the exact tail, a quarter to 40%% of plain's bytes) or plain (Arrow "
+        "lists; --logprob-dtype applies to it); docs/format.md",
     )
     g.add_argument(
         "--compression-level",

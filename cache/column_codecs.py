@@ -10,9 +10,10 @@ encoding, and nothing above rows.py knows how a column is stored.
 
 An encoding sees only its own column and a :class:`WindowContext` (W, V, the window's
 length and each row's entry count), never the selection mode: the entry counts come from
-``row_splits`` where a mode has one and are K per row otherwise. ``sorted-gaps`` stores each
-row's entries sorted by id, so the writer puts every entry column (``ids`` and its
-companions, format.ENTRY_COLUMNS) in that order first (:meth:`ColumnCodecs.order_entries`).
+``row_splits`` where a mode has one and are K per row otherwise. ``sorted-gaps`` and
+``dictionary`` store each row's entries sorted by id, so the writer puts every entry column
+(``ids`` and its companions, format.ENTRY_COLUMNS) in that order first
+(:meth:`ColumnCodecs.order_entries`).
 
 Decoding turns every failure (a blob cut short, a wrong section, a value out of range) into
 :class:`CorruptColumn` naming the column; a flipped bit that keeps values in range changes the
@@ -49,7 +50,7 @@ _DTYPES = {
 }
 
 
-LOGPROB_STEPS = 68  # grid-max log-probs: 1/136 nat of rounding leaves room for the tail's shift
+LOGPROB_STEPS = 68  # grid log-probs: 1/136 nat of rounding leaves room for the tail's shift
 LOGPROB_MAX_ERROR = 1 / 128  # what snap_to_grid holds every decoded log-prob to
 
 
@@ -176,17 +177,21 @@ def _snapped_rows(x, rows, counts, tail, u, steps):
     return a, row_err, np.nan_to_num(row_shift)
 
 
-def _encode_grid_max(values: np.ndarray, ctx: WindowContext) -> bytes:
-    snapped, tail = snap_to_grid(values, ctx.entry_counts, steps=LOGPROB_STEPS)
-    return enc.encode_logprobs(
-        snapped, ctx.entry_counts, layout="grid-max", steps=LOGPROB_STEPS, packing="bytes", tail=tail
-    )
+def _grid_logprobs(layout: str) -> Encoding:
+    """The log-prob encoding storing ``layout`` (``grid-max`` or ``grid-min``): values from
+    :func:`snap_to_grid`, each row shifted back to its exact tail on decoding."""
 
+    def encode(values: np.ndarray, ctx: WindowContext) -> bytes:
+        snapped, tail = snap_to_grid(values, ctx.entry_counts, steps=LOGPROB_STEPS)
+        return enc.encode_logprobs(
+            snapped, ctx.entry_counts, layout=layout, steps=LOGPROB_STEPS, packing="bytes", tail=tail
+        )
 
-def _decode_grid_max(blob: np.ndarray, ctx: WindowContext) -> np.ndarray:
-    counts = ctx.entry_counts
-    logprobs, tail = enc.decode_logprobs(blob, counts)
-    return renormalise(logprobs, tail, counts)
+    def decode(blob: np.ndarray, ctx: WindowContext) -> np.ndarray:
+        logprobs, tail = enc.decode_logprobs(blob, ctx.entry_counts, layout=layout)
+        return renormalise(logprobs, tail, ctx.entry_counts)
+
+    return Encoding(layout, encode, decode)
 
 
 def renormalise(logprobs: np.ndarray, tail: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -242,10 +247,12 @@ ENCODINGS = {
             lambda b, c: enc.decode_ids(b, c.entry_counts, c.vocab),
         ),
         Encoding(
-            "grid-max",
-            _encode_grid_max,
-            _decode_grid_max,
+            "dictionary",
+            lambda v, c: enc.encode_dictionary_ids(v, c.entry_counts, c.vocab)[0],
+            lambda b, c: enc.decode_dictionary_ids(b, c.entry_counts, c.vocab),
         ),
+        _grid_logprobs("grid-max"),
+        _grid_logprobs("grid-min"),
         Encoding(
             "grid",
             lambda v, c: enc.encode_target_logprob(v, packing="bits"),
@@ -291,7 +298,8 @@ class ColumnCodecs:
         names: every list column of the mode -> its encoding name, in schema order.
         plain: whether every column is plain (a version 1 or 2 cache, or a plain build).
         entry_order: ``"rank"`` (entries as the producer ordered them: log-probs descending for
-            top-k) or ``"id"`` (``sorted-gaps``: each row's entries by ascending id).
+            top-k) or ``"id"`` (``sorted-gaps``, ``dictionary``: each row's entries by
+            ascending id).
 
     Raises:
         LongkdError: an encoding that is unknown or does not apply to its column.
@@ -303,7 +311,7 @@ class ColumnCodecs:
         self.mode, self.size, self.window, self.vocab = selection_mode, int(size), int(window), int(vocab)
         self.names = fmt.column_encodings(selection_mode, encodings)
         self.plain = all(name == fmt.PLAIN for name in self.names.values())
-        self.entry_order = "id" if self.names[fmt.IDS] == "sorted-gaps" else "rank"
+        self.entry_order = "id" if self.names[fmt.IDS] in fmt.ID_ORDER_ENCODINGS else "rank"
         self._ragged = fmt.ROW_SPLITS in self.names
 
     @classmethod
@@ -327,7 +335,8 @@ class ColumnCodecs:
         return np.full(self.window, self.size, np.int64)
 
     def order_entries(self, values: dict[str, np.ndarray], row_splits: np.ndarray | None) -> dict:
-        """Put the entry columns in the stored order (``sorted-gaps``: each row by ascending id).
+        """Put the entry columns in the stored order (``sorted-gaps``, ``dictionary``: each row
+        by ascending id).
 
         Args:
             values: flat arrays by column name, as the selection mode produced them.
@@ -390,7 +399,9 @@ class ColumnCodecs:
         Raises:
             CorruptColumn: a column that does not decode, naming it.
         """
-        ctx = WindowContext(self.window, self.vocab, int(length))
+        # top-k rows hold K entries each; a ragged mode's counts come from row_splits, below
+        fixed = None if self._ragged else self._fixed_counts()
+        ctx = WindowContext(self.window, self.vocab, int(length), fixed)
         out: dict[str, np.ndarray] = {}
         wanted = tuple(self.names) if columns is None else columns
         order = [name for name in self.names if name in wanted]
@@ -411,8 +422,6 @@ class ColumnCodecs:
                 if splits.shape[0] != self.window + 1 or splits[0] != 0 or np.any(np.diff(splits) < 0):
                     raise CorruptColumn("row_splits must hold W+1 offsets from 0, never decreasing")
                 ctx = WindowContext(self.window, self.vocab, int(length), np.diff(splits))
-            elif ctx.entry_counts is None:
-                ctx = WindowContext(self.window, self.vocab, int(length), self._fixed_counts())
         return {column: out[column] for column in self.names if column in wanted}
 
 

@@ -8,10 +8,15 @@ once (no Python loop over rows), so decoding keeps up with a trainer on one core
 - :func:`encode_ids` / :func:`decode_ids`: each row's ids sorted by id and stored as gaps,
   bit-packed (or byte-shuffled); the permutation it applied is returned so companion columns
   follow the same order. :func:`frequency_remap` builds an optional id -> rank permutation.
+- :func:`encode_dictionary_ids` / :func:`decode_dictionary_ids`: the same rows through the
+  window's dictionary (its distinct ids, ascending): the dictionary as sorted gaps, then each
+  row as sorted gaps of its ids' places in it, which are smaller than the ids' own gaps.
 - :func:`encode_logprobs` / :func:`decode_logprobs`: log-probs rounded to a fixed grid of
   ``1 / steps`` nat, stored as integers relative to the row's largest log-prob
-  (``grid-max``, any order) or as gaps in rank order (``grid-delta``), plus each row's exact
-  tail mass as float32 so the bucket loss keeps its tail.
+  (``grid-max``, any order), relative to its smallest (``grid-min``, any order: most of a
+  top-k row's entries lie near its smallest, so the integers are small) or as gaps in rank
+  order (``grid-delta``), plus each row's exact tail mass as float32 so the bucket loss keeps
+  its tail.
 - :func:`encode_target_logprob`, :func:`encode_uints` (input ids, segment-start gaps,
   sampled counts, per-row entry counts) and their decoders.
 - :func:`select_entry_counts`: mass-adaptive selection of how many of a row's sorted entries
@@ -45,7 +50,7 @@ KIND_FLOAT32 = 0xF4
 KIND_SHUFFLED = {1: 0x81, 2: 0x82, 4: 0x84}  # itemsize -> section kind
 SHUFFLED_ITEMSIZE = {kind: size for size, kind in KIND_SHUFFLED.items()}
 PACKINGS = ("bits", "bytes")
-LOGPROB_LAYOUTS = ("grid-max", "grid-delta")
+LOGPROB_LAYOUTS = ("grid-max", "grid-delta", "grid-min")  # the blob's layout byte is the index
 SECTION_HEADER = 5  # kind (uint8) + count (uint32)
 POSITIVE_SLACK = 1e-6  # a stored log-prob may exceed 0 by this much (float rounding)
 TAIL_MIN = -2e-3  # the most negative tail rounding can give (float16 log-probs, docs/format.md)
@@ -224,6 +229,13 @@ class _Sections:
             raise self.fail(f"section {name!r} holds {n} values, expected {count}")
         self.pos += SECTION_HEADER
         return kind, n
+
+    def next_count(self, name: str) -> int:
+        """The value count of the next section, without reading past its header."""
+        start = self.pos
+        _, n = self._head(name, None)
+        self.pos = start
+        return n
 
     def _payload(self, name: str, size: int) -> np.ndarray:
         if self.pos + size > self.data.size:
@@ -441,31 +453,94 @@ def decode_ids(blob: bytes, counts: np.ndarray, vocab_size: int) -> np.ndarray:
     """
     counts = _check_counts(counts, None, "ids")
     sections = _Sections(blob, "ids")
-    gaps, _ = sections.ints("gaps", int(counts.sum()))
+    ids = _sorted_gap_rows(sections, "gaps", counts, vocab_size, "an id", "the vocabulary")
     sections.done()
+    return ids
+
+
+def _sorted_gap_rows(
+    sections: _Sections, name: str, counts: np.ndarray, limit: int, what: str, below: str, rows: bool = True
+) -> np.ndarray:
+    """The next section's rows of sorted gaps as int32[sum(counts)] values, each ``< limit``
+    (``what`` names a value and ``below`` what it indexes, for the error, which names the row
+    where ``rows``)."""
+    gaps, _ = sections.ints(name, int(counts.sum()))
     if _uniform(counts):  # fixed top-K: rows are the rows of an [R, K] array
         k = int(counts[0])
         # int32 cannot overflow when every gap fits 16 bits and K < 2**15
         wide = gaps.dtype.itemsize > 2 or k >= 2**15
         ids = np.cumsum(gaps.reshape(len(counts), k), axis=1, dtype=np.int64 if wide else np.int32)
         ids += np.arange(k, dtype=ids.dtype)  # each gap after a row's first is stored minus 1
-        largest = ids[:, -1]  # rows ascend: the last id is the row's largest
-        if largest.max() >= vocab_size:
-            row = int(np.argmax(largest >= vocab_size))
-            raise sections.fail(
-                f"row {row}: an id decodes to {int(largest[row])}, beyond the vocabulary of {vocab_size}"
-            )
+        largest = ids[:, -1]  # rows ascend: the last value is the row's largest
+        if largest.max() >= limit:
+            row = int(np.argmax(largest >= limit))
+            raise sections.fail(_beyond(row if rows else None, what, int(largest[row]), below, limit))
         return ids.reshape(-1).astype(np.int32, copy=False)
     increments = gaps.astype(np.int64)
     increments += ~_row_firsts(counts)
     ids = _segmented_cumsum(increments, counts)
-    if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
-        bad = int(np.argmax((ids >= vocab_size) | (ids < 0)))
+    if ids.size and (ids.max() >= limit or ids.min() < 0):
+        bad = int(np.argmax((ids >= limit) | (ids < 0)))
         row = int(np.searchsorted(np.cumsum(counts), bad, side="right"))
-        raise sections.fail(
-            f"row {row}: an id decodes to {int(ids[bad])}, beyond the vocabulary of {vocab_size}"
-        )
+        raise sections.fail(_beyond(row if rows else None, what, int(ids[bad]), below, limit))
     return ids.astype(np.int32, copy=False)
+
+
+def _beyond(row: int | None, what: str, value: int, below: str, limit: int) -> str:
+    where = "" if row is None else f"row {row}: "
+    return f"{where}{what} decodes to {value}, beyond {below} of {limit}"
+
+
+def encode_dictionary_ids(ids: np.ndarray, counts: np.ndarray, vocab_size: int) -> tuple[bytes, np.ndarray]:
+    """Encode ragged rows of distinct ids through the window's dictionary (encoding
+    ``dictionary``).
+
+    The dictionary is every id the rows hold, once, ascending, stored as one row of sorted
+    gaps; each row then stores the places of its ids in the dictionary as sorted gaps. A
+    window of 512 top-64 rows of a text teacher holds a few thousand distinct ids, so a
+    place's gaps are several times smaller than the ids' own and compress better (measured
+    in docs/benchmarks.md). Rows come out ascending by id, as with :func:`encode_ids`.
+
+    Args:
+        ids: int[n] the rows' ids concatenated (``counts[r]`` for row r), any order in a row.
+        counts: int[R] entries per row.
+        vocab_size: V; every id must lie in ``[0, V)``.
+
+    Returns:
+        ``(blob, order)``: the encoded column (two byte-shuffled integer sections:
+        dictionary, places), and int64[n] with ``ids[order]`` the stored order.
+
+    Raises:
+        LongkdError: ids out of range, repeated within a row, or counts that do not match.
+    """
+    ids = np.asarray(ids).reshape(-1).astype(np.int64)
+    counts = _check_counts(counts, ids.size, "ids")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise LongkdError(f"ids: values in [{ids.min()}, {ids.max()}] leave the vocabulary [0, {vocab_size})")
+    dictionary = np.unique(ids)
+    table, _ = encode_ids(dictionary, np.array([dictionary.size]), vocab_size, packing="bytes")
+    places, order = encode_ids(
+        np.searchsorted(dictionary, ids), counts, max(dictionary.size, 1), packing="bytes"
+    )
+    return table + places, order
+
+
+def decode_dictionary_ids(blob: bytes, counts: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Decode :func:`encode_dictionary_ids`: int32[sum(counts)], ascending within each row.
+
+    Raises:
+        LongkdError: sections of the wrong size, a dictionary id ``>= V`` or a place beyond
+            the dictionary (each naming the row).
+    """
+    counts = _check_counts(counts, None, "ids")
+    sections = _Sections(blob, "ids")
+    size = sections.next_count("dictionary")
+    dictionary = _sorted_gap_rows(
+        sections, "dictionary", np.array([size]), vocab_size, "a dictionary id", "the vocabulary", rows=False
+    )
+    places = _sorted_gap_rows(sections, "places", counts, size, "a place", "the dictionary")
+    sections.done()
+    return np.take(dictionary, places)  # np.take: faster than fancy indexing on this path
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -502,11 +577,13 @@ def encode_logprobs(
 
     Args:
         logprobs: float[n] the rows' log-probs concatenated (``counts[r]`` for row r).
-            ``grid-max``: any order within a row; ``grid-delta``: descending within each row.
+            ``grid-max``, ``grid-min``: any order within a row; ``grid-delta``: descending
+            within each row.
         counts: int[R] entries per row.
         layout: ``"grid-max"`` (per row the smallest ``a`` (the row's largest log-prob) and
-            every entry's ``a`` minus it) or ``"grid-delta"`` (per row the first ``a`` and the
-            gaps ``a[i] - a[i - 1]`` in rank order).
+            every entry's ``a`` minus it), ``"grid-min"`` (per row the largest finite ``a``
+            (its smallest log-prob) and that minus every entry's ``a``) or ``"grid-delta"``
+            (per row the first ``a`` and the gaps ``a[i] - a[i - 1]`` in rank order).
         steps: grid steps per nat (64: error <= 1/128 nat).
         packing: ``"bits"`` or ``"bytes"`` for the integer sections.
         tail: float[R] the rows' tails to store, when ``logprobs`` are already grid values
@@ -539,13 +616,18 @@ def encode_logprobs(
                 f"logprobs: row {int(np.argmin(tail))}'s probabilities sum to {1 - tail.min():.6f} > 1; "
                 "store log-probs normalised over the full vocabulary"
             )
-    if layout == "grid-max":
+    if layout in ("grid-max", "grid-min"):
         base = np.zeros(len(counts), np.int64)
         if grid.size:
-            finite_grid = np.where(neginf, np.iinfo(np.int64).max, grid)
-            base[nonempty] = np.minimum.reduceat(finite_grid, starts[nonempty])
-            base[base == np.iinfo(np.int64).max] = 0  # rows of -inf only
-        rel = np.where(neginf, 0, grid - np.repeat(base, counts))
+            if layout == "grid-max":
+                finite_grid = np.where(neginf, np.iinfo(np.int64).max, grid)
+                base[nonempty] = np.minimum.reduceat(finite_grid, starts[nonempty])
+            else:
+                finite_grid = np.where(neginf, -1, grid)
+                base[nonempty] = np.maximum.reduceat(finite_grid, starts[nonempty])
+            base[(base == np.iinfo(np.int64).max) | (base < 0)] = 0  # rows of -inf only
+        rel = grid - np.repeat(base, counts)
+        rel = np.where(neginf, 0, rel if layout == "grid-max" else -rel)
         sections = [_section_ints(base, packing), _section_ints(rel, packing, missing=neginf)]
     elif layout == "grid-delta":
         first = _row_firsts(counts)
@@ -566,12 +648,15 @@ def encode_logprobs(
     return head + b"".join(sections) + _section_float32(tail.astype(np.float32))
 
 
-def decode_logprobs(blob: bytes, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def decode_logprobs(
+    blob: bytes, counts: np.ndarray, layout: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode :func:`encode_logprobs`.
 
     Args:
         blob: the encoded column.
         counts: int[R] entries per row.
+        layout: the layout the blob must have (default: whichever its layout byte names).
 
     Returns:
         ``(logprobs, tail)``: float32[sum(counts)] in the encoded order, and float32[R] the
@@ -585,14 +670,17 @@ def decode_logprobs(blob: bytes, counts: np.ndarray) -> tuple[np.ndarray, np.nda
     sections = _Sections(blob, "logprobs")
     if sections.data.size < 1:
         raise sections.fail("the blob is empty")
-    layout = int(sections.data[0])
+    stored = int(sections.data[0])
     sections.pos = 1
     steps = sections.uint16("grid steps")
-    if layout >= len(LOGPROB_LAYOUTS) or steps == 0:
-        raise sections.fail(f"unknown layout {layout} or zero grid steps")
+    if stored >= len(LOGPROB_LAYOUTS) or steps == 0:
+        raise sections.fail(f"unknown layout {stored} or zero grid steps")
+    if layout is not None and LOGPROB_LAYOUTS[stored] != layout:
+        raise sections.fail(f"layout {stored} ({LOGPROB_LAYOUTS[stored]}) where {layout} was expected")
+    layout = LOGPROB_LAYOUTS[stored]
     total = int(counts.sum())
     nonempty = counts > 0
-    if LOGPROB_LAYOUTS[layout] == "grid-max":
+    if layout == "grid-max":
         base, _ = sections.ints("row base", len(counts))
         rel, sentinel = sections.ints("entries", total)
         missing = rel == sentinel
@@ -602,6 +690,23 @@ def decode_logprobs(blob: bytes, counts: np.ndarray) -> tuple[np.ndarray, np.nda
             grid = grid.reshape(-1)
         else:
             grid = rel.astype(np.int64) + np.repeat(base.astype(np.int64), counts)
+    elif layout == "grid-min":
+        base, _ = sections.ints("row base", len(counts))
+        rel, sentinel = sections.ints("entries", total)
+        missing = rel == sentinel
+        if _uniform(counts):
+            wide = base.size and int(base.max()) >= 2**31  # a valid entry is at most its base
+            grid = base.astype(np.int64 if wide else np.int32)[:, None] - rel.reshape(len(counts), -1)
+            grid = grid.reshape(-1)
+        else:
+            grid = np.repeat(base.astype(np.int64), counts) - rel
+        above = (grid < 0) & ~missing
+        if above.any():
+            bad = int(np.argmax(above))
+            row = int(np.searchsorted(np.cumsum(counts), bad, side="right"))
+            raise sections.fail(
+                f"row {row}: an entry lies above 0 (more than its row's base below the smallest)"
+            )
     else:
         heads, head_sentinel = sections.ints("row heads", int(nonempty.sum()))
         rest, rest_sentinel = sections.ints("gaps", total - int(nonempty.sum()))

@@ -59,7 +59,7 @@ class LogprobEncoding:
             probabilities) rounding to this type can give; fp16 rounds each log-prob by up to
             2^-11 relative, so exp-sums of the stored top-k may exceed 1 by a few 1e-4.
         error: how far (nats) a read log-prob may lie from the teacher's beyond the value
-            type's own rounding: 0 for plain columns, 1/64 for ``grid-max`` ones.
+            type's own rounding: 0 for plain columns, 1/64 for grid ones.
     """
 
     name: str
@@ -76,10 +76,10 @@ LOGPROB_ENCODINGS = {
     )
 }
 LOGPROB_DTYPES = tuple(LOGPROB_ENCODINGS)
-# What a ``grid-max`` log-prob column reads as: float32 within 1/64 nat of the teacher's (the
-# grid's rounding plus the row's shift to its exact tail; docs/format.md "grid-max"), the
-# allowance a reader gives any writer; longkd's own writes stay within 1/128 nat.
-GRID_LOGPROBS = LogprobEncoding("grid-max", pa.float32(), tail_min=-1e-4, error=1 / 64)
+# What a ``grid-max`` or ``grid-min`` log-prob column reads as: float32 within 1/64 nat of the
+# teacher's (the grid's rounding plus the row's shift to its exact tail; docs/format.md
+# "grid-min"), the allowance a reader gives any writer; longkd's own writes stay within 1/128.
+GRID_LOGPROBS = LogprobEncoding("grid", pa.float32(), tail_min=-1e-4, error=1 / 64)
 
 # A column type standing for the cache's log-prob encoding (its LogprobEncoding.value_type).
 LOGPROB_VALUES = None
@@ -135,7 +135,9 @@ PLAIN = "plain"
 COLUMN_ENCODINGS = {
     PLAIN: (INPUT_IDS, SEGMENT_STARTS, IDS, LOGPROBS, COUNTS, ROW_SPLITS, TARGET_LOGPROB),
     "sorted-gaps": (IDS,),
+    "dictionary": (IDS,),
     "grid-max": (LOGPROBS,),
+    "grid-min": (LOGPROBS,),
     "grid": (TARGET_LOGPROB,),
     "ints": (INPUT_IDS,),
     "gaps": (SEGMENT_STARTS,),
@@ -149,13 +151,17 @@ ENCODING_PRESETS = {
     "compact": {
         INPUT_IDS: "ints",
         SEGMENT_STARTS: "gaps",
-        IDS: "sorted-gaps",
-        LOGPROBS: "grid-max",
+        IDS: "dictionary",
+        LOGPROBS: "grid-min",
         COUNTS: "minus-one",
         ROW_SPLITS: "entry-counts",
         TARGET_LOGPROB: "grid",
     },
 }
+# The ids encodings that store each row's entries by ascending id (not in rank order).
+ID_ORDER_ENCODINGS = ("sorted-gaps", "dictionary")
+# The log-prob encodings on the grid (float32 within GRID_LOGPROBS.error of the teacher's).
+GRID_ENCODINGS = ("grid-max", "grid-min")
 # Columns with one value per stored entry (ids and their companions); they share one order.
 ENTRY_COLUMNS = (IDS, LOGPROBS, COUNTS)
 

@@ -453,11 +453,11 @@ def check_manifest_rules(manifest: dict, where: str) -> None:
                 f"{where}: encodings other than plain need format_version 3, found {found}; {CORRUPT}"
             )
         if (
-            named.get(fmt.LOGPROBS) == "grid-max"
+            named.get(fmt.LOGPROBS) in fmt.GRID_ENCODINGS
             and manifest["encoding"].get("logprobs", "float32") != "float32"
         ):
             raise LongkdError(
-                f"{where}: encoding.logprobs must be float32 with grid-max log-probs; {CORRUPT}"
+                f"{where}: encoding.logprobs must be float32 with {named[fmt.LOGPROBS]} log-probs; {CORRUPT}"
             )
     strides = set()
     for i, shard in enumerate(manifest["shards"]):

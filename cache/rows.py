@@ -257,8 +257,8 @@ class WindowColumns:
             ``logprobs`` [M] and ``row_splits`` int32[W + 1].
         checksum: the stored ``checksum`` (format 2 and 3), None for a format-1 row.
         entry_order: ``"rank"`` (each row's entries as the producer ordered them: top-k and
-            adaptive log-probs descending) or ``"id"`` (ascending id, the ``sorted-gaps``
-            encoding).
+            adaptive log-probs descending) or ``"id"`` (ascending id: the ``sorted-gaps`` and
+            ``dictionary`` encodings).
     """
 
     window_id: int
@@ -597,7 +597,7 @@ class SelectionRows:
 
 class TopKRows(SelectionRows):
     """Top-k: ``ids`` and ``logprobs`` hold W rows of K entries each, log-probs descending
-    (or, stored ``sorted-gaps``, ids ascending)."""
+    (or, stored by id, ids ascending)."""
 
     format = fmt.SELECTIONS["topk"]
 
@@ -633,7 +633,7 @@ class TopKRows(SelectionRows):
             raise BadShard(f"row {row}: logprobs not descending")
         if columns.entry_order == "id" and k > 1 and np.any(np.diff(ids.reshape(w, k), axis=1) <= 0):
             row = int(np.argmax(np.any(np.diff(ids.reshape(w, k), axis=1) <= 0, axis=1)))
-            raise BadShard(f"row {row}: ids not ascending (sorted-gaps stores each row by id)")
+            raise BadShard(f"row {row}: ids not ascending (the ids encoding stores each row by id)")
         tail = 1.0 - np.exp(lp.astype(np.float64)).sum(axis=1)
         if np.any(tail < logprobs.tail_min):
             row = int(np.argmin(tail))
@@ -704,7 +704,7 @@ class SampledRows(SelectionRows):
 
 class AdaptiveRows(SelectionRows):
     """Mass-adaptive top-k: row t keeps its ``row_splits[t+1] - row_splits[t]`` most likely
-    entries, 1 to K, log-probs descending (or, stored ``sorted-gaps``, ids ascending); where
+    entries, 1 to K, log-probs descending (or, stored by id, ids ascending); where
     the manifest's rule (``min_mass``, ``min_prob``: cache/encodings.py's
     ``select_entry_counts``) cut a row short, the rest of its mass is in the tail, as for
     top-k."""
@@ -751,7 +751,7 @@ class AdaptiveRows(SelectionRows):
             raise BadShard("logprobs not finite")
         if np.any(lp > fmt.LOGPROB_MAX):
             raise BadShard(f"logprobs above 0 (max {float(lp.max()):.3g})")
-        # rank order: log-probs descending; id order (sorted-gaps): ids ascending
+        # rank order: log-probs descending; id order (sorted-gaps, dictionary): ids ascending
         rising = np.diff(lp) > 0 if columns.entry_order == "rank" else np.diff(ids.astype(np.int64)) <= 0
         rising[splits[1:-1] - 1] = False  # from one row's last entry to the next row's first
         if rising.any():
@@ -869,7 +869,7 @@ class RowRules:
         self.rows = selection_rows(self.mode)
         self.size = int(selection[self.rows.format.size_key])
         self.codecs = ColumnCodecs(self.mode, self.size, self.w, self.vocab, encodings)
-        grid = self.codecs.names.get(fmt.LOGPROBS) == "grid-max"
+        grid = self.codecs.names.get(fmt.LOGPROBS) in fmt.GRID_ENCODINGS
         self.logprobs = fmt.GRID_LOGPROBS if grid else fmt.logprob_encoding(logprob_dtype)
         self.schema = fmt.shard_schema(self.mode, logprob_dtype, self.version, self.codecs.names)
 

@@ -165,7 +165,7 @@ def test_compact_build_equals_plain_and_trains(teacher_dir, data_file, tmp_path,
     assert build(teacher_dir, data_file, tmp_path / "compact", *selection, "--encoding", "compact") == 0
     assert main(["cache", "verify", str(tmp_path / "compact")]) == 0
     a, b = CacheReader(tmp_path / "plain"), CacheReader(tmp_path / "compact")
-    assert b.manifest["format_version"] == 3 and b.manifest["encoding"]["columns"]["ids"] == "sorted-gaps"
+    assert b.manifest["format_version"] == 3 and b.manifest["encoding"]["columns"]["ids"] == "dictionary"
     assert set(a.manifest["encoding"]["columns"].values()) == {"plain"}
     assert b.manifest["totals"]["bytes"] < a.manifest["totals"]["bytes"]
     if "--min-prob" in selection:  # adaptive: ragged rows, entry counts from row_splits

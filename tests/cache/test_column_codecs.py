@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from longkd.cache import encodings as enc
 from longkd.cache import format as fmt
 from longkd.cache.column_codecs import ColumnCodecs, renormalise
 from longkd.cache.encodings import decode_logprobs, encode_logprobs
@@ -25,11 +26,24 @@ from longkd.errors import LongkdError
 from tests.cache.test_format import finish_synthetic_cache, make_sampled_rows, make_topk_rows, make_window
 
 GRID = 1 / 64  # target_logprob's grid: rounding <= GRID / 2
-LOGPROB_ERROR = 1 / 128  # what longkd's grid-max log-probs read back within (snap_to_grid)
+LOGPROB_ERROR = 1 / 128  # what longkd's grid log-probs read back within (snap_to_grid)
 
 
 def compact(mode: str, size: int, w: int, vocab: int) -> ColumnCodecs:
     return ColumnCodecs(mode, size, w, vocab, fmt.encoding_preset("compact", mode))
+
+
+# The compact encodings of ids and log-probs before dictionary and grid-min: format-3 caches
+# written with them stay readable.
+EARLIER_COMPACT = {fmt.IDS: "sorted-gaps", fmt.LOGPROBS: "grid-max"}
+
+
+def encodings_of(encoding: str, mode: str) -> dict:
+    """``plain``, ``compact`` or ``earlier``: compact with EARLIER_COMPACT's ids and log-probs."""
+    if encoding == "earlier":
+        named = fmt.encoding_preset("compact", mode)
+        return {column: EARLIER_COMPACT.get(column, name) for column, name in named.items()}
+    return fmt.encoding_preset(encoding, mode)
 
 
 def rules_for(mode: str, size: int, w: int, vocab: int, encoding: str) -> RowRules:
@@ -40,15 +54,15 @@ def rules_for(mode: str, size: int, w: int, vocab: int, encoding: str) -> RowRul
         selection={"mode": mode, key: size},
         logprob_dtype="float32",
         version=3,
-        encodings=fmt.encoding_preset(encoding, mode),
+        encodings=encodings_of(encoding, mode),
     )
 
 
-def both(window, rows, mode, size, w, vocab):
-    """The window read back stored plain and stored compact (each checked by every rule)."""
+def both(window, rows, mode, size, w, vocab, encoding="compact"):
+    """The window read back stored plain and stored ``encoding`` (each checked by every rule)."""
     out = []
-    for encoding in ("plain", "compact"):
-        rules = rules_for(mode, size, w, vocab, encoding)
+    for name in ("plain", encoding):
+        rules = rules_for(mode, size, w, vocab, name)
         batch = window_record_batch(window, rows, mode, "float32", rules.codecs)
         assert batch.schema.equals(rules.schema)
         columns = read_columns(batch, 0, mode, rules.codecs)
@@ -101,8 +115,9 @@ def topk_splits(w, k):
     return np.arange(w + 1) * k
 
 
+@pytest.mark.parametrize("encoding", ["compact", "earlier"])
 @pytest.mark.parametrize("vocab,k", [(60, 5), (2, 2), (2, 1), (300, 300)])
-def test_topk_compact_window_equals_plain(vocab, k):
+def test_topk_compact_window_equals_plain(vocab, k, encoding):
     rng = np.random.default_rng()
     w = int(rng.integers(8, 40))
     window = make_window(
@@ -110,13 +125,26 @@ def test_topk_compact_window_equals_plain(vocab, k):
     )
     window.input_ids = np.minimum(window.input_ids, vocab - 1)
     rows = make_topk_rows(rng, window, vocab, k)
-    plain, packed = both(window, rows, "topk", k, w, vocab)
+    plain, packed = both(window, rows, "topk", k, w, vocab, encoding)
     assert_same_window(plain, packed, topk_splits(w, k))
     ids, logprobs, counts = dense_rows(packed, w, {"mode": "topk", "k": k})
     assert ids.shape == logprobs.shape == (w, k) and counts is None
 
 
-def test_topk_adversarial_rows():
+@pytest.mark.parametrize("mode", ["topk", "sampled"])
+def test_decoding_some_columns_gives_what_decoding_all_gives(mode):
+    """``ColumnCodecs.decode(columns=...)``: each column alone, entry columns first included."""
+    batch, rules = one_compact_batch(mode)
+    length = int(batch.column(fmt.LENGTH)[0].as_py())
+    everything = rules.codecs.decode(batch, 0, length)
+    for column in everything:
+        alone = rules.codecs.decode(batch, 0, length, (column,))
+        assert list(alone) == [column]
+        np.testing.assert_array_equal(alone[column], everything[column])
+
+
+@pytest.mark.parametrize("encoding", ["compact", "earlier"])
+def test_topk_adversarial_rows(encoding):
     """All-equal log-probs, ids 0 and V - 1 in every row, a row holding the whole mass, and
     V = 262,144."""
     rng = np.random.default_rng()
@@ -131,17 +159,18 @@ def test_topk_adversarial_rows():
     lp[2] = [-1.5, -1.5, -1.5, -100.0]  # ties and a far entry (grid integer 6400)
     target = lp[:, 0].copy()
     rows = SimpleNamespace(ids=ids.astype(np.int32), logprobs=lp, target_logprob=target)
-    plain, packed = both(window, rows, "topk", k, w, vocab)
+    plain, packed = both(window, rows, "topk", k, w, vocab, encoding)
     assert_same_window(plain, packed, topk_splits(w, k))
 
 
+@pytest.mark.parametrize("encoding", ["compact", "earlier"])
 @pytest.mark.parametrize("draws", [1, 16, 255, 300])
-def test_sampled_compact_window_equals_plain(draws):
+def test_sampled_compact_window_equals_plain(draws, encoding):
     rng = np.random.default_rng()
     w, vocab = int(rng.integers(8, 30)), 40
     window = make_window(rng, int(rng.integers(0, 1000)), w, vocab)
     rows = make_sampled_rows(rng, window, vocab, draws)  # draws=1: every row holds one entry
-    plain, packed = both(window, rows, "sampled", draws, w, vocab)
+    plain, packed = both(window, rows, "sampled", draws, w, vocab, encoding)
     assert_same_window(plain, packed, rows.row_splits)
     dense_plain = dense_rows(plain, w, {"mode": "sampled", "draws": draws})
     dense_packed = dense_rows(packed, w, {"mode": "sampled", "draws": draws})
@@ -152,7 +181,8 @@ def test_sampled_compact_window_equals_plain(draws):
 @pytest.mark.parametrize(
     "rules", [{"min_mass": 0.8}, {"min_prob": 0.02}, {"min_mass": 0.9, "min_prob": 0.01}]
 )
-def test_adaptive_compact_window_equals_plain_and_keeps_its_rule(rules):
+@pytest.mark.parametrize("encoding", ["compact", "earlier"])
+def test_adaptive_compact_window_equals_plain_and_keeps_its_rule(rules, encoding):
     """Ragged adaptive rows: entry counts from row_splits; verify's rule checks, in rank order
     and with the grid's allowance, pass on what the compact cache reads back."""
     from tests.cache.test_adaptive_rows import adaptive_from_topk
@@ -165,14 +195,14 @@ def test_adaptive_compact_window_equals_plain_and_keeps_its_rule(rules):
         window = make_window(rng, int(rng.integers(0, 1000)), w, vocab)
         _, rows = adaptive_from_topk(rng, window, vocab, k, **rules)
         out = []
-        for encoding in ("plain", "compact"):
+        for name in ("plain", encoding):
             rules_ = RowRules(
                 window=w,
                 vocab=vocab,
                 selection=selection,
                 logprob_dtype="float32",
                 version=3,
-                encodings=fmt.encoding_preset(encoding, "adaptive"),
+                encodings=encodings_of(name, "adaptive"),
             )
             batch = window_record_batch(window, rows, "adaptive", "float32", rules_.codecs)
             out.append(read_columns(batch, 0, "adaptive", rules_.codecs))
@@ -258,22 +288,33 @@ def test_worked_example_of_the_format():
     ids = np.array([17, 5, 31999, 300])
     logprobs = np.array([-0.2, -2.5, -3.02, -7.25], np.float32)
     order = np.argsort(ids)
-    id_blob, ctx = blob("sorted-gaps", ids[order])
-    assert id_blob.hex(" ") == "82 04 00 00 00 05 0b 1a d2 00 00 01 7b"
-    assert ENCODINGS["sorted-gaps"].decode(np.frombuffer(id_blob, np.uint8), ctx).tolist() == [
-        5,
-        17,
-        300,
-        31999,
-    ]
-    lp_blob, _ = blob("grid-max", logprobs[order])
-    assert lp_blob.hex(" ") == (
-        "00 44 00 81 01 00 00 00 0e 82 04 00 00 00 9c 00 df c0 00 00 01 00 f4 01 00 00 00 c4 75 4b 3d"
+    sorted_gaps = "82 04 00 00 00 05 0b 1a d2 00 00 01 7b"
+    for name, want in (
+        ("dictionary", sorted_gaps + " 81 04 00 00 00 00 00 00 00"),
+        ("sorted-gaps", sorted_gaps),
+    ):
+        id_blob, ctx = blob(name, ids[order])
+        assert id_blob.hex(" ") == want
+        assert ENCODINGS[name].decode(np.frombuffer(id_blob, np.uint8), ctx).tolist() == [5, 17, 300, 31999]
+    two, ctx2 = blob("dictionary", [5, 17, 300, 31999, 5, 17, 300, 1024], w=2, counts=(4, 4))
+    assert two.hex(" ") == (
+        "82 05 00 00 00 05 0b 1a d3 fe 00 00 01 02 78 81 08 00 00 00 00 00 00 01 00 00 00 00"
     )
-    got = ENCODINGS["grid-max"].decode(np.frombuffer(lp_blob, np.uint8), ctx)
-    np.testing.assert_allclose(got, [-2.4944506, -0.20033298, -7.2444506, -3.0238624], rtol=0, atol=1e-7)
-    tail = 1 - np.exp(logprobs.astype(np.float64)).sum()
-    assert abs(1 - np.exp(got.astype(np.float64)).sum() - tail) < 1e-7
+    assert ENCODINGS["dictionary"].decode(np.frombuffer(two, np.uint8), ctx2).tolist() == [
+        *(5, 17, 300, 31999),
+        *(5, 17, 300, 1024),
+    ]
+    tail = " f4 01 00 00 00 c4 75 4b 3d"
+    for name, want in (
+        ("grid-min", "02 44 00 82 01 00 00 00 ed 01 82 04 00 00 00 43 df 00 1f 01 01 00 01" + tail),
+        ("grid-max", "00 44 00 81 01 00 00 00 0e 82 04 00 00 00 9c 00 df c0 00 00 01 00" + tail),
+    ):
+        lp_blob, _ = blob(name, logprobs[order])
+        assert lp_blob.hex(" ") == want
+        got = ENCODINGS[name].decode(np.frombuffer(lp_blob, np.uint8), ctx)
+        np.testing.assert_allclose(got, [-2.4944506, -0.20033298, -7.2444506, -3.0238624], rtol=0, atol=1e-7)
+        exact_tail = 1 - np.exp(logprobs.astype(np.float64)).sum()
+        assert abs(1 - np.exp(got.astype(np.float64)).sum() - exact_tail) < 1e-7
     assert (
         blob("grid", np.array([-0.2, -2.5, np.nan], np.float32), w=3)[0].hex(" ")
         == "40 00 08 03 00 00 00 0d a0 ff"
@@ -290,7 +331,7 @@ def test_worked_example_of_the_format():
 # ----------------------------------------------------------------------------- damaged columns
 
 
-def one_compact_batch(mode="topk"):
+def one_compact_batch(mode="topk", encoding="compact"):
     rng = np.random.default_rng()
     w, vocab, size = 16, 50, 5
     window = make_window(rng, 7, w, vocab)
@@ -300,7 +341,7 @@ def one_compact_batch(mode="topk"):
         else make_sampled_rows(rng, window, vocab, 9)
     )
     size = size if mode == "topk" else 9
-    rules = rules_for(mode, size, w, vocab, "compact")
+    rules = rules_for(mode, size, w, vocab, encoding)
     return window_record_batch(window, rows, mode, "float32", rules.codecs), rules
 
 
@@ -320,15 +361,27 @@ def set_byte(at, value):
     return edit
 
 
+def places_count(value):
+    """Set the value count of a dictionary blob's second section (the places)."""
+
+    def edit(blob):
+        at = enc.SECTION_HEADER + int.from_bytes(blob[1:5], "little") * (blob[0] - 0x80)
+        blob[at + 1 : at + 5] = int(value).to_bytes(4, "little")
+
+    return edit
+
+
 @pytest.mark.parametrize(
     "column,edit,message",
     [
-        (fmt.IDS, lambda b: b.pop(), r"ids \(sorted-gaps\): .*needs \d+ bytes"),
-        (fmt.IDS, set_byte(0, 0x99), r"ids \(sorted-gaps\): .*unknown kind 0x99"),
-        (fmt.IDS, set_byte(1, 3), r"ids \(sorted-gaps\): .*holds 3 values, expected 80"),
-        (fmt.IDS, lambda b: b.extend(b"\0"), r"ids \(sorted-gaps\): .*1 bytes left"),
-        (fmt.IDS, set_byte(-1, 0xFF), r"ids \(sorted-gaps\): .*row \d+.* beyond the vocabulary"),
-        (fmt.LOGPROBS, set_byte(0, 7), r"logprobs \(grid-max\): .*unknown layout"),
+        (fmt.IDS, lambda b: b.pop(), r"ids \(dictionary\): .*'places' needs \d+ bytes"),
+        (fmt.IDS, set_byte(0, 0x99), r"ids \(dictionary\): .*unknown kind 0x99"),
+        (fmt.IDS, places_count(3), r"ids \(dictionary\): .*'places' holds 3 values, expected 80"),
+        (fmt.IDS, lambda b: b.extend(b"\0"), r"ids \(dictionary\): .*1 bytes left"),
+        (fmt.IDS, set_byte(-1, 0xFF), r"ids \(dictionary\): .*row 15: a place .* beyond the dictionary"),
+        (fmt.IDS, set_byte(5, 60), r"ids \(dictionary\): .*: a dictionary id .* beyond the vocabulary of 50"),
+        (fmt.LOGPROBS, set_byte(0, 7), r"logprobs \(grid-min\): .*unknown layout"),
+        (fmt.LOGPROBS, set_byte(0, 0), r"logprobs \(grid-min\): .*layout 0 \(grid-max\) where grid-min"),
         (fmt.LOGPROBS, lambda b: b.__setitem__(slice(-4, None), np.float32(2.0).tobytes()), "tail mass"),
         (fmt.TARGET_LOGPROB, lambda b: b.clear(), r"target_logprob \(grid\): .*cut off"),
         (fmt.INPUT_IDS, set_byte(-1, 0xFF), r"input_ids \(ints\): .*not below 50"),
@@ -346,19 +399,36 @@ def test_damaged_compact_column_is_one_clear_error(column, edit, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "column,edit,message",
+    [
+        (fmt.IDS, lambda b: b.pop(), r"ids \(sorted-gaps\): .*needs \d+ bytes"),
+        (fmt.IDS, set_byte(1, 3), r"ids \(sorted-gaps\): .*holds 3 values, expected 80"),
+        (fmt.IDS, set_byte(-1, 0xFF), r"ids \(sorted-gaps\): .*row \d+.* beyond the vocabulary"),
+        (fmt.LOGPROBS, set_byte(0, 7), r"logprobs \(grid-max\): .*unknown layout"),
+        (fmt.LOGPROBS, set_byte(0, 2), r"logprobs \(grid-max\): .*layout 2 \(grid-min\) where grid-max"),
+    ],
+)
+def test_damaged_earlier_compact_column_is_one_clear_error(column, edit, message):
+    batch, rules = one_compact_batch(encoding="earlier")
+    with pytest.raises(BadShard, match=message) as info:
+        read_columns(with_blob(batch, column, edit), 0, "topk", rules.codecs)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("column", [fmt.IDS, fmt.LOGPROBS, fmt.TARGET_LOGPROB, fmt.INPUT_IDS])
 def test_a_flipped_payload_bit_fails_the_checksum(column):
-    """A bit flipped in the middle of a blob (inside its values' payload) still decodes, to
-    other values, and the checksum over the decoded values catches it."""
+    """A bit flipped in the middle of a blob (inside its values' payload) decodes to other
+    values, which the checksum over the decoded values catches, or fails to decode."""
     batch, rules = one_compact_batch()
     middle = len(batch.column(column)[0].as_py()) // 2
 
     def flip(blob):
         blob[middle] ^= 0x01
 
-    columns = read_columns(with_blob(batch, column, flip), 0, "topk", rules.codecs)
-    with pytest.raises(BadShard, match="checksum mismatch"):
-        rules.check_read(columns)
+    # grid-min refuses an entry pushed beyond its row's base before the checksum is reached
+    with pytest.raises(BadShard, match="checksum mismatch|lies above 0"):
+        rules.check_read(read_columns(with_blob(batch, column, flip), 0, "topk", rules.codecs))
 
 
 def test_damaged_sampled_columns():
@@ -407,8 +477,8 @@ def test_verify_names_the_window_and_row_of_a_damaged_compact_column(tmp_path):
     (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
     result = verify_cache(loc)
     assert not result.ok
-    assert "row 1: ids (sorted-gaps)" in result.problem and "\n" not in result.problem
-    with pytest.raises(LongkdError, match=r"window 1 in shard .* is damaged: ids \(sorted-gaps\)"):
+    assert "row 1: ids (dictionary)" in result.problem and "\n" not in result.problem
+    with pytest.raises(LongkdError, match=r"window 1 in shard .* is damaged: ids \(dictionary\)"):
         CacheReader(loc).read_window(1)
     assert CacheReader(loc).read_window(0).ids.shape == (16, 5)
 
@@ -428,7 +498,10 @@ def test_max_stored_id_decodes_compact_ids(tmp_path):
     "columns,message",
     [
         ({"ids": "zigzag"}, r"encoding.columns.ids"),
-        ({"ids": "grid-max"}, "encoding 'grid-max' does not apply to ids; use one of plain, sorted-gaps"),
+        (
+            {"ids": "grid-min"},
+            "encoding 'grid-min' does not apply to ids; use one of plain, sorted-gaps, dictionary",
+        ),
         ({"counts": "minus-one"}, "names column 'counts', which a topk cache does not have"),
         ({"weights": "plain"}, "names column 'weights'"),
     ],
@@ -451,6 +524,10 @@ def test_manifest_compact_columns_need_format_3_and_float32(tmp_path):
     with pytest.raises(LongkdError, match="encodings other than plain need format_version 3"):
         load_manifest(loc)
     manifest["encoding"]["logprobs"] = "float16"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(LongkdError, match="must be float32 with grid-min"):
+        load_manifest(loc)
+    manifest["encoding"]["columns"]["logprobs"] = "grid-max"
     path.write_text(json.dumps(manifest))
     with pytest.raises(LongkdError, match="must be float32 with grid-max"):
         load_manifest(loc)

@@ -141,6 +141,67 @@ def test_ids_adversarial_rows(vocab):
         np.testing.assert_array_equal(ids[order], got)
 
 
+@pytest.mark.parametrize("vocab", [2, 3, 1000, 32000, 262144])
+def test_dictionary_ids_round_trip_random_rows(vocab):
+    """The dictionary encoding gives what sorted gaps give: each row's ids ascending, in the
+    same stored order; rows drawn from a few ids (as a window's top-k rows are) and from the
+    whole vocabulary."""
+    rng = np.random.default_rng()
+    for spread in (1, vocab // min(vocab, 4096)):
+        ids, logprobs, counts = random_rows(rng, 40, min(vocab, 4096), cap=min(vocab, 64), ragged=True)
+        ids = ids * spread
+        blob, order = enc.encode_dictionary_ids(ids, counts, vocab)
+        got = enc.decode_dictionary_ids(blob, counts, vocab)
+        expected, _ = sort_rows_by_id(ids, logprobs, counts)
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(ids[order], expected)
+        _, sorted_order = enc.encode_ids(ids, counts, vocab)
+        np.testing.assert_array_equal(order, sorted_order)
+
+
+@pytest.mark.parametrize("vocab", [2, 262144])
+def test_dictionary_ids_adversarial_rows(vocab):
+    # k = V (every id, reversed), ids 0 and V - 1 alone, an empty row, one entry; no rows at all
+    rows = [
+        np.arange(vocab)[::-1],
+        np.array([vocab - 1, 0]),
+        np.array([], int),
+        np.array([vocab - 1]),
+        np.array([0]),
+    ]
+    counts = np.array([len(r) for r in rows])
+    ids = np.concatenate(rows)
+    blob, order = enc.encode_dictionary_ids(ids, counts, vocab)
+    got = enc.decode_dictionary_ids(blob, counts, vocab)
+    np.testing.assert_array_equal(got, np.concatenate([np.sort(r) for r in rows]))
+    np.testing.assert_array_equal(ids[order], got)
+    for counts in (np.zeros(3, int), np.zeros(0, int)):
+        empty, _ = enc.encode_dictionary_ids(np.array([], int), counts, vocab)
+        assert enc.decode_dictionary_ids(empty, counts, vocab).size == 0
+
+
+def test_dictionary_ids_decode_with_numpy_alone():
+    """docs/format.md "dictionary": two sections of sorted gaps, the second indexing the first."""
+    rng = np.random.default_rng()
+    vocab, w, k = 32000, 30, 16
+    ids = np.stack([rng.choice(300, k, replace=False) * 100 for _ in range(w)]).reshape(-1)
+    blob, _ = enc.encode_dictionary_ids(ids, np.full(w, k), vocab)
+    data = np.frombuffer(blob, np.uint8)
+
+    def section(pos):
+        kind, n = int(data[pos]), int.from_bytes(data[pos + 1 : pos + 5].tobytes(), "little")
+        size = kind - 0x80
+        values = data[pos + 5 : pos + 5 + n * size].reshape(size, n).T.copy().view(f"<u{size}").ravel()
+        return values.astype(np.int64), pos + 5 + n * size
+
+    table, pos = section(0)
+    places, end = section(pos)
+    assert end == data.size
+    dictionary = np.cumsum(table + (np.arange(table.size) > 0))
+    rows = np.cumsum(places.reshape(w, k) + (np.arange(k) > 0), axis=1)
+    np.testing.assert_array_equal(dictionary[rows], np.sort(ids.reshape(w, k), axis=1))
+
+
 def test_ids_refuse_bad_rows():
     with pytest.raises(LongkdError, match="repeats within a row"):
         enc.encode_ids(np.array([3, 3]), np.array([2]), 10)
@@ -171,7 +232,7 @@ def test_frequency_remap_ranks_the_most_frequent_first():
 def test_logprobs_round_trip_random_rows(layout, packing, steps):
     rng = np.random.default_rng(steps)
     ids, logprobs, counts = random_rows(rng, 50, 3000, cap=64, ragged=True, scale=rng.uniform(0.5, 6))
-    if layout == "grid-max":  # any order: the order encode_ids stores
+    if layout != "grid-delta":  # any order: the order encode_ids stores
         _, logprobs = sort_rows_by_id(ids, logprobs, counts)
     check_logprobs(logprobs, counts, layout, steps, packing)
 
@@ -324,7 +385,35 @@ def test_corrupt_blobs_raise():
         (lambda: enc.decode_logprobs(lp_blob[:-4] + np.float32(1.5).tobytes(), counts), "tail mass"),
         (lambda: enc.decode_logprobs(lp_blob[:-1], counts), "needs 32 bytes"),
         (lambda: enc.decode_uints(enc.encode_uints(np.array([5, 9])), 2, "counts", limit=9), "not below 9"),
+        (
+            lambda: enc.decode_logprobs(lp_blob, counts, layout="grid-min"),
+            r"layout 0 \(grid-max\) where grid-min",
+        ),
     ]
+    dict_blob, _ = enc.encode_dictionary_ids(ids, counts, 1000)
+    table_end = enc.SECTION_HEADER + int.from_bytes(dict_blob[1:5], "little") * (dict_blob[0] - 0x80)
+    last_place = bytearray(dict_blob)
+    last_place[-1] = 0xFF  # the last row's last gap: beyond the dictionary
+    cases += [
+        (lambda: enc.decode_dictionary_ids(dict_blob[:-1], counts, 1000), "section 'places' needs .* bytes"),
+        (lambda: enc.decode_dictionary_ids(dict_blob[:3], counts, 1000), "section 'dictionary' is cut off"),
+        (lambda: enc.decode_dictionary_ids(dict_blob[:table_end], counts, 1000), "'places' is cut off"),
+        (lambda: enc.decode_dictionary_ids(dict_blob + b"\0", counts, 1000), "1 bytes left"),
+        (lambda: enc.decode_dictionary_ids(dict_blob, counts[:-1], 1000), "holds 64 values, expected 56"),
+        (
+            lambda: enc.decode_dictionary_ids(dict_blob, counts, 500),
+            "a dictionary id decodes to .* beyond the vocabulary of 500",
+        ),
+        (
+            lambda: enc.decode_dictionary_ids(bytes(last_place), counts, 1000),
+            "row 7: a place decodes to .* beyond the dictionary",
+        ),
+    ]
+    min_blob = bytearray(enc.encode_logprobs(logprobs[order], counts, layout="grid-min", packing="bytes"))
+    entries = 3 + enc.SECTION_HEADER + 8 * (min_blob[3] - 0x80)  # layout, steps, then the row bases
+    assert min_blob[entries] == 0x81 or min_blob[entries] == 0x82
+    min_blob[entries + enc.SECTION_HEADER + 5] = 0xFE  # row 0's entry 5: far below the row's smallest
+    cases.append((lambda: enc.decode_logprobs(bytes(min_blob), counts), "row 0: an entry lies above 0"))
     for call, message in cases:
         with pytest.raises(LongkdError, match=message):
             call()
