@@ -156,10 +156,12 @@ def logprob_errors(plain: list, compact: list) -> dict[str, float]:
 
 
 def id_alternatives(plain: list, vocab: int, level: int = fmt.DEFAULT_COMPRESSION_LEVEL) -> dict[str, float]:
-    """Bytes/token of a top-k cache's ``ids`` under encodings the format does not have, beside
-    its own (``sorted-gaps``), each window's ids alone through zstd at ``level`` (in memory):
+    """Bytes/token of a top-k cache's ``ids`` under the format's encodings and under ones it
+    does not have, each window's ids alone through zstd at ``level`` (in memory):
 
-    - ``sorted_gaps``: the format's encoding (each row sorted, gaps, byte-shuffled);
+    - ``dictionary``: the format's compact encoding (the window's distinct ids ascending,
+      then each row's places in them as sorted gaps);
+    - ``sorted_gaps``: its earlier one (each row sorted, gaps, byte-shuffled);
     - ``remap_sorted_gaps``: ids first replaced by their rank in a frequency table fitted on
       the other half of the windows (what a table in the manifest, fitted on earlier data,
       would give), on that half of the windows only, beside ``sorted_gaps_same_half``;
@@ -176,11 +178,12 @@ def id_alternatives(plain: list, vocab: int, level: int = fmt.DEFAULT_COMPRESSIO
 
     rows = [np.sort(w.ids, axis=1) for w in plain]
     tokens = sum(r.shape[0] for r in rows)
-    out = dict.fromkeys(("window_dictionary", "window_dictionary_table"), 0.0)
-    sorted_gaps = []  # each window's bytes under the format's encoding
+    out = dict.fromkeys(("dictionary", "window_dictionary", "window_dictionary_table"), 0.0)
+    sorted_gaps = []  # each window's bytes under the earlier encoding
     for r in rows:
         counts = np.full(r.shape[0], r.shape[1])
         sorted_gaps.append(size(enc.encode_ids(r.reshape(-1), counts, vocab, packing="bytes")[0]))
+        out["dictionary"] += size(enc.encode_dictionary_ids(r.reshape(-1), counts, vocab)[0])
         distinct, where, hits = np.unique(r.reshape(-1), return_inverse=True, return_counts=True)
         by_hits = np.argsort(-hits, kind="stable")
         place = np.empty(len(distinct), np.int64)
@@ -204,6 +207,28 @@ def id_alternatives(plain: list, vocab: int, level: int = fmt.DEFAULT_COMPRESSIO
         out["sorted_gaps_same_half"] = sum(sorted_gaps[half:]) / held
         out["remap_sorted_gaps"] = remapped / held
     return out
+
+
+def logprob_alternatives(
+    plain: list, vocab: int, level: int = fmt.DEFAULT_COMPRESSION_LEVEL
+) -> dict[str, float]:
+    """Bytes/token of a top-k cache's ``logprobs`` stored ``grid-min`` (the format's compact
+    encoding) and ``grid-max`` (its earlier one), rows by ascending id as both store them,
+    each window's column alone through zstd at ``level`` (in memory)."""
+    import zstandard
+
+    from longkd.cache.column_codecs import ENCODINGS, WindowContext
+
+    out = {"grid_min": 0.0, "grid_max": 0.0}
+    for w in plain:
+        order = np.argsort(w.ids, axis=1, kind="stable")
+        logprobs = np.take_along_axis(w.logprobs, order, 1).reshape(-1)
+        ctx = WindowContext(w.ids.shape[0], vocab, w.length, np.full(w.ids.shape[0], w.ids.shape[1]))
+        for key, name in (("grid_min", "grid-min"), ("grid_max", "grid-max")):
+            blob = ENCODINGS[name].encode(logprobs, ctx)
+            out[key] += len(zstandard.ZstdCompressor(level=level).compress(blob))
+    tokens = sum(w.ids.shape[0] for w in plain)
+    return {k: v / tokens for k, v in out.items()}
 
 
 def curve_fit_errors(plain: list, degrees: tuple[int, ...] = (3, 6, 9)) -> dict[str, dict[str, float]]:
@@ -385,9 +410,9 @@ def _top_k_columns(group: list, w: int) -> dict[str, np.ndarray]:
     }
 
 
-def long_windows(cache: Path, window: int) -> tuple:
+def long_windows(cache: Path, window: int, encodings: dict | None = None) -> tuple:
     """A top-k cache's windows, in order, re-encoded ``window // W`` at a time as windows of
-    ``window`` tokens (their rows concatenated, with the cache's encodings).
+    ``window`` tokens (their rows concatenated, with ``encodings``: default the cache's).
 
     Returns:
         ``(codecs, batches)``: the ColumnCodecs of the long windows and one record batch per
@@ -404,7 +429,7 @@ def long_windows(cache: Path, window: int) -> tuple:
         raise LongkdError(f"{cache} holds {len(windows)} windows of {w}: too few for windows of {window}")
     codecs = ColumnCodecs(
         "topk", manifest["selection"]["k"], per * w, manifest["vocab"]["embedding_size"],
-        manifest["encoding"]["columns"],
+        encodings or manifest["encoding"]["columns"],
     )  # fmt: skip
     batches = []
     for i in range(0, len(windows) - per + 1, per):
@@ -439,6 +464,32 @@ def entropy(teacher_dir: Path, windows: list, temperature: float = 1.0) -> float
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids, position_ids=pos).logits.double() / temperature, -1)
     return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+EARLIER_COMPACT = {fmt.IDS: "sorted-gaps", fmt.LOGPROBS: "grid-max"}  # compact before dictionary, grid-min
+
+
+def earlier(columns: dict) -> dict:
+    """A manifest's ``encoding.columns`` with EARLIER_COMPACT's ids and log-probs."""
+    return {column: EARLIER_COMPACT.get(column, name) for column, name in columns.items()}
+
+
+def earlier_decode_speeds(cache: Path, repeats: int = 7) -> dict[str, float]:
+    """Tokens/s on one thread of the column decoding of a compact top-k cache's windows
+    (W as built) with its encodings and with the earlier compact ones (EARLIER_COMPACT), both
+    re-encoded in memory and timed in alternating passes (fastest of ``repeats`` each), so the
+    ratio holds on a machine whose speed drifts between runs."""
+    manifest = json.loads((cache / "manifest.json").read_text())
+    w, columns = int(manifest["window"]), manifest["encoding"]["columns"]
+    sets = {"current": long_windows(cache, w, columns), "earlier": long_windows(cache, w, earlier(columns))}
+    best = dict.fromkeys(sets, float("inf"))
+    for _ in range(repeats):
+        for name, (codecs, batches) in sets.items():
+            start = time.perf_counter()
+            for batch in batches:
+                codecs.decode(batch, 0, w)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: len(sets[name][1]) * w / seconds for name, seconds in best.items()}
 
 
 def measure_teacher(teacher: Path, data: Path, work: Path, args, temperature: float = 1.0) -> dict:
@@ -506,11 +557,13 @@ def measure_teacher(teacher: Path, data: Path, work: Path, args, temperature: fl
             "bucket_loss_rel_error": max(max(rel[name].values()) for name in ("compact_topk64", "adaptive")),
             "curve_fit": curve_fit_errors(plain),
             "id_alternatives": id_alternatives(plain, vocab),
+            "logprob_alternatives": logprob_alternatives(plain, vocab),
             "bucket_loss_rel_errors": rel,
             "bucket_losses_plain": ref,
             "decode_tokens_per_s_one_core": codec_decode_speed(caches["compact_topk64"]),
             "plain_decode_tokens_per_s_one_core": codec_decode_speed(caches["plain_topk64"]),
             f"decode_tokens_per_s_one_core_w{long}": long_window_decode_speed(caches["compact_topk64"], long),
+            "decode_speeds_current_vs_earlier": earlier_decode_speeds(caches["compact_topk64"]),
             "encode_tokens_per_s_one_core": codec_encode_speed(
                 caches["plain_topk64"], caches["compact_topk64"]
             ),

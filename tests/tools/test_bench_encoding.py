@@ -3,9 +3,12 @@ the shard files, log-prob errors and bucket losses of compact against plain cach
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+from longkd.cache import format as fmt
 from longkd.tools import bench_encoding as bench
 from tests.helpers import build_cache, write_random_text
 
@@ -113,8 +116,41 @@ def test_id_alternatives_measure_the_format_encoding_and_reorderings(caches):
     blobs = [enc.encode_ids(r.reshape(-1), counts, VOCAB, packing="bytes")[0] for r in rows]
     own = sum(len(zstandard.ZstdCompressor(level=3).compress(b)) for b in blobs)
     assert got["sorted_gaps"] == pytest.approx(own / (len(rows) * W))
+    blobs = [enc.encode_dictionary_ids(r.reshape(-1), counts, VOCAB)[0] for r in rows]
+    own = sum(len(zstandard.ZstdCompressor(level=3).compress(b)) for b in blobs)
+    assert got["dictionary"] == pytest.approx(own / (len(rows) * W))
     assert 0 < got["window_dictionary_table"] < got["window_dictionary"]
     assert got["remap_sorted_gaps"] > 0 and got["sorted_gaps_same_half"] > 0
     # a window whose rows all hold the same ids: its dictionary order makes every row 0..K-1
     same = [dataclasses.replace(plain[0], ids=np.tile(rows[0][:1], (W, 1)))]
     assert bench.id_alternatives(same, VOCAB)["window_dictionary"] < got["window_dictionary"]
+
+
+def test_logprob_alternatives_measure_both_grid_layouts(caches):
+    """Both layouts are measured; on rows whose entries sit just above their smallest (as most
+    of a top-k row's do), at depths that differ from row to row, grid-min's integers repeat
+    from row to row and take fewer bytes than grid-max's."""
+    import dataclasses
+
+    plain = bench._windows(caches["plain"])
+    got = bench.logprob_alternatives(plain, VOCAB)
+    assert got["grid_min"] > 0 and got["grid_max"] > 0
+    rng = np.random.default_rng()
+    lp = rng.uniform(-12, -5, size=(W, 1)) + rng.uniform(0, 0.5, size=(W, 16))
+    lp[:, 0] = np.log(1 - np.exp(lp[:, 1:]).sum(1) - 0.01)
+    ids = np.tile(np.arange(16), (W, 1)).astype(np.int32)
+    near_min = [dataclasses.replace(plain[0], ids=ids, logprobs=lp.astype(np.float32)) for _ in range(3)]
+    sizes = bench.logprob_alternatives(near_min, VOCAB)
+    assert sizes["grid_min"] < sizes["grid_max"]
+
+
+def test_earlier_decode_speeds_time_both_encodings_of_the_same_rows(caches):
+    speeds = bench.earlier_decode_speeds(caches["compact"], repeats=1)
+    assert set(speeds) == {"current", "earlier"} and all(v > 0 for v in speeds.values())
+    columns = json.loads((caches["compact"] / "manifest.json").read_text())["encoding"]["columns"]
+    current, earlier = (bench.long_windows(caches["compact"], W, e) for e in (None, bench.earlier(columns)))
+    assert current[0].names[fmt.IDS] == "dictionary" and earlier[0].names[fmt.IDS] == "sorted-gaps"
+    for a, b in zip(current[1], earlier[1], strict=True):
+        x, y = current[0].decode(a, 0, W), earlier[0].decode(b, 0, W)
+        for column in x:
+            np.testing.assert_array_equal(x[column], y[column])
