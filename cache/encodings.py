@@ -230,13 +230,6 @@ class _Sections:
         self.pos += SECTION_HEADER
         return kind, n
 
-    def next_count(self, name: str) -> int:
-        """The value count of the next section, without reading past its header."""
-        start = self.pos
-        _, n = self._head(name, None)
-        self.pos = start
-        return n
-
     def _payload(self, name: str, size: int) -> np.ndarray:
         if self.pos + size > self.data.size:
             raise self.fail(f"section {name!r} needs {size} bytes, {self.data.size - self.pos} left")
@@ -459,11 +452,10 @@ def decode_ids(blob: bytes, counts: np.ndarray, vocab_size: int) -> np.ndarray:
 
 
 def _sorted_gap_rows(
-    sections: _Sections, name: str, counts: np.ndarray, limit: int, what: str, below: str, rows: bool = True
+    sections: _Sections, name: str, counts: np.ndarray, limit: int, what: str, below: str
 ) -> np.ndarray:
     """The next section's rows of sorted gaps as int32[sum(counts)] values, each ``< limit``
-    (``what`` names a value and ``below`` what it indexes, for the error, which names the row
-    where ``rows``)."""
+    (``what`` names a value and ``below`` what it indexes, for the error, which names the row)."""
     gaps, _ = sections.ints(name, int(counts.sum()))
     if _uniform(counts):  # fixed top-K: rows are the rows of an [R, K] array
         k = int(counts[0])
@@ -474,7 +466,7 @@ def _sorted_gap_rows(
         largest = ids[:, -1]  # rows ascend: the last value is the row's largest
         if largest.max() >= limit:
             row = int(np.argmax(largest >= limit))
-            raise sections.fail(_beyond(row if rows else None, what, int(largest[row]), below, limit))
+            raise sections.fail(_beyond(row, what, int(largest[row]), below, limit))
         return ids.reshape(-1).astype(np.int32, copy=False)
     increments = gaps.astype(np.int64)
     increments += ~_row_firsts(counts)
@@ -482,13 +474,12 @@ def _sorted_gap_rows(
     if ids.size and (ids.max() >= limit or ids.min() < 0):
         bad = int(np.argmax((ids >= limit) | (ids < 0)))
         row = int(np.searchsorted(np.cumsum(counts), bad, side="right"))
-        raise sections.fail(_beyond(row if rows else None, what, int(ids[bad]), below, limit))
+        raise sections.fail(_beyond(row, what, int(ids[bad]), below, limit))
     return ids.astype(np.int32, copy=False)
 
 
-def _beyond(row: int | None, what: str, value: int, below: str, limit: int) -> str:
-    where = "" if row is None else f"row {row}: "
-    return f"{where}{what} decodes to {value}, beyond {below} of {limit}"
+def _beyond(row: int, what: str, value: int, below: str, limit: int) -> str:
+    return f"row {row}: {what} decodes to {value}, beyond {below} of {limit}"
 
 
 def encode_dictionary_ids(ids: np.ndarray, counts: np.ndarray, vocab_size: int) -> tuple[bytes, np.ndarray]:
@@ -534,11 +525,15 @@ def decode_dictionary_ids(blob: bytes, counts: np.ndarray, vocab_size: int) -> n
     """
     counts = _check_counts(counts, None, "ids")
     sections = _Sections(blob, "ids")
-    size = sections.next_count("dictionary")
-    dictionary = _sorted_gap_rows(
-        sections, "dictionary", np.array([size]), vocab_size, "a dictionary id", "the vocabulary", rows=False
-    )
-    places = _sorted_gap_rows(sections, "places", counts, size, "a place", "the dictionary")
+    gaps, _ = sections.ints("dictionary")
+    dictionary = np.cumsum(gaps, dtype=np.int64)  # < 2**64: at most 2**32 values below 2**32
+    dictionary += np.arange(gaps.size)  # each gap after the first is stored minus 1
+    if dictionary.size and dictionary[-1] >= vocab_size:  # ascending: the last is the largest
+        raise sections.fail(
+            f"a dictionary id decodes to {int(dictionary[-1])}, beyond the vocabulary of {vocab_size}"
+        )
+    places = _sorted_gap_rows(sections, "places", counts, gaps.size, "a place", "the dictionary")
+    dictionary = dictionary.astype(np.int32)
     sections.done()
     return np.take(dictionary, places)  # np.take: faster than fancy indexing on this path
 
@@ -700,13 +695,14 @@ def decode_logprobs(
             grid = grid.reshape(-1)
         else:
             grid = np.repeat(base.astype(np.int64), counts) - rel
-        above = (grid < 0) & ~missing
-        if above.any():
-            bad = int(np.argmax(above))
-            row = int(np.searchsorted(np.cumsum(counts), bad, side="right"))
-            raise sections.fail(
-                f"row {row}: an entry lies above 0 (more than its row's base below the smallest)"
-            )
+        if grid.size and grid.min() < 0:  # an entry above its base, or a -inf's sentinel
+            above = (grid < 0) & ~missing
+            if above.any():
+                bad = int(np.argmax(above))
+                row = int(np.searchsorted(np.cumsum(counts), bad, side="right"))
+                raise sections.fail(
+                    f"row {row}: an entry lies above 0 (more than its row's base below the smallest)"
+                )
     else:
         heads, head_sentinel = sections.ints("row heads", int(nonempty.sum()))
         rest, rest_sentinel = sections.ints("gaps", total - int(nonempty.sum()))
