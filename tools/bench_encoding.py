@@ -214,21 +214,44 @@ def logprob_alternatives(
 ) -> dict[str, float]:
     """Bytes/token of a top-k cache's ``logprobs`` stored ``grid-min`` (the format's compact
     encoding) and ``grid-max`` (its earlier one), rows by ascending id as both store them,
-    each window's column alone through zstd at ``level`` (in memory)."""
+    each window's column alone through zstd at ``level`` (in memory).
+
+    Also what a coarser grid below p = 1e-4 would save, which the format does not have:
+    ``grid_min_coarse{m}``, the same grid-min blob with every grid integer ``a`` beyond
+    ``F = round(-log(1e-4) * steps)`` stored as ``F + round((a - F) / m)`` (an error of up to
+    ``m / (2 * steps)`` nat on those entries, before the tail's shift, which is not redone),
+    and ``share_below_1e-4``, the share of entries it applies to.
+    """
     import zstandard
 
-    from longkd.cache.column_codecs import ENCODINGS, WindowContext
+    from longkd.cache import encodings as enc
+    from longkd.cache.column_codecs import ENCODINGS, LOGPROB_STEPS, WindowContext, snap_to_grid
 
-    out = {"grid_min": 0.0, "grid_max": 0.0}
+    def size(blob: bytes) -> int:
+        return len(zstandard.ZstdCompressor(level=level).compress(blob))
+
+    coarse = (4, 8)
+    out = dict.fromkeys(("grid_min", "grid_max", *(f"grid_min_coarse{m}" for m in coarse)), 0.0)
+    below = entries = 0
+    fine = round(-np.log(P_MIN) * LOGPROB_STEPS)
     for w in plain:
         order = np.argsort(w.ids, axis=1, kind="stable")
         logprobs = np.take_along_axis(w.logprobs, order, 1).reshape(-1)
-        ctx = WindowContext(w.ids.shape[0], vocab, w.length, np.full(w.ids.shape[0], w.ids.shape[1]))
+        counts = np.full(w.ids.shape[0], w.ids.shape[1])
+        ctx = WindowContext(w.ids.shape[0], vocab, w.length, counts)
         for key, name in (("grid_min", "grid-min"), ("grid_max", "grid-max")):
-            blob = ENCODINGS[name].encode(logprobs, ctx)
-            out[key] += len(zstandard.ZstdCompressor(level=level).compress(blob))
+            out[key] += size(ENCODINGS[name].encode(logprobs, ctx))
+        snapped, tail = snap_to_grid(logprobs, counts)
+        a = np.rint(-np.where(np.isfinite(snapped), snapped, 0.0) * LOGPROB_STEPS).astype(np.int64)
+        below, entries = below + int((a > fine).sum()), entries + a.size
+        for m in coarse:
+            codes = np.where(a > fine, fine + np.rint((a - fine) / m), a).reshape(counts.size, -1)
+            blob = enc.encode_logprobs(
+                -codes.reshape(-1) / LOGPROB_STEPS, counts, "grid-min", LOGPROB_STEPS, "bytes", tail
+            )
+            out[f"grid_min_coarse{m}"] += size(blob)
     tokens = sum(w.ids.shape[0] for w in plain)
-    return {k: v / tokens for k, v in out.items()}
+    return {**{k: v / tokens for k, v in out.items()}, "share_below_1e-4": below / max(entries, 1)}
 
 
 def curve_fit_errors(plain: list, degrees: tuple[int, ...] = (3, 6, 9)) -> dict[str, dict[str, float]]:

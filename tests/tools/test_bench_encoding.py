@@ -136,12 +136,15 @@ def test_logprob_alternatives_measure_both_grid_layouts(caches):
     got = bench.logprob_alternatives(plain, VOCAB)
     assert got["grid_min"] > 0 and got["grid_max"] > 0
     rng = np.random.default_rng()
-    lp = rng.uniform(-12, -5, size=(W, 1)) + rng.uniform(0, 0.5, size=(W, 16))
+    lp = rng.uniform(-14, -10, size=(W, 1)) + rng.uniform(0, 0.5, size=(W, 16))
     lp[:, 0] = np.log(1 - np.exp(lp[:, 1:]).sum(1) - 0.01)
     ids = np.tile(np.arange(16), (W, 1)).astype(np.int32)
     near_min = [dataclasses.replace(plain[0], ids=ids, logprobs=lp.astype(np.float32)) for _ in range(3)]
     sizes = bench.logprob_alternatives(near_min, VOCAB)
     assert sizes["grid_min"] < sizes["grid_max"]
+    # every entry but the first lies below 1e-4: the coarser grid applies to them, and saves
+    assert sizes["share_below_1e-4"] == pytest.approx(15 / 16)
+    assert sizes["grid_min_coarse8"] < sizes["grid_min_coarse4"] < sizes["grid_min"]
 
 
 def test_earlier_decode_speeds_time_both_encodings_of_the_same_rows(caches):
