@@ -52,6 +52,7 @@ SHUFFLED_ITEMSIZE = {kind: size for size, kind in KIND_SHUFFLED.items()}
 PACKINGS = ("bits", "bytes")
 LOGPROB_LAYOUTS = ("grid-max", "grid-delta", "grid-min")  # the blob's layout byte is the index
 SECTION_HEADER = 5  # kind (uint8) + count (uint32)
+DENSE_DICTIONARY_MAX = 1 << 24  # up to this V, a window's dictionary is found with a mask of V
 POSITIVE_SLACK = 1e-6  # a stored log-prob may exceed 0 by this much (float rounding)
 TAIL_MIN = -2e-3  # the most negative tail rounding can give (float16 log-probs, docs/format.md)
 
@@ -422,19 +423,34 @@ def encode_ids(
     counts = _check_counts(counts, ids.size, "ids")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise LongkdError(f"ids: values in [{ids.min()}, {ids.max()}] leave the vocabulary [0, {vocab_size})")
+    order = _id_order(ids, counts, vocab_size)
+    gaps = _sorted_gaps(ids[order], counts)
+    fixed = bits_for(vocab_size - 1) if (packing == "bits" and width == "vocab") else None
+    if width not in ("max", "vocab"):
+        raise LongkdError(f"ids: unknown width rule {width!r}; use 'max' or 'vocab'")
+    return _section_ints(gaps, packing, fixed), order
+
+
+def _id_order(ids: np.ndarray, counts: np.ndarray, vocab_size: int) -> np.ndarray:
+    """int64[n]: the permutation sorting each row by id (stable), rows kept in place."""
+    if _uniform(counts):  # fixed top-K: sort the rows of an [R, K] array
+        k = int(counts[0])
+        order = np.argsort(ids.reshape(len(counts), k), axis=1, kind="stable")
+        order += np.arange(0, ids.size, k)[:, None]
+        return order.reshape(-1)
     rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    order = np.argsort(rows * vocab_size + ids, kind="stable")
-    ordered = ids[order]
+    return np.argsort(rows * vocab_size + ids, kind="stable")
+
+
+def _sorted_gaps(ordered: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Rows already ascending as stored gaps: each row's first value, then ``x[i] - x[i-1] - 1``."""
     first = _row_firsts(counts)
     gaps = ordered.copy()
     gaps[1:] -= ordered[:-1] + 1
     gaps[first] = ordered[first]
     if gaps.size and gaps.min() < 0:
         raise LongkdError("ids: an id repeats within a row; rows must hold distinct ids")
-    fixed = bits_for(vocab_size - 1) if (packing == "bits" and width == "vocab") else None
-    if width not in ("max", "vocab"):
-        raise LongkdError(f"ids: unknown width rule {width!r}; use 'max' or 'vocab'")
-    return _section_ints(gaps, packing, fixed), order
+    return gaps
 
 
 def decode_ids(blob: bytes, counts: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -508,12 +524,18 @@ def encode_dictionary_ids(ids: np.ndarray, counts: np.ndarray, vocab_size: int) 
     counts = _check_counts(counts, ids.size, "ids")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise LongkdError(f"ids: values in [{ids.min()}, {ids.max()}] leave the vocabulary [0, {vocab_size})")
-    dictionary = np.unique(ids)
-    table, _ = encode_ids(dictionary, np.array([dictionary.size]), vocab_size, packing="bytes")
-    places, order = encode_ids(
-        np.searchsorted(dictionary, ids), counts, max(dictionary.size, 1), packing="bytes"
-    )
-    return table + places, order
+    order = _id_order(ids, counts, vocab_size)
+    ordered = ids[order]
+    if vocab_size <= DENSE_DICTIONARY_MAX:  # a mask of the vocabulary: no sort
+        present = np.zeros(vocab_size, bool)
+        present[ids] = True
+        dictionary = np.flatnonzero(present)
+        places = (np.cumsum(present) - 1)[ordered]
+    else:
+        dictionary = np.unique(ids)
+        places = np.searchsorted(dictionary, ordered)
+    table = _section_ints(_sorted_gaps(dictionary, np.array([dictionary.size])), "bytes")
+    return table + _section_ints(_sorted_gaps(places, counts), "bytes"), order
 
 
 def decode_dictionary_ids(blob: bytes, counts: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -426,8 +426,9 @@ def test_a_flipped_payload_bit_fails_the_checksum(column):
     def flip(blob):
         blob[middle] ^= 0x01
 
-    # grid-min refuses an entry pushed beyond its row's base before the checksum is reached
-    with pytest.raises(BadShard, match="checksum mismatch|lies above 0"):
+    # a value pushed out of range (a grid-min entry above its base, a place or dictionary id
+    # beyond its limit) is refused before the checksum is reached
+    with pytest.raises(BadShard, match="checksum mismatch|lies above 0|beyond the"):
         rules.check_read(read_columns(with_blob(batch, column, flip), 0, "topk", rules.codecs))
 
 

@@ -180,6 +180,17 @@ def test_dictionary_ids_adversarial_rows(vocab):
         assert enc.decode_dictionary_ids(empty, counts, vocab).size == 0
 
 
+def test_dictionary_ids_beyond_the_dense_mask():
+    """Vocabularies above DENSE_DICTIONARY_MAX find the dictionary by sorting: same blob."""
+    rng = np.random.default_rng()
+    counts = rng.integers(0, 9, size=30)
+    ids = np.concatenate([rng.choice(5000, c, replace=False) * 3001 for c in counts])  # < 2**24
+    big, order = enc.encode_dictionary_ids(ids, counts, 2**26)
+    np.testing.assert_array_equal(enc.decode_dictionary_ids(big, counts, 2**26), ids[order])
+    dense, _ = enc.encode_dictionary_ids(ids, counts, enc.DENSE_DICTIONARY_MAX)
+    assert big == dense
+
+
 def test_dictionary_ids_decode_with_numpy_alone():
     """docs/format.md "dictionary": two sections of sorted gaps, the second indexing the first."""
     rng = np.random.default_rng()
