@@ -419,16 +419,22 @@ def encode_ids(
     Raises:
         LongkdError: ids out of range, repeated within a row, or counts that do not match.
     """
-    ids = np.asarray(ids).reshape(-1).astype(np.int64)
-    counts = _check_counts(counts, ids.size, "ids")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise LongkdError(f"ids: values in [{ids.min()}, {ids.max()}] leave the vocabulary [0, {vocab_size})")
-    order = _id_order(ids, counts, vocab_size)
+    ids, counts, order = _id_rows(ids, counts, vocab_size)
     gaps = _sorted_gaps(ids[order], counts)
     fixed = bits_for(vocab_size - 1) if (packing == "bits" and width == "vocab") else None
     if width not in ("max", "vocab"):
         raise LongkdError(f"ids: unknown width rule {width!r}; use 'max' or 'vocab'")
     return _section_ints(gaps, packing, fixed), order
+
+
+def _id_rows(ids: np.ndarray, counts: np.ndarray, vocab_size: int) -> tuple:
+    """Checked rows of ids: ``(ids int64[n], counts int64[R], order)``, ``order`` sorting each
+    row by id (:func:`_id_order`)."""
+    ids = np.asarray(ids).reshape(-1).astype(np.int64)
+    counts = _check_counts(counts, ids.size, "ids")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise LongkdError(f"ids: values in [{ids.min()}, {ids.max()}] leave the vocabulary [0, {vocab_size})")
+    return ids, counts, _id_order(ids, counts, vocab_size)
 
 
 def _id_order(ids: np.ndarray, counts: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -520,11 +526,7 @@ def encode_dictionary_ids(ids: np.ndarray, counts: np.ndarray, vocab_size: int) 
     Raises:
         LongkdError: ids out of range, repeated within a row, or counts that do not match.
     """
-    ids = np.asarray(ids).reshape(-1).astype(np.int64)
-    counts = _check_counts(counts, ids.size, "ids")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise LongkdError(f"ids: values in [{ids.min()}, {ids.max()}] leave the vocabulary [0, {vocab_size})")
-    order = _id_order(ids, counts, vocab_size)
+    ids, counts, order = _id_rows(ids, counts, vocab_size)
     ordered = ids[order]
     if vocab_size <= DENSE_DICTIONARY_MAX:  # a mask of the vocabulary: no sort
         present = np.zeros(vocab_size, bool)

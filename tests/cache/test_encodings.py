@@ -122,9 +122,9 @@ def test_ids_round_trip_random_rows(vocab, packing):
         np.testing.assert_array_equal(ids[order], expected)
 
 
-@pytest.mark.parametrize("vocab", [2, 262144])
-def test_ids_adversarial_rows(vocab):
-    # k = V (every id, reversed), ids 0 and V - 1 alone, an empty row, one entry
+def adversarial_id_rows(vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k = V (every id, reversed), ids 0 and V - 1 alone, an empty row, one entry: ``(ids,
+    counts, the rows sorted)``."""
     rows = [
         np.arange(vocab)[::-1],
         np.array([vocab - 1, 0]),
@@ -132,12 +132,16 @@ def test_ids_adversarial_rows(vocab):
         np.array([vocab - 1]),
         np.array([0]),
     ]
-    counts = np.array([len(r) for r in rows])
-    ids = np.concatenate(rows)
+    return np.concatenate(rows), np.array([len(r) for r in rows]), np.concatenate([np.sort(r) for r in rows])
+
+
+@pytest.mark.parametrize("vocab", [2, 262144])
+def test_ids_adversarial_rows(vocab):
+    ids, counts, expected = adversarial_id_rows(vocab)
     for packing in PACKINGS:
         blob, order = enc.encode_ids(ids, counts, vocab, packing=packing)
         got = enc.decode_ids(blob, counts, vocab)
-        np.testing.assert_array_equal(got, np.concatenate([np.sort(r) for r in rows]))
+        np.testing.assert_array_equal(got, expected)
         np.testing.assert_array_equal(ids[order], got)
 
 
@@ -161,20 +165,11 @@ def test_dictionary_ids_round_trip_random_rows(vocab):
 
 @pytest.mark.parametrize("vocab", [2, 262144])
 def test_dictionary_ids_adversarial_rows(vocab):
-    # k = V (every id, reversed), ids 0 and V - 1 alone, an empty row, one entry; no rows at all
-    rows = [
-        np.arange(vocab)[::-1],
-        np.array([vocab - 1, 0]),
-        np.array([], int),
-        np.array([vocab - 1]),
-        np.array([0]),
-    ]
-    counts = np.array([len(r) for r in rows])
-    ids = np.concatenate(rows)
+    ids, counts, expected = adversarial_id_rows(vocab)
     blob, order = enc.encode_dictionary_ids(ids, counts, vocab)
     got = enc.decode_dictionary_ids(blob, counts, vocab)
-    np.testing.assert_array_equal(got, np.concatenate([np.sort(r) for r in rows]))
-    np.testing.assert_array_equal(ids[order], got)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(ids[order], got)  # and windows without entries, or rows:
     for counts in (np.zeros(3, int), np.zeros(0, int)):
         empty, _ = enc.encode_dictionary_ids(np.array([], int), counts, vocab)
         assert enc.decode_dictionary_ids(empty, counts, vocab).size == 0
