@@ -328,6 +328,46 @@ def test_worked_example_of_the_format():
     assert counts.hex(" ") == "81 06 00 00 00 27 17 3f 00 01 3c"
 
 
+def test_grid_min_decodes_with_the_recipe_of_the_docs():
+    """docs/format.md "grid-min and grid-max", followed with numpy alone on a window of peaked
+    top-k rows with -inf entries: the same float32 values, bit for bit, as the codec."""
+    from longkd.cache.column_codecs import ENCODINGS, WindowContext
+
+    rng = np.random.default_rng()
+    w, k = 40, 16
+    logits = rng.normal(size=(w, 500)) * rng.uniform(1, 6, size=(w, 1))
+    lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    top = np.sort(lp, axis=1)[:, ::-1][:, :k].astype(np.float32)
+    top[3, -4:] = -np.inf
+    ctx = WindowContext(w, 500, w, np.full(w, k))
+    data = np.frombuffer(ENCODINGS["grid-min"].encode(top.reshape(-1), ctx), np.uint8)
+
+    def section(pos):
+        kind, n = int(data[pos]), int.from_bytes(data[pos + 1 : pos + 5].tobytes(), "little")
+        size = kind - 0x80 if kind != 0xF4 else 4
+        payload = data[pos + 5 : pos + 5 + n * size]
+        if kind == 0xF4:
+            return payload.view("<f4"), n, pos + 5 + n * size
+        values = payload.reshape(size, n).T.copy().view(f"<u{size}").ravel()
+        return values.astype(np.int64), (1 << (8 * size)) - 1, pos + 5 + n * size
+
+    assert data[0] == 2  # layout grid-min
+    steps = int(data[1]) | int(data[2]) << 8
+    base, _, pos = section(3)
+    entries, sentinel, pos = section(pos)
+    tail, _, end = section(pos)
+    assert end == data.size
+    missing = (entries == sentinel).reshape(w, k)
+    a = base[:, None] - entries.reshape(w, k)
+    g = np.where(missing, np.float32(-np.inf), a.astype(np.float32) / np.float32(-steps)).astype(np.float32)
+    m = np.exp(g).astype(np.float32).sum(axis=1, dtype=np.float64)
+    want = np.minimum(1 - tail.astype(np.float64), 1)
+    shift = np.where((m > 0) & (want > 0), np.log(want) - np.log(m), 0.0).astype(np.float32)
+    spec = np.where(missing, g, g + shift[:, None])
+    codec = ENCODINGS["grid-min"].decode(data, ctx).reshape(w, k)
+    np.testing.assert_array_equal(spec.view(np.uint32), codec.view(np.uint32))
+
+
 # ----------------------------------------------------------------------------- damaged columns
 
 
