@@ -52,7 +52,7 @@ SHUFFLED_ITEMSIZE = {kind: size for size, kind in KIND_SHUFFLED.items()}
 PACKINGS = ("bits", "bytes")
 LOGPROB_LAYOUTS = ("grid-max", "grid-delta", "grid-min")  # the blob's layout byte is the index
 SECTION_HEADER = 5  # kind (uint8) + count (uint32)
-DENSE_DICTIONARY_MAX = 1 << 24  # up to this V, a window's dictionary is found with a mask of V
+DENSE_DICTIONARY_MAX = 1 << 20  # up to this V, a window's dictionary is found with a mask of V
 POSITIVE_SLACK = 1e-6  # a stored log-prob may exceed 0 by this much (float rounding)
 TAIL_MIN = -2e-3  # the most negative tail rounding can give (float16 log-probs, docs/format.md)
 
@@ -532,7 +532,7 @@ def encode_dictionary_ids(ids: np.ndarray, counts: np.ndarray, vocab_size: int) 
         present = np.zeros(vocab_size, bool)
         present[ids] = True
         dictionary = np.flatnonzero(present)
-        places = (np.cumsum(present) - 1)[ordered]
+        places = (np.cumsum(present, dtype=np.int32) - 1)[ordered]
     else:
         dictionary = np.unique(ids)
         places = np.searchsorted(dictionary, ordered)
@@ -544,8 +544,8 @@ def decode_dictionary_ids(blob: bytes, counts: np.ndarray, vocab_size: int) -> n
     """Decode :func:`encode_dictionary_ids`: int32[sum(counts)], ascending within each row.
 
     Raises:
-        LongkdError: sections of the wrong size, a dictionary id ``>= V`` or a place beyond
-            the dictionary (each naming the row).
+        LongkdError: sections of the wrong size, a dictionary id ``>= V``, or a place beyond
+            the dictionary (naming its row).
     """
     counts = _check_counts(counts, None, "ids")
     sections = _Sections(blob, "ids")
