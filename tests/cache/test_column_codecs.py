@@ -332,6 +332,7 @@ def test_grid_min_decodes_with_the_recipe_of_the_docs():
     """docs/format.md "grid-min and grid-max", followed with numpy alone on a window of peaked
     top-k rows with -inf entries: the same float32 values, bit for bit, as the codec."""
     from longkd.cache.column_codecs import ENCODINGS, WindowContext
+    from tests.cache.test_encodings import docs_sections
 
     rng = np.random.default_rng()
     w, k = 40, 16
@@ -342,21 +343,10 @@ def test_grid_min_decodes_with_the_recipe_of_the_docs():
     ctx = WindowContext(w, 500, w, np.full(w, k))
     data = np.frombuffer(ENCODINGS["grid-min"].encode(top.reshape(-1), ctx), np.uint8)
 
-    def section(pos):
-        kind, n = int(data[pos]), int.from_bytes(data[pos + 1 : pos + 5].tobytes(), "little")
-        size = kind - 0x80 if kind != 0xF4 else 4
-        payload = data[pos + 5 : pos + 5 + n * size]
-        if kind == 0xF4:
-            return payload.view("<f4"), n, pos + 5 + n * size
-        values = payload.reshape(size, n).T.copy().view(f"<u{size}").ravel()
-        return values.astype(np.int64), (1 << (8 * size)) - 1, pos + 5 + n * size
-
     assert data[0] == 2  # layout grid-min
     steps = int(data[1]) | int(data[2]) << 8
-    base, _, pos = section(3)
-    entries, sentinel, pos = section(pos)
-    tail, _, end = section(pos)
-    assert end == data.size
+    (_, base), (kind, entries), (_, tail) = docs_sections(data, 3)
+    sentinel = (1 << (8 * (kind - 0x80))) - 1  # the all-ones value of the entries' itemsize
     missing = (entries == sentinel).reshape(w, k)
     a = base[:, None] - entries.reshape(w, k)
     g = np.where(missing, np.float32(-np.inf), a.astype(np.float32) / np.float32(-steps)).astype(np.float32)

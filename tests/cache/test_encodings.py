@@ -145,6 +145,24 @@ def test_ids_adversarial_rows(vocab):
         np.testing.assert_array_equal(ids[order], got)
 
 
+def docs_sections(data: np.ndarray, pos: int) -> list[tuple[int, np.ndarray]]:
+    """Every section of a blob from byte ``pos`` to its end as ``(kind, values)``, read as
+    docs/format.md "Sections" says with numpy alone: byte-shuffled integers (int64) and float32
+    (the kinds longkd's compact ids and log-probs write)."""
+    out = []
+    while pos < data.size:
+        kind, n = int(data[pos]), int.from_bytes(data[pos + 1 : pos + 5].tobytes(), "little")
+        size = 4 if kind == 0xF4 else kind - 0x80
+        payload = data[pos + 5 : pos + 5 + n * size]
+        if kind == 0xF4:
+            out.append((kind, payload.view("<f4")))
+        else:
+            out.append((kind, payload.reshape(size, n).T.copy().view(f"<u{size}").ravel().astype(np.int64)))
+        pos += 5 + n * size
+    assert pos == data.size
+    return out
+
+
 @pytest.mark.parametrize("vocab", [2, 3, 1000, 32000, 262144])
 def test_dictionary_ids_round_trip_random_rows(vocab):
     """The dictionary encoding gives what sorted gaps give: each row's ids ascending, in the
@@ -192,17 +210,7 @@ def test_dictionary_ids_decode_with_numpy_alone():
     vocab, w, k = 32000, 30, 16
     ids = np.stack([rng.choice(300, k, replace=False) * 100 for _ in range(w)]).reshape(-1)
     blob, _ = enc.encode_dictionary_ids(ids, np.full(w, k), vocab)
-    data = np.frombuffer(blob, np.uint8)
-
-    def section(pos):
-        kind, n = int(data[pos]), int.from_bytes(data[pos + 1 : pos + 5].tobytes(), "little")
-        size = kind - 0x80
-        values = data[pos + 5 : pos + 5 + n * size].reshape(size, n).T.copy().view(f"<u{size}").ravel()
-        return values.astype(np.int64), pos + 5 + n * size
-
-    table, pos = section(0)
-    places, end = section(pos)
-    assert end == data.size
+    (_, table), (_, places) = docs_sections(np.frombuffer(blob, np.uint8), 0)
     dictionary = np.cumsum(table + (np.arange(table.size) > 0))
     rows = np.cumsum(places.reshape(w, k) + (np.arange(k) > 0), axis=1)
     np.testing.assert_array_equal(dictionary[rows], np.sort(ids.reshape(w, k), axis=1))
