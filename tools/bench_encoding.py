@@ -225,7 +225,7 @@ def logprob_alternatives(
     import zstandard
 
     from longkd.cache import encodings as enc
-    from longkd.cache.column_codecs import ENCODINGS, LOGPROB_STEPS, WindowContext, snap_to_grid
+    from longkd.cache.column_codecs import LOGPROB_STEPS, snap_to_grid
 
     def size(blob: bytes) -> int:
         return len(zstandard.ZstdCompressor(level=level).compress(blob))
@@ -238,10 +238,9 @@ def logprob_alternatives(
         order = np.argsort(w.ids, axis=1, kind="stable")
         logprobs = np.take_along_axis(w.logprobs, order, 1).reshape(-1)
         counts = np.full(w.ids.shape[0], w.ids.shape[1])
-        ctx = WindowContext(w.ids.shape[0], vocab, w.length, counts)
-        for key, name in (("grid_min", "grid-min"), ("grid_max", "grid-max")):
-            out[key] += size(ENCODINGS[name].encode(logprobs, ctx))
-        snapped, tail = snap_to_grid(logprobs, counts)
+        snapped, tail = snap_to_grid(logprobs, counts)  # what both grid encodings store
+        for key, layout in (("grid_min", "grid-min"), ("grid_max", "grid-max")):
+            out[key] += size(enc.encode_logprobs(snapped, counts, layout, LOGPROB_STEPS, "bytes", tail))
         a = np.rint(-np.where(np.isfinite(snapped), snapped, 0.0) * LOGPROB_STEPS).astype(np.int64)
         below, entries = below + int((a > fine).sum()), entries + a.size
         for m in coarse:
@@ -466,14 +465,20 @@ def long_window_decode_speed(cache: Path, window: int = 4096, repeats: int = 5) 
     """Tokens/s on one thread of the column decoding (as :func:`codec_decode_speed`, without
     the dense view) of :func:`long_windows`. At W = 512 a window's fixed costs (a numpy call per
     section, however short) are a large part of decoding; a real cache's windows are longer."""
-    codecs, batches = long_windows(cache, window)
-    best = float("inf")
+    return _decode_speeds({"long": long_windows(cache, window)}, repeats)["long"]
+
+
+def _decode_speeds(sets: dict[str, tuple], repeats: int) -> dict[str, float]:
+    """Tokens/s on one thread of decoding each ``(codecs, batches)`` of ``sets``
+    (:func:`long_windows`), fastest of ``repeats`` passes, the sets timed in alternating passes."""
+    best = dict.fromkeys(sets, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            codecs.decode(batch, 0, codecs.window)
-        best = min(best, time.perf_counter() - start)
-    return len(batches) * codecs.window / best
+        for name, (codecs, batches) in sets.items():
+            start = time.perf_counter()
+            for batch in batches:
+                codecs.decode(batch, 0, codecs.window)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: len(batches) * codecs.window / best[name] for name, (codecs, batches) in sets.items()}
 
 
 def entropy(teacher_dir: Path, windows: list, temperature: float = 1.0) -> float:
@@ -505,14 +510,7 @@ def earlier_decode_speeds(cache: Path, repeats: int = 7) -> dict[str, float]:
     manifest = json.loads((cache / "manifest.json").read_text())
     w, columns = int(manifest["window"]), manifest["encoding"]["columns"]
     sets = {"current": long_windows(cache, w, columns), "earlier": long_windows(cache, w, earlier(columns))}
-    best = dict.fromkeys(sets, float("inf"))
-    for _ in range(repeats):
-        for name, (codecs, batches) in sets.items():
-            start = time.perf_counter()
-            for batch in batches:
-                codecs.decode(batch, 0, w)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: len(sets[name][1]) * w / seconds for name, seconds in best.items()}
+    return _decode_speeds(sets, repeats)
 
 
 def measure_teacher(teacher: Path, data: Path, work: Path, args, temperature: float = 1.0) -> dict:
