@@ -26,6 +26,7 @@ decoded values and so the row's checksum, which covers decoded values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,6 +53,17 @@ _DTYPES = {
 
 LOGPROB_STEPS = 68  # grid log-probs: 1/136 nat of rounding leaves room for the tail's shift
 LOGPROB_MAX_ERROR = 1 / 128  # what snap_to_grid holds every decoded log-prob to
+COARSE_FACTOR = 8  # grid-shift: below p = 1e-4, a grid 8 times coarser (up to 1/17 nat of rounding)
+
+
+def coarse_zone(steps: int = LOGPROB_STEPS, factor: int | None = None) -> tuple[int, int]:
+    """``(F, factor)``: the ``grid-shift`` coarse zone longkd writes. ``F`` leaves room for
+    :func:`snap_to_grid`'s offsets (``factor / 2`` grid steps and one of rounding) below
+    ``log(1e-4)``, so every entry of probability at least 1e-4 stays on the fine grid."""
+    factor = COARSE_FACTOR if factor is None else factor
+    if factor == 1:
+        return 0, 1
+    return math.ceil(-math.log(enc.COARSE_BELOW_P) * steps + factor / 2 + 1), factor
 
 
 class CorruptColumn(Exception):
@@ -92,6 +104,8 @@ def snap_to_grid(
     steps: int = LOGPROB_STEPS,
     max_error: float = LOGPROB_MAX_ERROR,
     candidates: int = 64,
+    shift_steps: int | None = None,
+    coarse: tuple[int, int] = (0, 1),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grid values for rows whose decoder shifts them to reproduce the tail (:func:`renormalise`).
 
@@ -108,12 +122,23 @@ def snap_to_grid(
     ``steps`` = 68 the rounding alone errs by at most 1/136 nat, which leaves the shift room
     to stay within 1/128.
 
+    With a coarse zone ``(F, m)`` (``grid-shift``), grid integers beyond ``F`` take the
+    nearest point of ``F + m * j`` instead; only entries of probability at least 1e-4 are
+    held to ``max_error`` (the zone's own rounding is up to ``m / (2 * steps)``, and the
+    shift moves the others as much as these), the sawtooth's period is ``m``
+    grid steps, so the offsets spread over ``m`` steps (and each takes a Newton step), and
+    ``|u|`` stays within ``m / (2 * steps)``, which keeps an entry out of the zone when its
+    probability is at least ``exp(-(F - m / 2 - 1) / steps)``.
+
     Args:
         logprobs: float[n] the rows' log-probs (``counts[r]`` for row r), -inf allowed.
         counts: int[R] entries per row.
         steps: grid steps per nat.
         max_error: the decoded error a row is accepted at.
         candidates: the most offsets a row tries after the Newton steps.
+        shift_steps: when given, the decoder's shift is :func:`quantised_shifts` at this many
+            steps per nat (``grid-shift``), and the decoded error is measured with it.
+        coarse: ``(F, m)``, the coarse zone (``(0, 1)``: none).
 
     Returns:
         ``values`` float64[n], each exactly ``-a / steps`` for an integer ``a >= 0`` (-inf
@@ -126,24 +151,32 @@ def snap_to_grid(
     if not x.size:
         return x, tail
     tail[nonempty] = 1.0 - np.add.reduceat(np.exp(x), enc.row_starts(counts)[nonempty])
+    span = coarse[1]  # grid steps the offsets spread over
+    offsets = [
+        (j + 1) // 2 * (1 if j % 2 else -1) * span / (candidates * steps) for j in range(1, candidates)
+    ]
+    newton_after_offset = span > 1
     chosen_a = np.zeros_like(x)
     # The rows still searched, as a compact sub-problem: rows within max_error leave it (their
     # best grid integers written to chosen_a), so each offset costs only the rows still left.
     entry_index = np.arange(x.size)
     sub_x, sub_counts, sub_tail = x, counts, tail
     best_a, best_err = np.zeros_like(x), np.full(len(counts), np.inf)
-    u = np.zeros(len(counts))
-    for i in range(2 + candidates):  # u = 0 (i = 0) counts as the first candidate offset
-        if i >= 3:  # offsets +1, -1, +2, ... / (candidates * steps)
-            j = i - 2
-            u[:] = (j + 1) // 2 * (1 if j % 2 else -1) / (candidates * steps)
+    u, shift = np.zeros(len(counts)), np.zeros(len(counts))
+    # u = 0, two Newton steps, then each offset (and, with a coarse zone, a Newton step after it)
+    schedule = ["start", "newton", "newton"]
+    for offset in offsets:
+        schedule += [offset, "newton"] if newton_after_offset else [offset]
+    for step in schedule:
+        if step == "newton":
+            u = np.clip(-shift, -span / (2 * steps), span / (2 * steps)) if span > 1 else -shift
+        elif step != "start":
+            u[:] = step
         sub_rows = np.repeat(np.arange(len(sub_counts)), sub_counts)
-        a, err, shift = _snapped_rows(sub_x, sub_rows, sub_counts, sub_tail, u, steps)
+        a, err, shift = _snapped_rows(sub_x, sub_rows, sub_counts, sub_tail, u, steps, shift_steps, coarse)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_a = np.where(better[sub_rows], a, best_a)
-        if i < 3:
-            u = -shift
         done = best_err <= max_error
         if done.any():
             leaving = done[sub_rows]
@@ -152,21 +185,33 @@ def snap_to_grid(
             if not stay.any():
                 break
             sub_x, sub_counts, sub_tail = sub_x[staying], sub_counts[stay], sub_tail[stay]
-            best_a, entry_index, best_err, u = best_a[staying], entry_index[staying], best_err[stay], u[stay]
+            best_a, entry_index, best_err = best_a[staying], entry_index[staying], best_err[stay]
+            u, shift = u[stay], shift[stay]
     else:  # rows that no offset brought within max_error keep their best
         chosen_a[entry_index] = best_a
     return np.where(np.isfinite(x), -chosen_a / steps, -np.inf), tail
 
 
-def _snapped_rows(x, rows, counts, tail, u, steps):
+def _snapped_rows(x, rows, counts, tail, u, steps, shift_steps=None, coarse=(0, 1)):
     """Rows rounded after offsets ``u`` (one per row): their grid integers, each row's largest
-    decoded error and the decoder's shift (float64[rows])."""
+    decoded error (with a coarse zone: of its entries of probability at least 1e-4) and the
+    decoder's shift (float64[rows])."""
     finite = np.isfinite(x)
-    a = np.maximum(np.rint(-np.where(finite, x + u[rows], 0.0) * steps), 0.0)
+    y = -np.where(finite, x + u[rows], 0.0) * steps
+    a = np.maximum(np.rint(y), 0.0)
+    held = finite  # the entries held to max_error
+    if coarse[1] > 1:
+        zone, factor = coarse
+        held = finite & (x >= math.log(enc.COARSE_BELOW_P))
+        a = np.where(a > zone, zone + factor * np.rint((y - zone) / factor), a)
     values = np.where(finite, -a / steps, -np.inf).astype(np.float32)
-    decoded = renormalise(values, tail.astype(np.float32), counts)
+    if shift_steps is None:
+        decoded = renormalise(values, tail.astype(np.float32), counts)
+    else:
+        shifts = quantised_shifts(values, tail, counts, shift_steps)  # the exact tail: not stored
+        decoded = apply_quantised_shifts(values, shifts, counts, shift_steps)
     with np.errstate(invalid="ignore"):  # -inf - -inf at -inf entries, masked out
-        err = np.where(finite, np.abs(decoded.astype(np.float64) - x), 0.0)
+        err = np.where(held, np.abs(decoded.astype(np.float64) - x), 0.0)
         shift = np.where(finite, decoded.astype(np.float64) - values, np.nan)
         live = counts > 0
         starts = enc.row_starts(counts)[live]
@@ -177,19 +222,29 @@ def _snapped_rows(x, rows, counts, tail, u, steps):
     return a, row_err, np.nan_to_num(row_shift)
 
 
-def _grid_logprobs(layout: str) -> Encoding:
-    """The log-prob encoding storing ``layout`` (``grid-max`` or ``grid-min``): values from
-    :func:`snap_to_grid`, each row shifted back to its exact tail on decoding."""
+def grid_logprobs(layout: str, coarse_factor: int | None = None) -> Encoding:
+    """The log-prob encoding storing ``layout`` (``grid-max``, ``grid-min`` or
+    ``grid-shift``): values from :func:`snap_to_grid`, each row shifted back to its exact tail
+    on decoding (``grid-shift``: by the stored shift, which brings it back to within
+    ``2 ** -15`` of the tail's mass; its coarse zone by ``coarse_factor``, default
+    COARSE_FACTOR, what ``longkd cache build`` writes)."""
+    shifting = layout == "grid-shift"
+    shift_steps = enc.DEFAULT_SHIFT_STEPS if shifting else None
 
     def encode(values: np.ndarray, ctx: WindowContext) -> bytes:
-        snapped, tail = snap_to_grid(values, ctx.entry_counts, steps=LOGPROB_STEPS)
+        counts = ctx.entry_counts
+        coarse = coarse_zone(factor=coarse_factor) if shifting else (0, 1)
+        snapped, tail = snap_to_grid(values, counts, LOGPROB_STEPS, shift_steps=shift_steps, coarse=coarse)
+        if not shifting:
+            return enc.encode_logprobs(snapped, counts, layout, LOGPROB_STEPS, "bytes", tail)
+        shifts = quantised_shifts(snapped.astype(np.float32), tail, counts, shift_steps)
         return enc.encode_logprobs(
-            snapped, ctx.entry_counts, layout=layout, steps=LOGPROB_STEPS, packing="bytes", tail=tail
+            snapped, counts, layout, LOGPROB_STEPS, "bytes", tail, shifts, shift_steps, *coarse
         )
 
     def decode(blob: np.ndarray, ctx: WindowContext) -> np.ndarray:
         logprobs, tail = enc.decode_logprobs(blob, ctx.entry_counts, layout=layout)
-        return renormalise(logprobs, tail, ctx.entry_counts)
+        return logprobs if tail is None else renormalise(logprobs, tail, ctx.entry_counts)
 
     return Encoding(layout, encode, decode)
 
@@ -205,28 +260,52 @@ def renormalise(logprobs: np.ndarray, tail: np.ndarray, counts: np.ndarray) -> n
         counts: int[R] entries per row.
 
     Returns:
-        float32[n]: row r shifted by ``log(min(1 - tail[r], 1)) - log(sum(exp(row r)))``;
-        rows without a finite entry are unchanged. The shift is at most the largest rounding
-        error of the row's entries (1/128 nat on the default grid).
+        float32[n]: row r shifted by :func:`tail_shifts` (as float32); rows without a finite
+        entry are unchanged. The shift is at most the largest rounding error of the row's
+        entries (1/128 nat on the default grid).
     """
-    counts = np.asarray(counts, np.int64)
     if logprobs.size == 0:
         return logprobs
-    uniform = bool(counts.size and (counts == counts[0]).all())
-    if uniform:
+    counts = np.asarray(counts, np.int64)
+    return enc.shift_rows(logprobs, tail_shifts(logprobs, tail, counts).astype(np.float32), counts)
+
+
+def tail_shifts(logprobs: np.ndarray, tail: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """float64[R]: ``log(min(1 - tail[r], 1)) - log(sum(exp(row r)))``, what moves row r of
+    ``logprobs`` (float32[n]) to the covered mass ``1 - tail[r]`` (float[R]: the stored
+    float32 tail for ``grid-min``, the exact float64 one for ``grid-shift``); 0 for rows
+    without a finite entry. The sum is float64 of float32 ``exp``: part of what the stored
+    bytes mean (checksums cover the values it gives), so it stays as it is."""
+    counts = np.asarray(counts, np.int64)
+    if counts.size and counts[0] > 0 and (counts == counts[0]).all():
         mass = np.exp(logprobs.reshape(len(counts), -1)).sum(axis=1, dtype=np.float64)
     else:
         nonempty = counts > 0
         mass = np.zeros(len(counts), np.float64)
-        mass[nonempty] = np.add.reduceat(
-            np.exp(logprobs).astype(np.float64), enc.row_starts(counts)[nonempty]
-        )
+        if logprobs.size:
+            mass[nonempty] = np.add.reduceat(
+                np.exp(logprobs).astype(np.float64), enc.row_starts(counts)[nonempty]
+            )
     want = np.minimum(1.0 - tail.astype(np.float64), 1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        shift = np.where((mass > 0) & (want > 0), np.log(want) - np.log(mass), 0.0).astype(np.float32)
-    if uniform:
-        return (logprobs.reshape(len(counts), -1) + shift[:, None]).reshape(-1)
-    return logprobs + np.repeat(shift, counts)
+        return np.where((mass > 0) & (want > 0), np.log(want) - np.log(mass), 0.0)
+
+
+def quantised_shifts(
+    logprobs: np.ndarray, tail: np.ndarray, counts: np.ndarray, shift_steps: int
+) -> np.ndarray:
+    """int64[R]: :func:`tail_shifts` rounded to steps of ``1 / shift_steps`` nat (half to
+    even), what ``grid-shift`` stores in place of the tail."""
+    return np.rint(tail_shifts(logprobs, tail, counts) * shift_steps).astype(np.int64)
+
+
+def apply_quantised_shifts(
+    logprobs: np.ndarray, shifts: np.ndarray, counts: np.ndarray, shift_steps: int
+) -> np.ndarray:
+    """``logprobs`` (float32[n]) as the ``grid-shift`` decoder gives them back: row r plus
+    ``float32(shifts[r]) / float32(shift_steps)``, in float32."""
+    row_shift = np.asarray(shifts).astype(np.float32) / np.float32(shift_steps)
+    return enc.shift_rows(logprobs, row_shift, np.asarray(counts, np.int64))
 
 
 def _decode_entry_counts(blob: np.ndarray, ctx: WindowContext) -> np.ndarray:
@@ -251,8 +330,9 @@ ENCODINGS = {
             lambda v, c: enc.encode_dictionary_ids(v, c.entry_counts, c.vocab)[0],
             lambda b, c: enc.decode_dictionary_ids(b, c.entry_counts, c.vocab),
         ),
-        _grid_logprobs("grid-max"),
-        _grid_logprobs("grid-min"),
+        grid_logprobs("grid-max"),
+        grid_logprobs("grid-min"),
+        grid_logprobs("grid-shift"),
         Encoding(
             "grid",
             lambda v, c: enc.encode_target_logprob(v, packing="bits"),

@@ -16,7 +16,9 @@ once (no Python loop over rows), so decoding keeps up with a trainer on one core
   (``grid-max``, any order), relative to its smallest (``grid-min``, any order: most of a
   top-k row's entries lie near its smallest, so the integers are small) or as gaps in rank
   order (``grid-delta``), plus each row's exact tail mass as float32 so the bucket loss keeps
-  its tail.
+  its tail; or (``grid-shift``) stored as ``grid-min`` with, instead of the tail, the
+  constant each row is shifted by on decoding (an integer of ``2 ** -14`` nat), which costs a
+  quarter of the tail's bytes and brings the same mass back to within ``2 ** -15``.
 - :func:`encode_target_logprob`, :func:`encode_uints` (input ids, segment-start gaps,
   sampled counts, per-row entry counts) and their decoders.
 - :func:`select_entry_counts`: mass-adaptive selection of how many of a row's sorted entries
@@ -50,7 +52,12 @@ KIND_FLOAT32 = 0xF4
 KIND_SHUFFLED = {1: 0x81, 2: 0x82, 4: 0x84}  # itemsize -> section kind
 SHUFFLED_ITEMSIZE = {kind: size for size, kind in KIND_SHUFFLED.items()}
 PACKINGS = ("bits", "bytes")
-LOGPROB_LAYOUTS = ("grid-max", "grid-delta", "grid-min")  # the blob's layout byte is the index
+LOGPROB_LAYOUTS = ("grid-max", "grid-delta", "grid-min", "grid-shift")  # the layout byte is the index
+DEFAULT_SHIFT_STEPS = 1 << 14  # grid-shift: a row's shift in steps of 2**-14 nat
+# grid-shift's coarse zone may only hold probabilities below COARSE_BELOW_P, at most
+# MAX_COARSE_ERROR nat of rounding (factor <= steps / 4): a reader's allowance below that line.
+COARSE_BELOW_P = 1e-4
+MAX_COARSE_ERROR = 1 / 8
 SECTION_HEADER = 5  # kind (uint8) + count (uint32)
 DENSE_DICTIONARY_MAX = 1 << 20  # up to this V, a window's dictionary is found with a mask of V
 POSITIVE_SLACK = 1e-6  # a stored log-prob may exceed 0 by this much (float rounding)
@@ -221,6 +228,10 @@ class _Sections:
         self.pos += 2
         return value
 
+    def uint32(self, name: str) -> int:
+        low = self.uint16(name)
+        return low | self.uint16(name) << 16
+
     def _head(self, name: str, count: int | None) -> tuple[int, int]:
         if self.pos + SECTION_HEADER > self.data.size:
             raise self.fail(f"section {name!r} is cut off")
@@ -295,6 +306,26 @@ def _segmented_cumsum(increments: np.ndarray, counts: np.ndarray) -> np.ndarray:
     starts = row_starts(counts)[nonempty]
     before = total[starts] - increments[starts]
     return total - np.repeat(before, counts[nonempty])
+
+
+def shift_rows(values: np.ndarray, row_shift: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``values`` (float32[n], ``counts[r]`` for row r) plus ``row_shift[r]`` (float32[R]) in
+    every entry of row r, in float32: a new array."""
+    if _uniform(counts):
+        return (values.reshape(len(counts), -1) + row_shift[:, None]).reshape(-1)
+    return values + np.repeat(row_shift, counts)
+
+
+def zigzag(values: np.ndarray) -> np.ndarray:
+    """Signed integers as unsigned ones, small magnitudes small: 0, -1, 1, -2 -> 0, 1, 2, 3."""
+    values = np.asarray(values, np.int64)
+    return (values << 1) ^ (values >> 63)
+
+
+def unzigzag(values: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`zigzag`: int64."""
+    values = np.asarray(values, np.int64)
+    return (values >> 1) ^ -(values & 1)
 
 
 def _row_firsts(counts: np.ndarray) -> np.ndarray:
@@ -588,8 +619,13 @@ def encode_logprobs(
     steps: int = DEFAULT_STEPS,
     packing: str = "bits",
     tail: np.ndarray | None = None,
+    shifts: np.ndarray | None = None,
+    shift_steps: int = DEFAULT_SHIFT_STEPS,
+    coarse_from: int = 0,
+    coarse_factor: int = 1,
 ) -> bytes:
-    """Encode ragged rows of log-probs on a grid of ``1 / steps`` nat, with each row's tail.
+    """Encode ragged rows of log-probs on a grid of ``1 / steps`` nat, with each row's tail
+    (or, ``grid-shift``, each row's shift).
 
     Every log-prob x becomes ``a = round(-x * steps)`` (half to even), decoded as
     ``-a / steps``: the error is at most ``1 / (2 * steps)`` nat. -inf is kept exactly.
@@ -602,15 +638,26 @@ def encode_logprobs(
         layout: ``"grid-max"`` (per row the smallest ``a`` (the row's largest log-prob) and
             every entry's ``a`` minus it), ``"grid-min"`` (per row the largest finite ``a``
             (its smallest log-prob) and that minus every entry's ``a``) or ``"grid-delta"``
-            (per row the first ``a`` and the gaps ``a[i] - a[i - 1]`` in rank order).
+            (per row the first ``a`` and the gaps ``a[i] - a[i - 1]`` in rank order), or
+            ``"grid-shift"`` (as ``grid-min``, then ``shifts`` in place of the tail).
         steps: grid steps per nat (64: error <= 1/128 nat).
         packing: ``"bits"`` or ``"bytes"`` for the integer sections.
         tail: float[R] the rows' tails to store, when ``logprobs`` are already grid values
             chosen by the caller (default: ``1 - sum(exp(x))`` of ``logprobs``).
+        shifts: ``grid-shift`` only: int[R] what the decoder adds to each row, in steps of
+            ``1 / shift_steps`` nat (signed; :func:`column_codecs.snap_to_grid` chooses them).
+        shift_steps: ``grid-shift`` only: shift steps per nat, 1..65535.
+        coarse_from, coarse_factor: ``grid-shift`` only: grid integers ``a`` above
+            ``coarse_from`` (F) are rounded again, to the coarse grid ``F + coarse_factor * j``
+            (an error of up to ``(coarse_factor + 1) / (2 * steps)``; values already on it,
+            as :func:`column_codecs.snap_to_grid` gives them, stay), and stored as ``F + j``
+            (:func:`check_coarse_zone` says which zones are allowed); ``coarse_factor`` 1: one
+            grid throughout.
 
     Returns:
         The encoded column; its tail section holds ``1 - sum(exp(x))`` per row, computed in
-        float64 from the unrounded log-probs (or ``tail``), as float32.
+        float64 from the unrounded log-probs (or ``tail``), as float32 (``grid-shift``: no
+        tail section, a section of the zigzagged shifts instead).
 
     Raises:
         LongkdError: NaN or positive log-probs, counts that do not match, an unknown layout,
@@ -635,7 +682,16 @@ def encode_logprobs(
                 f"logprobs: row {int(np.argmin(tail))}'s probabilities sum to {1 - tail.min():.6f} > 1; "
                 "store log-probs normalised over the full vocabulary"
             )
-    if layout in ("grid-max", "grid-min"):
+    if layout == "grid-shift":
+        if shifts is None or np.asarray(shifts).shape != counts.shape:
+            raise LongkdError("logprobs: layout grid-shift needs one shift per row")
+        if not 1 <= shift_steps <= 0xFFFF:
+            raise LongkdError(f"logprobs: shift steps per nat must lie in 1..65535, got {shift_steps}")
+        problem = check_coarse_zone(steps, coarse_from, coarse_factor)
+        if problem:
+            raise LongkdError(f"logprobs: {problem}")
+        grid = coarse_codes(grid, coarse_from, coarse_factor)
+    if layout in ("grid-max", "grid-min", "grid-shift"):
         base = np.zeros(len(counts), np.int64)
         if grid.size:
             if layout == "grid-max":
@@ -664,7 +720,52 @@ def encode_logprobs(
     else:
         raise LongkdError(f"unknown log-prob layout {layout!r}; use one of {', '.join(LOGPROB_LAYOUTS)}")
     head = bytes([LOGPROB_LAYOUTS.index(layout)]) + int(steps).to_bytes(2, "little")
+    if layout == "grid-shift":
+        head += int(shift_steps).to_bytes(2, "little") + int(coarse_from).to_bytes(4, "little")
+        head += int(coarse_factor).to_bytes(2, "little")
+        return head + b"".join(sections) + _section_ints(zigzag(shifts), packing)
     return head + b"".join(sections) + _section_float32(tail.astype(np.float32))
+
+
+def check_coarse_zone(steps: int, coarse_from: int, coarse_factor: int) -> str | None:
+    """Why a ``grid-shift`` coarse zone is not allowed (None if it is): a factor of 1 (no
+    zone) always is; otherwise the zone must start at or below ``log(COARSE_BELOW_P)``
+    (``coarse_from / steps >= -log(1e-4)``) and round by at most ``MAX_COARSE_ERROR`` nat
+    (``coarse_factor <= steps / 4``), so a reader knows every value above that line is fine."""
+    if not 1 <= coarse_factor <= 0xFFFF or not 0 <= coarse_from < 2**32:
+        return f"coarse zone from {coarse_from} by {coarse_factor} is out of range"
+    if coarse_factor > 1 and (
+        coarse_from < -np.log(COARSE_BELOW_P) * steps or coarse_factor > steps * 2 * MAX_COARSE_ERROR
+    ):
+        return (
+            f"a coarse zone from {coarse_from}/{steps} nat by {coarse_factor} starts above "
+            f"p = {COARSE_BELOW_P:g} or rounds by more than {MAX_COARSE_ERROR} nat"
+        )
+    return None
+
+
+def coarse_codes(grid: np.ndarray, coarse_from: int, coarse_factor: int) -> np.ndarray:
+    """Grid integers (int64[n], >= 0) as ``grid-shift`` stores them: ``a`` up to ``F`` as
+    they are, above it ``F + round((a - F) / factor)`` (half to even)."""
+    if coarse_factor == 1:
+        return grid
+    beyond = np.rint((grid - coarse_from) / coarse_factor).astype(np.int64) + coarse_from
+    return np.where(grid > coarse_from, beyond, grid)
+
+
+def fine_grid(codes: np.ndarray, coarse_from: int, coarse_factor: int) -> np.ndarray:
+    """The inverse of :func:`coarse_codes` on stored codes (int[n]): the grid integers
+    ``c + (factor - 1) * max(c - F, 0)``, int64 (int32 where they fit)."""
+    if coarse_factor == 1:
+        return codes
+    top = int(codes.max()) if codes.size else 0
+    wide = top + (coarse_factor - 1) * max(top - coarse_from, 0) >= 2**31 or codes.dtype.itemsize > 4
+    out = codes - (coarse_from if wide else np.int32(coarse_from))
+    out = out.astype(np.int64 if wide else np.int32, copy=False)
+    np.maximum(out, 0, out=out)
+    out *= coarse_factor - 1
+    out += codes
+    return out
 
 
 def decode_logprobs(
@@ -679,7 +780,8 @@ def decode_logprobs(
 
     Returns:
         ``(logprobs, tail)``: float32[sum(counts)] in the encoded order, and float32[R] the
-        exact tail mass of each row.
+        exact tail mass of each row; for ``grid-shift``, ``(logprobs, None)`` with every row
+        already shifted (``-a / steps + shift / shift_steps``, each step in float32).
 
     Raises:
         LongkdError: a corrupt blob: unknown layout, wrong section sizes, a non-finite tail or
@@ -697,6 +799,13 @@ def decode_logprobs(
     if layout is not None and LOGPROB_LAYOUTS[stored] != layout:
         raise sections.fail(f"layout {stored} ({LOGPROB_LAYOUTS[stored]}) where {layout} was expected")
     layout = LOGPROB_LAYOUTS[stored]
+    if layout == "grid-shift":
+        shift_steps = sections.uint16("shift steps")
+        coarse_from = sections.uint32("coarse zone start")
+        coarse_factor = sections.uint16("coarse factor")
+        problem = check_coarse_zone(steps, coarse_from, coarse_factor)
+        if shift_steps == 0 or problem:
+            raise sections.fail(problem or "zero shift steps")
     total = int(counts.sum())
     nonempty = counts > 0
     if layout == "grid-max":
@@ -709,7 +818,7 @@ def decode_logprobs(
             grid = grid.reshape(-1)
         else:
             grid = rel.astype(np.int64) + np.repeat(base.astype(np.int64), counts)
-    elif layout == "grid-min":
+    elif layout in ("grid-min", "grid-shift"):
         base, _ = sections.ints("row base", len(counts))
         rel, sentinel = sections.ints("entries", total)
         missing = rel == sentinel
@@ -739,6 +848,16 @@ def decode_logprobs(
         missing[~first] = rest == rest_sentinel
         increments[missing] = 0
         grid = _segmented_cumsum(increments, counts)
+    if layout == "grid-shift":
+        shifts, _ = sections.ints("row shifts", len(counts))
+        sections.done()
+        row_shift = unzigzag(shifts).astype(np.float32)
+        np.divide(row_shift, np.float32(shift_steps), out=row_shift)
+        logprobs = fine_grid(grid, coarse_from, coarse_factor).astype(np.float32)
+        np.divide(logprobs, np.float32(-steps), out=logprobs)
+        logprobs = shift_rows(logprobs, row_shift, counts)
+        np.copyto(logprobs, np.float32(-np.inf), where=missing)
+        return logprobs, None
     tail = sections.float32("tail", len(counts))
     sections.done()
     if not np.isfinite(tail).all() or (tail.size and (tail.min() < TAIL_MIN or tail.max() > 1.0)):

@@ -9,8 +9,10 @@ a mode's rows are encoded, checked and decoded is cache/rows.py.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from longkd.errors import LongkdError
@@ -60,12 +62,22 @@ class LogprobEncoding:
             2^-11 relative, so exp-sums of the stored top-k may exceed 1 by a few 1e-4.
         error: how far (nats) a read log-prob may lie from the teacher's beyond the value
             type's own rounding: 0 for plain columns, 1/64 for grid ones.
+        coarse_error: what a log-prob below ``COARSE_LINE`` may lie further off (the coarse
+            zone of ``grid-shift``: probabilities below 1e-4 on a coarser grid).
     """
 
     name: str
     value_type: pa.DataType
     tail_min: float
     error: float = 0.0
+    coarse_error: float = 0.0
+
+    def allowance(self, logprobs: np.ndarray) -> np.ndarray | float:
+        """How far each read log-prob (float[n]) may lie from the teacher's: ``error``, plus
+        ``coarse_error`` below ``COARSE_LINE``."""
+        if not self.coarse_error:
+            return self.error
+        return np.where(logprobs < COARSE_LINE, self.error + self.coarse_error, self.error)
 
 
 LOGPROB_ENCODINGS = {
@@ -80,6 +92,11 @@ LOGPROB_DTYPES = tuple(LOGPROB_ENCODINGS)
 # teacher's (the grid's rounding plus the row's shift to its exact tail; docs/format.md
 # "grid-min"), the allowance a reader gives any writer; longkd's own writes stay within 1/128.
 GRID_LOGPROBS = LogprobEncoding("grid", pa.float32(), tail_min=-1e-4, error=1 / 64)
+# ``grid-shift`` may hold probabilities below 1e-4 on a grid up to 8 times coarser (rounding
+# <= 1/8 nat, docs/format.md): a reader allows 1/4 nat more below log(1e-4) + 1/8 (the
+# row's shift can lift a coarse value a little above log(1e-4)); longkd writes within 0.08.
+COARSE_LINE = math.log(1e-4) + 1 / 8
+GRID_SHIFT_LOGPROBS = LogprobEncoding("grid", pa.float32(), tail_min=-1e-4, error=1 / 64, coarse_error=1 / 4)
 
 # A column type standing for the cache's log-prob encoding (its LogprobEncoding.value_type).
 LOGPROB_VALUES = None
@@ -138,6 +155,7 @@ COLUMN_ENCODINGS = {
     "dictionary": (IDS,),
     "grid-max": (LOGPROBS,),
     "grid-min": (LOGPROBS,),
+    "grid-shift": (LOGPROBS,),
     "grid": (TARGET_LOGPROB,),
     "ints": (INPUT_IDS,),
     "gaps": (SEGMENT_STARTS,),
@@ -152,7 +170,7 @@ ENCODING_PRESETS = {
         INPUT_IDS: "ints",
         SEGMENT_STARTS: "gaps",
         IDS: "dictionary",
-        LOGPROBS: "grid-min",
+        LOGPROBS: "grid-shift",
         COUNTS: "minus-one",
         ROW_SPLITS: "entry-counts",
         TARGET_LOGPROB: "grid",
@@ -160,8 +178,10 @@ ENCODING_PRESETS = {
 }
 # The ids encodings that store each row's entries by ascending id (not in rank order).
 ID_ORDER_ENCODINGS = ("sorted-gaps", "dictionary")
-# The log-prob encodings on the grid (float32 within GRID_LOGPROBS.error of the teacher's).
-GRID_ENCODINGS = ("grid-max", "grid-min")
+# The log-prob encodings on the grid, and what each one's log-probs read as: float32 within
+# LogprobEncoding.allowance of the teacher's.
+GRID_READS = {"grid-max": GRID_LOGPROBS, "grid-min": GRID_LOGPROBS, "grid-shift": GRID_SHIFT_LOGPROBS}
+GRID_ENCODINGS = tuple(GRID_READS)
 # Columns with one value per stored entry (ids and their companions); they share one order.
 ENTRY_COLUMNS = (IDS, LOGPROBS, COUNTS)
 

@@ -789,7 +789,7 @@ class AdaptiveRows(SelectionRows):
         covered = np.add.reduceat(np.exp(lp), splits[:-1])  # [W]
         slack = -logprobs.tail_min
         if min_mass is not None:
-            over = covered - np.exp(lp[last] + logprobs.error) >= min_mass + slack
+            over = covered - np.exp(lp[last] + logprobs.allowance(lp[last])) >= min_mass + slack
             if over.any():
                 row = int(np.argmax(over))
                 raise BadShard(f"row {row}: keeps entries after its covered mass reached min_mass={min_mass}")
@@ -804,7 +804,7 @@ class AdaptiveRows(SelectionRows):
         if min_prob is not None:
             log_min = float(np.log(min_prob))
             eps = float(np.finfo(logprobs.value_type.to_pandas_dtype()).eps)
-            below = lp < log_min - max(eps * max(1.0, abs(log_min)), logprobs.error)
+            below = lp < log_min - np.maximum(eps * max(1.0, abs(log_min)), logprobs.allowance(lp))
             below[splits[:-1]] = False  # a row keeps its first entry whatever its probability
             if below.any():
                 row = int(np.searchsorted(splits, np.argmax(below), side="right") - 1)
@@ -869,8 +869,8 @@ class RowRules:
         self.rows = selection_rows(self.mode)
         self.size = int(selection[self.rows.format.size_key])
         self.codecs = ColumnCodecs(self.mode, self.size, self.w, self.vocab, encodings)
-        grid = self.codecs.names.get(fmt.LOGPROBS) in fmt.GRID_ENCODINGS
-        self.logprobs = fmt.GRID_LOGPROBS if grid else fmt.logprob_encoding(logprob_dtype)
+        grid = fmt.GRID_READS.get(self.codecs.names.get(fmt.LOGPROBS))
+        self.logprobs = grid or fmt.logprob_encoding(logprob_dtype)
         self.schema = fmt.shard_schema(self.mode, logprob_dtype, self.version, self.codecs.names)
 
     @classmethod

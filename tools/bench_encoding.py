@@ -212,43 +212,34 @@ def id_alternatives(plain: list, vocab: int, level: int = fmt.DEFAULT_COMPRESSIO
 def logprob_alternatives(
     plain: list, vocab: int, level: int = fmt.DEFAULT_COMPRESSION_LEVEL
 ) -> dict[str, float]:
-    """Bytes/token of a top-k cache's ``logprobs`` stored ``grid-min`` (the format's compact
-    encoding) and ``grid-max`` (its earlier one), rows by ascending id as both store them,
-    each window's column alone through zstd at ``level`` (in memory).
-
-    Also what a coarser grid below p = 1e-4 would save, which the format does not have:
-    ``grid_min_coarse{m}``, the same grid-min blob with every grid integer ``a`` beyond
-    ``F = round(-log(1e-4) * steps)`` stored as ``F + round((a - F) / m)`` (an error of up to
-    ``m / (2 * steps)`` nat on those entries, before the tail's shift, which is not redone),
-    and ``share_below_1e-4``, the share of entries it applies to.
+    """Bytes/token of a top-k cache's ``logprobs`` column under each grid encoding, rows by
+    ascending id as the compact caches store them, each window's column alone through zstd at
+    ``level`` (in memory): ``grid_max`` and ``grid_min`` (earlier compact encodings: the
+    exact tail as float32), ``grid_shift_fine`` (``grid-shift`` without its coarse zone: what
+    the stored shift alone saves), ``grid_shift`` (the format's: coarse zone 8 times coarser
+    below p = 1e-4) and ``grid_shift_coarse{m}`` for other factors; ``share_below_1e-4`` is the
+    share of entries below p = 1e-4, the ones a coarse zone may hold.
     """
     import zstandard
 
-    from longkd.cache import encodings as enc
-    from longkd.cache.column_codecs import LOGPROB_STEPS, snap_to_grid
+    from longkd.cache.column_codecs import COARSE_FACTOR, WindowContext, grid_logprobs
 
-    def size(blob: bytes) -> int:
-        return len(zstandard.ZstdCompressor(level=level).compress(blob))
-
-    coarse = (4, 8)
-    out = dict.fromkeys(("grid_min", "grid_max", *(f"grid_min_coarse{m}" for m in coarse)), 0.0)
+    encodings = {
+        "grid_max": grid_logprobs("grid-max"),
+        "grid_min": grid_logprobs("grid-min"),
+        "grid_shift_fine": grid_logprobs("grid-shift", coarse_factor=1),
+        "grid_shift": grid_logprobs("grid-shift"),
+        **{f"grid_shift_coarse{m}": grid_logprobs("grid-shift", m) for m in (4, 16) if m != COARSE_FACTOR},
+    }
+    out = dict.fromkeys(encodings, 0.0)
     below = entries = 0
-    fine = round(-np.log(P_MIN) * LOGPROB_STEPS)
     for w in plain:
         order = np.argsort(w.ids, axis=1, kind="stable")
         logprobs = np.take_along_axis(w.logprobs, order, 1).reshape(-1)
-        counts = np.full(w.ids.shape[0], w.ids.shape[1])
-        snapped, tail = snap_to_grid(logprobs, counts)  # what both grid encodings store
-        for key, layout in (("grid_min", "grid-min"), ("grid_max", "grid-max")):
-            out[key] += size(enc.encode_logprobs(snapped, counts, layout, LOGPROB_STEPS, "bytes", tail))
-        a = np.rint(-np.where(np.isfinite(snapped), snapped, 0.0) * LOGPROB_STEPS).astype(np.int64)
-        below, entries = below + int((a > fine).sum()), entries + a.size
-        for m in coarse:
-            codes = np.where(a > fine, fine + np.rint((a - fine) / m), a).reshape(counts.size, -1)
-            blob = enc.encode_logprobs(
-                -codes.reshape(-1) / LOGPROB_STEPS, counts, "grid-min", LOGPROB_STEPS, "bytes", tail
-            )
-            out[f"grid_min_coarse{m}"] += size(blob)
+        ctx = WindowContext(w.ids.shape[0], vocab, w.ids.shape[0], np.full(w.ids.shape[0], w.ids.shape[1]))
+        for key, encoding in encodings.items():
+            out[key] += len(zstandard.ZstdCompressor(level=level).compress(encoding.encode(logprobs, ctx)))
+        below, entries = below + int((logprobs < np.log(P_MIN)).sum()), entries + logprobs.size
     tokens = sum(w.ids.shape[0] for w in plain)
     return {**{k: v / tokens for k, v in out.items()}, "share_below_1e-4": below / max(entries, 1)}
 
@@ -494,7 +485,7 @@ def entropy(teacher_dir: Path, windows: list, temperature: float = 1.0) -> float
     return float(-(logp.exp() * logp).sum(-1).mean())
 
 
-EARLIER_COMPACT = {fmt.IDS: "sorted-gaps", fmt.LOGPROBS: "grid-max"}  # compact before dictionary, grid-min
+EARLIER_COMPACT = {fmt.LOGPROBS: "grid-min"}  # compact's log-probs before grid-shift
 
 
 def earlier(columns: dict) -> dict:

@@ -14,7 +14,7 @@ import pytest
 
 from longkd.cache import encodings as enc
 from longkd.cache import format as fmt
-from longkd.cache.column_codecs import ColumnCodecs, renormalise
+from longkd.cache.column_codecs import COARSE_FACTOR, LOGPROB_STEPS, ColumnCodecs, renormalise
 from longkd.cache.encodings import decode_logprobs, encode_logprobs
 from longkd.cache.manifest import load_manifest
 from longkd.cache.reader import CacheReader
@@ -27,22 +27,49 @@ from tests.cache.test_format import finish_synthetic_cache, make_sampled_rows, m
 
 GRID = 1 / 64  # target_logprob's grid: rounding <= GRID / 2
 LOGPROB_ERROR = 1 / 128  # what longkd's grid log-probs read back within (snap_to_grid)
+# grid-shift below p = 1e-4: the coarse grid's rounding (8 / 136) plus the row's shift (as
+# much again where no entry of the row is above 1e-4), and the shift's own step
+COARSE_ERROR = 2 * COARSE_FACTOR / (2 * LOGPROB_STEPS) + 2**-15
+SHIFT_TAIL_ERROR = 2**-15 + 1e-6  # grid-shift's covered mass: relative, from the shift's step
+
+
+def logprob_error(reference: np.ndarray, encoding: str) -> np.ndarray | float:
+    """How far longkd's ``encoding`` log-probs read back from ``reference``'s (float[n])."""
+    if encoding != "grid-shift":
+        return LOGPROB_ERROR
+    return np.where(reference >= np.log(enc.COARSE_BELOW_P), LOGPROB_ERROR, COARSE_ERROR)
+
+
+def tail_error(encoding: str) -> float:
+    """How far a row's tail ``1 - sum(exp)`` reads back from the teacher's under ``encoding``."""
+    return SHIFT_TAIL_ERROR if encoding == "grid-shift" else 2e-6
 
 
 def compact(mode: str, size: int, w: int, vocab: int) -> ColumnCodecs:
     return ColumnCodecs(mode, size, w, vocab, fmt.encoding_preset("compact", mode))
 
 
-# The compact encodings of ids and log-probs before dictionary and grid-min: format-3 caches
-# written with them stay readable.
-EARLIER_COMPACT = {fmt.IDS: "sorted-gaps", fmt.LOGPROBS: "grid-max"}
+# Earlier compact encodings of ids and log-probs: format-3 caches written with them stay
+# readable (the first compact preset, then dictionary with grid-min).
+EARLIER_COMPACT = {
+    "earlier": {fmt.IDS: "sorted-gaps", fmt.LOGPROBS: "grid-max"},
+    "grid-min": {fmt.IDS: "dictionary", fmt.LOGPROBS: "grid-min"},
+}
+
+
+COMPACT_KINDS = ["compact", *EARLIER_COMPACT]
+
+
+def stored_logprobs(encoding: str) -> str:
+    """The log-prob encoding of ``compact`` or one of EARLIER_COMPACT."""
+    return encodings_of(encoding, "topk")[fmt.LOGPROBS]
 
 
 def encodings_of(encoding: str, mode: str) -> dict:
-    """``plain``, ``compact`` or ``earlier``: compact with EARLIER_COMPACT's ids and log-probs."""
-    if encoding == "earlier":
+    """``plain``, ``compact``, or one of EARLIER_COMPACT: compact with its ids and log-probs."""
+    if encoding in EARLIER_COMPACT:
         named = fmt.encoding_preset("compact", mode)
-        return {column: EARLIER_COMPACT.get(column, name) for column, name in named.items()}
+        return {column: EARLIER_COMPACT[encoding].get(column, name) for column, name in named.items()}
     return fmt.encoding_preset(encoding, mode)
 
 
@@ -75,10 +102,10 @@ def by_row(ids: np.ndarray, values: np.ndarray, splits: np.ndarray) -> list[dict
     return [dict(zip(ids[a:b].tolist(), values[a:b].tolist())) for a, b in zip(splits[:-1], splits[1:])]
 
 
-def assert_same_window(plain, packed, splits):
+def assert_same_window(plain, packed, splits, logprobs="grid-shift"):
     """Compact ``packed`` equals ``plain``: exact ids (as sets per row), counts, row splits,
-    input ids and segment starts; log-probs and target log-probs within the grid; the tail
-    ``1 - sum(exp)`` of every row as plain float32 gives it."""
+    input ids and segment starts; log-probs (stored as ``logprobs``) and target log-probs
+    within the grid; the tail ``1 - sum(exp)`` of every row as plain float32 gives it."""
     for name in (fmt.INPUT_IDS, fmt.SEGMENT_STARTS, fmt.IDS, fmt.TARGET_LOGPROB):
         assert packed.values(name).dtype == plain.values(name).dtype, name
     np.testing.assert_array_equal(packed.input_ids, plain.input_ids)
@@ -99,7 +126,7 @@ def assert_same_window(plain, packed, splits):
             assert list(b) == sorted(b), "compact rows are stored by ascending id"
             if name == fmt.LOGPROBS:
                 got, ref = np.array([b[i] for i in ids]), np.array([a[i] for i in ids])
-                assert np.abs(got - ref).max(initial=0) <= LOGPROB_ERROR
+                assert (np.abs(got - ref) <= logprob_error(ref, logprobs)).all()
             else:
                 assert [b[i] for i in ids] == [a[i] for i in ids]
     if fmt.LOGPROBS in plain.mode_columns:
@@ -108,14 +135,14 @@ def assert_same_window(plain, packed, splits):
             1 - np.add.reduceat(np.exp(np.asarray(c.mode_columns[fmt.LOGPROBS], np.float64)), starts)
             for c in (plain, packed)
         ]
-        np.testing.assert_allclose(tails[1], tails[0], rtol=0, atol=2e-6)
+        np.testing.assert_allclose(tails[1], tails[0], rtol=0, atol=tail_error(logprobs))
 
 
 def topk_splits(w, k):
     return np.arange(w + 1) * k
 
 
-@pytest.mark.parametrize("encoding", ["compact", "earlier"])
+@pytest.mark.parametrize("encoding", COMPACT_KINDS)
 @pytest.mark.parametrize("vocab,k", [(60, 5), (2, 2), (2, 1), (300, 300)])
 def test_topk_compact_window_equals_plain(vocab, k, encoding):
     rng = np.random.default_rng()
@@ -126,7 +153,7 @@ def test_topk_compact_window_equals_plain(vocab, k, encoding):
     window.input_ids = np.minimum(window.input_ids, vocab - 1)
     rows = make_topk_rows(rng, window, vocab, k)
     plain, packed = both(window, rows, "topk", k, w, vocab, encoding)
-    assert_same_window(plain, packed, topk_splits(w, k))
+    assert_same_window(plain, packed, topk_splits(w, k), stored_logprobs(encoding))
     ids, logprobs, counts = dense_rows(packed, w, {"mode": "topk", "k": k})
     assert ids.shape == logprobs.shape == (w, k) and counts is None
 
@@ -143,7 +170,7 @@ def test_decoding_some_columns_gives_what_decoding_all_gives(mode):
         np.testing.assert_array_equal(alone[column], everything[column])
 
 
-@pytest.mark.parametrize("encoding", ["compact", "earlier"])
+@pytest.mark.parametrize("encoding", COMPACT_KINDS)
 def test_topk_adversarial_rows(encoding):
     """All-equal log-probs, ids 0 and V - 1 in every row, a row holding the whole mass, and
     V = 262,144."""
@@ -160,10 +187,41 @@ def test_topk_adversarial_rows(encoding):
     target = lp[:, 0].copy()
     rows = SimpleNamespace(ids=ids.astype(np.int32), logprobs=lp, target_logprob=target)
     plain, packed = both(window, rows, "topk", k, w, vocab, encoding)
-    assert_same_window(plain, packed, topk_splits(w, k))
+    assert_same_window(plain, packed, topk_splits(w, k), stored_logprobs(encoding))
 
 
-@pytest.mark.parametrize("encoding", ["compact", "earlier"])
+def test_grid_shift_holds_its_bounds_where_the_coarse_zone_carries_the_mass():
+    """Rows built against the coarse zone: every entry below p = 1e-4 (a flat teacher), one
+    entry just above 1e-4 among coarse ones that hold most of the covered mass, entries on
+    both sides of the zone's start, peaked rows, and random rows of every spread. Entries of
+    p >= 1e-4 read back within 1/128 nat, the others within the zone's bound, the tail within
+    2^-15 of the covered mass."""
+    from longkd.cache.column_codecs import ENCODINGS, WindowContext
+
+    rng = np.random.default_rng()
+    k, vocab = 48, 32000
+    rows = [
+        np.full(k, -np.log(vocab), np.float64),  # all below 1e-4 (uniform over V)
+        np.r_[np.log(1.2e-4), np.full(k - 1, np.log(9e-5))],  # one just above 1e-4
+        np.log(np.linspace(5e-5, 2e-4, k)),  # across the line
+        np.r_[np.log(0.99), np.full(k - 1, -12.0)],  # peaked
+        -9.2103 - np.arange(k) / 68 / 3,  # a third of a grid step apart, around F
+    ]
+    for spread in rng.uniform(0.5, 16, 60):
+        logits = rng.normal(size=vocab) * spread
+        rows.append(np.sort(logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max())[::-1][:k])
+    x = np.stack(rows).astype(np.float32)
+    w = x.shape[0]
+    ctx = WindowContext(w, vocab, w, np.full(w, k))
+    blob = ENCODINGS["grid-shift"].encode(x.reshape(-1), ctx)
+    got = ENCODINGS["grid-shift"].decode(np.frombuffer(blob, np.uint8), ctx).reshape(w, k).astype(np.float64)
+    ref = x.astype(np.float64)
+    assert (np.abs(got - ref) <= logprob_error(ref, "grid-shift")).all()
+    covered = np.exp(ref).sum(1)
+    assert (np.abs(np.exp(got).sum(1) - covered) <= SHIFT_TAIL_ERROR * covered).all()
+
+
+@pytest.mark.parametrize("encoding", COMPACT_KINDS)
 @pytest.mark.parametrize("draws", [1, 16, 255, 300])
 def test_sampled_compact_window_equals_plain(draws, encoding):
     rng = np.random.default_rng()
@@ -171,7 +229,7 @@ def test_sampled_compact_window_equals_plain(draws, encoding):
     window = make_window(rng, int(rng.integers(0, 1000)), w, vocab)
     rows = make_sampled_rows(rng, window, vocab, draws)  # draws=1: every row holds one entry
     plain, packed = both(window, rows, "sampled", draws, w, vocab, encoding)
-    assert_same_window(plain, packed, rows.row_splits)
+    assert_same_window(plain, packed, rows.row_splits, stored_logprobs(encoding))
     dense_plain = dense_rows(plain, w, {"mode": "sampled", "draws": draws})
     dense_packed = dense_rows(packed, w, {"mode": "sampled", "draws": draws})
     for a, b in zip(dense_plain, dense_packed):
@@ -181,7 +239,7 @@ def test_sampled_compact_window_equals_plain(draws, encoding):
 @pytest.mark.parametrize(
     "rules", [{"min_mass": 0.8}, {"min_prob": 0.02}, {"min_mass": 0.9, "min_prob": 0.01}]
 )
-@pytest.mark.parametrize("encoding", ["compact", "earlier"])
+@pytest.mark.parametrize("encoding", COMPACT_KINDS)
 def test_adaptive_compact_window_equals_plain_and_keeps_its_rule(rules, encoding):
     """Ragged adaptive rows: entry counts from row_splits; verify's rule checks, in rank order
     and with the grid's allowance, pass on what the compact cache reads back."""
@@ -207,7 +265,7 @@ def test_adaptive_compact_window_equals_plain_and_keeps_its_rule(rules, encoding
             batch = window_record_batch(window, rows, "adaptive", "float32", rules_.codecs)
             out.append(read_columns(batch, 0, "adaptive", rules_.codecs))
             rules_.check_all(out[-1])
-        assert_same_window(*out, rows.row_splits)
+        assert_same_window(*out, rows.row_splits, stored_logprobs(encoding))
         assert rules_.codecs.names[fmt.ROW_SPLITS] == "entry-counts"
 
 
@@ -315,6 +373,16 @@ def test_worked_example_of_the_format():
         np.testing.assert_allclose(got, [-2.4944506, -0.20033298, -7.2444506, -3.0238624], rtol=0, atol=1e-7)
         exact_tail = 1 - np.exp(logprobs.astype(np.float64)).sum()
         assert abs(1 - np.exp(got.astype(np.float64)).sum() - exact_tail) < 1e-7
+    five = np.array([-2.5, -0.2, -7.25, -11.25, -3.02], np.float32)  # ids 5, 17, 300, 1024, 31999
+    shifted, ctx5 = blob("grid-shift", five, counts=(5,))
+    assert shifted.hex(" ") == (
+        "03 44 00 00 40 78 02 00 00 08 00 82 01 00 00 00 89 02"
+        " 82 05 00 00 00 df 7b 9c 00 bb 01 02 00 00 01 81 01 00 00 00 b6"
+    )
+    got = ENCODINGS["grid-shift"].decode(np.frombuffer(shifted, np.uint8), ctx5)
+    want = [-2.4944458, -0.20032816, -7.244446, -11.288564, -3.0238576]
+    np.testing.assert_array_equal(got, np.array(want, np.float32))
+    assert abs(1 - np.exp(got.astype(np.float64)).sum() - 0.04965572) < 1e-8
     assert (
         blob("grid", np.array([-0.2, -2.5, np.nan], np.float32), w=3)[0].hex(" ")
         == "40 00 08 03 00 00 00 0d a0 ff"
@@ -356,6 +424,40 @@ def test_grid_min_decodes_with_the_recipe_of_the_docs():
     spec = np.where(missing, g, g + shift[:, None])
     codec = ENCODINGS["grid-min"].decode(data, ctx).reshape(w, k)
     np.testing.assert_array_equal(spec.view(np.uint32), codec.view(np.uint32))
+
+
+def test_grid_shift_decodes_with_the_recipe_of_the_docs():
+    """docs/format.md "grid-shift", followed with numpy alone on a window of top-k rows that
+    reach below p = 1e-4 (the coarse zone) with -inf entries: the same float32 values, bit for
+    bit, as the codec."""
+    from longkd.cache.column_codecs import ENCODINGS, WindowContext
+    from tests.cache.test_encodings import docs_sections
+
+    rng = np.random.default_rng()
+    w, k = 40, 32
+    logits = rng.normal(size=(w, 3000)) * rng.uniform(2, 16, size=(w, 1))
+    lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    top = np.sort(lp, axis=1)[:, ::-1][:, :k].astype(np.float32)
+    top[3, -4:] = -np.inf
+    assert (np.isfinite(top) & (top < np.log(1e-4))).mean() > 0.1, "rows reach into the coarse zone"
+    ctx = WindowContext(w, 3000, w, np.full(w, k))
+    data = np.frombuffer(ENCODINGS["grid-shift"].encode(top.reshape(-1), ctx), np.uint8)
+
+    assert data[0] == 3  # layout grid-shift
+    steps, shift_steps, m = (int(data[i]) | int(data[i + 1]) << 8 for i in (1, 3, 9))
+    zone = int(data[5:9].view("<u4")[0])
+    (_, base), (kind, entries), (_, z) = docs_sections(data, 11)
+    sentinel = (1 << (8 * (kind - 0x80))) - 1
+    missing = (entries == sentinel).reshape(w, k)
+    code = base[:, None] - entries.reshape(w, k)
+    a = np.where(code > zone, zone + m * (code - zone), code)
+    q = (z >> 1) ^ -(z & 1)
+    g = a.astype(np.float32) / np.float32(-steps)
+    spec = g + (q.astype(np.float32) / np.float32(shift_steps))[:, None]
+    spec = np.where(missing, np.float32(-np.inf), spec).astype(np.float32)
+    codec = ENCODINGS["grid-shift"].decode(data, ctx).reshape(w, k)
+    np.testing.assert_array_equal(spec.view(np.uint32), codec.view(np.uint32))
+    assert (a > zone).any() and ((a[a > zone] - zone) % m == 0).all()
 
 
 # ----------------------------------------------------------------------------- damaged columns
@@ -410,9 +512,12 @@ def places_count(value):
         (fmt.IDS, lambda b: b.extend(b"\0"), r"ids \(dictionary\): .*1 bytes left"),
         (fmt.IDS, set_byte(-1, 0xFF), r"ids \(dictionary\): .*row 15: a place .* beyond the dictionary"),
         (fmt.IDS, set_byte(5, 60), r"ids \(dictionary\): .*: a dictionary id .* beyond the vocabulary of 50"),
-        (fmt.LOGPROBS, set_byte(0, 7), r"logprobs \(grid-min\): .*unknown layout"),
-        (fmt.LOGPROBS, set_byte(0, 0), r"logprobs \(grid-min\): .*layout 0 \(grid-max\) where grid-min"),
-        (fmt.LOGPROBS, lambda b: b.__setitem__(slice(-4, None), np.float32(2.0).tobytes()), "tail mass"),
+        (fmt.LOGPROBS, set_byte(0, 7), r"logprobs \(grid-shift\): .*unknown layout"),
+        (fmt.LOGPROBS, set_byte(0, 2), r"logprobs \(grid-shift\): .*layout 2 \(grid-min\) where grid-shift"),
+        (fmt.LOGPROBS, set_byte(9, 200), r"logprobs \(grid-shift\): .*rounds by more than 0.125 nat"),
+        (fmt.LOGPROBS, set_byte(6, 0), r"logprobs \(grid-shift\): .*starts above p = 0.0001"),
+        (fmt.LOGPROBS, set_byte(4, 0), r"logprobs \(grid-shift\): .*zero shift steps"),
+        (fmt.LOGPROBS, lambda b: b.pop(), r"logprobs \(grid-shift\): .*'row shifts' needs \d+ bytes"),
         (fmt.TARGET_LOGPROB, lambda b: b.clear(), r"target_logprob \(grid\): .*cut off"),
         (fmt.INPUT_IDS, set_byte(-1, 0xFF), r"input_ids \(ints\): .*not below 50"),
         (
@@ -430,17 +535,34 @@ def test_damaged_compact_column_is_one_clear_error(column, edit, message):
 
 
 @pytest.mark.parametrize(
-    "column,edit,message",
+    "encoding,column,edit,message",
     [
-        (fmt.IDS, lambda b: b.pop(), r"ids \(sorted-gaps\): .*needs \d+ bytes"),
-        (fmt.IDS, set_byte(1, 3), r"ids \(sorted-gaps\): .*holds 3 values, expected 80"),
-        (fmt.IDS, set_byte(-1, 0xFF), r"ids \(sorted-gaps\): .*row \d+.* beyond the vocabulary"),
-        (fmt.LOGPROBS, set_byte(0, 7), r"logprobs \(grid-max\): .*unknown layout"),
-        (fmt.LOGPROBS, set_byte(0, 2), r"logprobs \(grid-max\): .*layout 2 \(grid-min\) where grid-max"),
+        ("earlier", fmt.IDS, lambda b: b.pop(), r"ids \(sorted-gaps\): .*needs \d+ bytes"),
+        ("earlier", fmt.IDS, set_byte(1, 3), r"ids \(sorted-gaps\): .*holds 3 values, expected 80"),
+        ("earlier", fmt.IDS, set_byte(-1, 0xFF), r"ids \(sorted-gaps\): .*row \d+.* beyond the vocabulary"),
+        ("earlier", fmt.LOGPROBS, set_byte(0, 7), r"logprobs \(grid-max\): .*unknown layout"),
+        (
+            "earlier",
+            fmt.LOGPROBS,
+            set_byte(0, 2),
+            r"logprobs \(grid-max\): .*layout 2 \(grid-min\) where grid-max",
+        ),
+        (
+            "grid-min",
+            fmt.LOGPROBS,
+            set_byte(0, 0),
+            r"logprobs \(grid-min\): .*layout 0 \(grid-max\) where grid-min",
+        ),
+        (
+            "grid-min",
+            fmt.LOGPROBS,
+            lambda b: b.__setitem__(slice(-4, None), np.float32(2.0).tobytes()),
+            "tail mass",
+        ),
     ],
 )
-def test_damaged_earlier_compact_column_is_one_clear_error(column, edit, message):
-    batch, rules = one_compact_batch(encoding="earlier")
+def test_damaged_earlier_compact_column_is_one_clear_error(encoding, column, edit, message):
+    batch, rules = one_compact_batch(encoding=encoding)
     with pytest.raises(BadShard, match=message) as info:
         read_columns(with_blob(batch, column, edit), 0, "topk", rules.codecs)
     assert "\n" not in str(info.value)
@@ -589,12 +711,11 @@ def test_manifest_compact_columns_need_format_3_and_float32(tmp_path):
         load_manifest(loc)
     manifest["encoding"]["logprobs"] = "float16"
     path.write_text(json.dumps(manifest))
-    with pytest.raises(LongkdError, match="must be float32 with grid-min"):
-        load_manifest(loc)
-    manifest["encoding"]["columns"]["logprobs"] = "grid-max"
-    path.write_text(json.dumps(manifest))
-    with pytest.raises(LongkdError, match="must be float32 with grid-max"):
-        load_manifest(loc)
+    for grid in fmt.GRID_ENCODINGS:
+        manifest["encoding"]["columns"]["logprobs"] = grid
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(LongkdError, match=f"must be float32 with {grid}"):
+            load_manifest(loc)
 
 
 def test_compact_needs_float32_logprobs_at_build():

@@ -52,15 +52,24 @@ def reference_tail(logprobs, counts):
 
 
 def check_logprobs(values, counts, layout, steps, packing):
-    """Encode and decode; every entry within half a grid step, -inf exact, tail exact in float32."""
-    blob = enc.encode_logprobs(values, counts, layout=layout, steps=steps, packing=packing)
+    """Encode and decode; every entry within half a grid step, -inf exact, tail exact in float32
+    (``grid-shift``: no tail, each row moved by its random stored shift instead)."""
+    shifts, moved = None, np.zeros(values.shape)
+    if layout == "grid-shift":
+        shifts = np.random.default_rng(len(counts)).integers(-400, 400, len(counts))
+        shifts[0] = -(2**20)  # far beyond a real row's shift: still exact
+        moved = np.repeat(shifts / enc.DEFAULT_SHIFT_STEPS, counts)
+    blob = enc.encode_logprobs(values, counts, layout=layout, steps=steps, packing=packing, shifts=shifts)
     got, tail = enc.decode_logprobs(blob, counts)
     assert got.shape == values.shape and got.dtype == np.float32
     neginf = np.isneginf(values)
     np.testing.assert_array_equal(np.isneginf(got), neginf)
-    err = np.abs(got[~neginf].astype(np.float64) - values[~neginf])
-    assert err.size == 0 or err.max() <= 0.5 / steps + 1e-6
-    np.testing.assert_allclose(tail, reference_tail(values, counts).astype(np.float32), rtol=0, atol=1e-7)
+    err = np.abs(got[~neginf].astype(np.float64) - moved[~neginf] - values[~neginf])
+    assert err.size == 0 or err.max() <= 0.5 / steps + 1e-6 * max(1, np.abs(values[~neginf]).max())
+    if layout == "grid-shift":
+        assert tail is None
+    else:
+        np.testing.assert_allclose(tail, reference_tail(values, counts).astype(np.float32), rtol=0, atol=1e-7)
     return got
 
 
@@ -267,6 +276,59 @@ def test_logprobs_adversarial_rows(layout, packing):
     counts = np.array([len(r) for r in rows])
     got = check_logprobs(np.concatenate(rows), counts, layout, 64, packing)
     assert np.isneginf(got[counts[0] + 2 : counts[0] + 5]).all()
+
+
+@pytest.mark.parametrize("packing", PACKINGS)
+@pytest.mark.parametrize("factor", [2, 8, 16])
+def test_grid_shift_coarse_zone_rounds_beyond_its_start(packing, factor):
+    """Beyond F the codes are a grid ``factor`` times coarser: every value reads back on a
+    point of ``F + factor * j`` (within ``(factor + 1) / (2 * steps)``), values up to F on
+    the fine grid, -inf exact; codes and grid integers are each other's inverse."""
+    rng = np.random.default_rng()
+    steps = 64
+    zone = int(np.ceil(-np.log(enc.COARSE_BELOW_P) * steps)) + int(rng.integers(0, 50))
+    counts = rng.integers(0, 33, 40)
+    logprobs = rng.uniform(-25, -4, int(counts.sum())).astype(np.float32)  # both sides of F
+    logprobs[rng.random(logprobs.size) < 0.02] = -np.inf
+    shifts = rng.integers(-300, 300, len(counts))
+    blob = enc.encode_logprobs(
+        logprobs, counts, "grid-shift", steps, packing, shifts=shifts, coarse_from=zone, coarse_factor=factor
+    )
+    got, tail = enc.decode_logprobs(blob, counts)
+    assert tail is None
+    finite = np.isfinite(logprobs)
+    np.testing.assert_array_equal(np.isneginf(got), ~finite)
+    a = np.rint(-got[finite].astype(np.float64) * steps + np.repeat(shifts, counts)[finite] * steps / 2**14)
+    x = -logprobs[finite].astype(np.float64) * steps
+    coarse = x > zone + 0.5
+    assert coarse.any() and (~coarse).any()
+    assert (np.abs(a - x)[~coarse] <= 0.5 + 1e-3).all()
+    # rounded to the fine grid, then to the coarse one (snap_to_grid rounds once, from x)
+    assert (np.abs(a - x)[coarse] <= (factor + 1) / 2 + 1e-3).all() and (
+        (a[coarse] - zone) % factor == 0
+    ).all()
+    grid = rng.integers(0, 5000, 1000)
+    on_grid = np.where(grid > zone, zone + factor * ((grid - zone) // factor), grid)
+    np.testing.assert_array_equal(
+        enc.fine_grid(enc.coarse_codes(on_grid, zone, factor), zone, factor), on_grid
+    )
+
+
+def test_grid_shift_refuses_a_coarse_zone_a_reader_could_not_trust():
+    values, counts, shifts = np.array([-1.0, -12.0], np.float32), np.array([2]), np.array([0])
+    for zone, factor, why in ((500, 8, "starts above p = 0.0001"), (700, 32, "rounds by more than")):
+        with pytest.raises(LongkdError, match=why):
+            enc.encode_logprobs(
+                values, counts, "grid-shift", 64, shifts=shifts, coarse_from=zone, coarse_factor=factor
+            )
+    with pytest.raises(LongkdError, match="one shift per row"):
+        enc.encode_logprobs(values, counts, "grid-shift", 64)
+
+
+def test_zigzag_round_trips_signed_integers():
+    values = np.r_[0, -1, 1, -2, 2, np.random.default_rng().integers(-(2**40), 2**40, 100)]
+    assert enc.zigzag(values[:5]).tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(enc.unzigzag(enc.zigzag(values)), values)
 
 
 def test_grid_delta_refuses_unsorted_rows():

@@ -26,6 +26,7 @@ import torch
 
 from longkd.cache.reader import CacheReader
 from longkd.cli import main
+from tests.cache.test_column_codecs import logprob_error
 from tests.helpers import (
     cache_build_argv,
     ledger_lines,
@@ -58,6 +59,13 @@ def setup(tiny_model_dir, tmp_path_factory):
     with one_torch_thread():
         assert main(build_args(teacher, data, reference)) == 0
     return teacher, data, reference
+
+
+def assert_same_logprobs(got: np.ndarray, want: np.ndarray) -> None:
+    """Two builds of one teacher's compact cache: each holds its log-probs within the
+    encoding's bound of the teacher's, and float noise in the logits can round a row
+    differently (its shift, or its grid points), so they agree within twice that bound."""
+    assert (np.abs(got - want) <= 2 * logprob_error(want, "grid-shift") + 1e-5).all()
 
 
 def build_args(teacher, data, out, **changes):
@@ -106,7 +114,7 @@ def compare_topk(cache, reference, exact: torch.Tensor) -> dict:
         assert x.window_id == y.window_id
         np.testing.assert_array_equal(x.input_ids, y.input_ids)
         np.testing.assert_array_equal(x.segment_starts, y.segment_starts)
-        np.testing.assert_allclose(x.logprobs, y.logprobs, rtol=0, atol=1e-5)
+        assert_same_logprobs(x.logprobs, y.logprobs)
         np.testing.assert_allclose(x.target_logprob, y.target_logprob, rtol=0, atol=1e-5, equal_nan=True)
         differ = x.ids != y.ids
         if differ.any():  # only ties: the id taken instead holds the same log-prob in the teacher
@@ -372,5 +380,5 @@ def test_one_group_cuts_adaptive_rows_as_one_process(setup, tmp_path):
         kept, same = kept + rows.size, same + int(rows.sum())
         width = min(x.ids.shape[1], y.ids.shape[1])
         live = (x.ids[rows, :width] >= 0) & (x.ids[rows, :width] == y.ids[rows, :width])
-        np.testing.assert_allclose(x.logprobs[rows, :width][live], y.logprobs[rows, :width][live], atol=1e-5)
+        assert_same_logprobs(x.logprobs[rows, :width][live], y.logprobs[rows, :width][live])
     assert same >= 0.99 * kept, f"only {same} of {kept} rows keep as many entries as one process"

@@ -32,7 +32,7 @@ def data_file(tmp_path_factory):
 
 
 def build(teacher, data, out, *extra, window=W, windows=40):
-    flags = {"window": window, "max_windows": windows, "batch_size": 8, "shard_size": "20KB"}
+    flags = {"window": window, "max_windows": windows, "batch_size": 8, "shard_size": "12KB"}
     return str(build_cache(teacher, data, out, *extra, **flags))
 
 
