@@ -129,8 +129,8 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
         "--encoding",
         choices=("plain", "compact"),
         help="column encodings: compact (default: ids through the window's dictionary, log-probs "
-        "within 1/128 nat with the exact tail, a quarter to 40%% of plain's bytes) or plain (Arrow "
-        "lists; --logprob-dtype applies to it); docs/format.md",
+        "within 1/128 nat where p >= 1e-4 with each row's tail kept, about a third of plain's bytes "
+        "at top-64) or plain (Arrow lists; --logprob-dtype applies to it); docs/format.md",
     )
     g.add_argument(
         "--compression-level",
