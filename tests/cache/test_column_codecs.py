@@ -396,19 +396,28 @@ def test_worked_example_of_the_format():
     assert counts.hex(" ") == "81 06 00 00 00 27 17 3f 00 01 3c"
 
 
-def test_grid_min_decodes_with_the_recipe_of_the_docs():
-    """docs/format.md "grid-min and grid-max", followed with numpy alone on a window of peaked
-    top-k rows with -inf entries: the same float32 values, bit for bit, as the codec."""
-    from longkd.cache.column_codecs import ENCODINGS, WindowContext
-    from tests.cache.test_encodings import docs_sections
+def top_rows_with_neginf(w: int, k: int, vocab: int, spread: tuple[float, float]):
+    """``w`` top-k rows (float32[w, k], descending) of random softmaxes over ``vocab`` whose
+    logits scale by a uniform draw from ``spread`` row by row, row 3 ending in four -inf; and
+    the WindowContext that decodes them."""
+    from longkd.cache.column_codecs import WindowContext
 
     rng = np.random.default_rng()
-    w, k = 40, 16
-    logits = rng.normal(size=(w, 500)) * rng.uniform(1, 6, size=(w, 1))
+    logits = rng.normal(size=(w, vocab)) * rng.uniform(*spread, size=(w, 1))
     lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     top = np.sort(lp, axis=1)[:, ::-1][:, :k].astype(np.float32)
     top[3, -4:] = -np.inf
-    ctx = WindowContext(w, 500, w, np.full(w, k))
+    return top, WindowContext(w, vocab, w, np.full(w, k))
+
+
+def test_grid_min_decodes_with_the_recipe_of_the_docs():
+    """docs/format.md "grid-min and grid-max", followed with numpy alone on a window of peaked
+    top-k rows with -inf entries: the same float32 values, bit for bit, as the codec."""
+    from longkd.cache.column_codecs import ENCODINGS
+    from tests.cache.test_encodings import docs_sections
+
+    w, k = 40, 16
+    top, ctx = top_rows_with_neginf(w, k, vocab=500, spread=(1, 6))
     data = np.frombuffer(ENCODINGS["grid-min"].encode(top.reshape(-1), ctx), np.uint8)
 
     assert data[0] == 2  # layout grid-min
@@ -430,17 +439,12 @@ def test_grid_shift_decodes_with_the_recipe_of_the_docs():
     """docs/format.md "grid-shift", followed with numpy alone on a window of top-k rows that
     reach below p = 1e-4 (the coarse zone) with -inf entries: the same float32 values, bit for
     bit, as the codec."""
-    from longkd.cache.column_codecs import ENCODINGS, WindowContext
+    from longkd.cache.column_codecs import ENCODINGS
     from tests.cache.test_encodings import docs_sections
 
-    rng = np.random.default_rng()
     w, k = 40, 32
-    logits = rng.normal(size=(w, 3000)) * rng.uniform(2, 16, size=(w, 1))
-    lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    top = np.sort(lp, axis=1)[:, ::-1][:, :k].astype(np.float32)
-    top[3, -4:] = -np.inf
+    top, ctx = top_rows_with_neginf(w, k, vocab=3000, spread=(2, 16))
     assert (np.isfinite(top) & (top < np.log(1e-4))).mean() > 0.1, "rows reach into the coarse zone"
-    ctx = WindowContext(w, 3000, w, np.full(w, k))
     data = np.frombuffer(ENCODINGS["grid-shift"].encode(top.reshape(-1), ctx), np.uint8)
 
     assert data[0] == 3  # layout grid-shift
