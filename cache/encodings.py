@@ -18,7 +18,9 @@ once (no Python loop over rows), so decoding keeps up with a trainer on one core
   order (``grid-delta``), plus each row's exact tail mass as float32 so the bucket loss keeps
   its tail; or (``grid-shift``) stored as ``grid-min`` with, instead of the tail, the
   constant each row is shifted by on decoding (an integer of ``2 ** -14`` nat), which costs a
-  quarter of the tail's bytes and brings the same mass back to within ``2 ** -15``.
+  quarter of the tail's bytes and brings the same mass back to within ``2 ** -15``, and with
+  a grid ``m`` times coarser beyond a grid integer ``F`` (probabilities below 1e-4), where
+  the bound the format keeps (1/128 nat for p >= 1e-4) does not apply.
 - :func:`encode_target_logprob`, :func:`encode_uints` (input ids, segment-start gaps,
   sampled counts, per-row entry counts) and their decoders.
 - :func:`select_entry_counts`: mass-adaptive selection of how many of a row's sorted entries
