@@ -209,7 +209,7 @@ def _snapped_rows(x, rows, counts, tail, u, steps, shift_steps=None, coarse=(0, 
         decoded = renormalise(values, tail.astype(np.float32), counts)
     else:
         shifts = quantised_shifts(values, tail, counts, shift_steps)  # the exact tail: not stored
-        decoded = apply_quantised_shifts(values, shifts, counts, shift_steps)
+        decoded = enc.apply_shifts(values, shifts, counts, shift_steps)
     with np.errstate(invalid="ignore"):  # -inf - -inf at -inf entries, masked out
         err = np.where(held, np.abs(decoded.astype(np.float64) - x), 0.0)
         shift = np.where(finite, decoded.astype(np.float64) - values, np.nan)
@@ -276,16 +276,7 @@ def tail_shifts(logprobs: np.ndarray, tail: np.ndarray, counts: np.ndarray) -> n
     float32 tail for ``grid-min``, the exact float64 one for ``grid-shift``); 0 for rows
     without a finite entry. The sum is float64 of float32 ``exp``: part of what the stored
     bytes mean (checksums cover the values it gives), so it stays as it is."""
-    counts = np.asarray(counts, np.int64)
-    if counts.size and counts[0] > 0 and (counts == counts[0]).all():
-        mass = np.exp(logprobs.reshape(len(counts), -1)).sum(axis=1, dtype=np.float64)
-    else:
-        nonempty = counts > 0
-        mass = np.zeros(len(counts), np.float64)
-        if logprobs.size:
-            mass[nonempty] = np.add.reduceat(
-                np.exp(logprobs).astype(np.float64), enc.row_starts(counts)[nonempty]
-            )
+    mass = enc.row_masses(logprobs, np.asarray(counts, np.int64))
     want = np.minimum(1.0 - tail.astype(np.float64), 1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where((mass > 0) & (want > 0), np.log(want) - np.log(mass), 0.0)
@@ -297,15 +288,6 @@ def quantised_shifts(
     """int64[R]: :func:`tail_shifts` rounded to steps of ``1 / shift_steps`` nat (half to
     even), what ``grid-shift`` stores in place of the tail."""
     return np.rint(tail_shifts(logprobs, tail, counts) * shift_steps).astype(np.int64)
-
-
-def apply_quantised_shifts(
-    logprobs: np.ndarray, shifts: np.ndarray, counts: np.ndarray, shift_steps: int
-) -> np.ndarray:
-    """``logprobs`` (float32[n]) as the ``grid-shift`` decoder gives them back: row r plus
-    ``float32(shifts[r]) / float32(shift_steps)``, in float32."""
-    row_shift = np.asarray(shifts).astype(np.float32) / np.float32(shift_steps)
-    return enc.shift_rows(logprobs, row_shift, np.asarray(counts, np.int64))
 
 
 def _decode_entry_counts(blob: np.ndarray, ctx: WindowContext) -> np.ndarray:

@@ -318,6 +318,26 @@ def shift_rows(values: np.ndarray, row_shift: np.ndarray, counts: np.ndarray) ->
     return values + np.repeat(row_shift, counts)
 
 
+def apply_shifts(values: np.ndarray, shifts: np.ndarray, counts: np.ndarray, shift_steps: int) -> np.ndarray:
+    """``values`` (float32[n]) as ``grid-shift`` reads them: row r plus
+    ``float32(shifts[r]) / float32(shift_steps)`` (``shifts`` int[R], signed), in float32."""
+    row_shift = np.asarray(shifts).astype(np.float32)
+    np.divide(row_shift, np.float32(shift_steps), out=row_shift)
+    return shift_rows(values, row_shift, np.asarray(counts, np.int64))
+
+
+def row_masses(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """float64[R]: ``sum(exp(row r))`` of ``values`` (float32[n]), float64 sums of float32
+    ``exp``; 0 for empty rows."""
+    if _uniform(counts):
+        return np.exp(values.reshape(len(counts), -1)).sum(axis=1, dtype=np.float64)
+    nonempty = counts > 0
+    mass = np.zeros(len(counts), np.float64)
+    if values.size:
+        mass[nonempty] = np.add.reduceat(np.exp(values).astype(np.float64), row_starts(counts)[nonempty])
+    return mass
+
+
 def zigzag(values: np.ndarray) -> np.ndarray:
     """Signed integers as unsigned ones, small magnitudes small: 0, -1, 1, -2 -> 0, 1, 2, 3."""
     values = np.asarray(values, np.int64)
@@ -850,22 +870,21 @@ def decode_logprobs(
         missing[~first] = rest == rest_sentinel
         increments[missing] = 0
         grid = _segmented_cumsum(increments, counts)
+    tail = shifts = None
     if layout == "grid-shift":
         shifts, _ = sections.ints("row shifts", len(counts))
-        sections.done()
-        row_shift = unzigzag(shifts).astype(np.float32)
-        np.divide(row_shift, np.float32(shift_steps), out=row_shift)
-        logprobs = fine_grid(grid, coarse_from, coarse_factor).astype(np.float32)
-        np.divide(logprobs, np.float32(-steps), out=logprobs)
-        logprobs = shift_rows(logprobs, row_shift, counts)
-        np.copyto(logprobs, np.float32(-np.inf), where=missing)
-        return logprobs, None
-    tail = sections.float32("tail", len(counts))
+        grid = fine_grid(grid, coarse_from, coarse_factor)
+    else:
+        tail = sections.float32("tail", len(counts))
     sections.done()
-    if not np.isfinite(tail).all() or (tail.size and (tail.min() < TAIL_MIN or tail.max() > 1.0)):
+    if tail is not None and (
+        not np.isfinite(tail).all() or (tail.size and (tail.min() < TAIL_MIN or tail.max() > 1.0))
+    ):
         raise sections.fail("a row's tail mass is not a probability")
     logprobs = grid.astype(np.float32)
     np.divide(logprobs, np.float32(-steps), out=logprobs)
+    if shifts is not None:
+        logprobs = apply_shifts(logprobs, unzigzag(shifts), counts, shift_steps)
     np.copyto(logprobs, np.float32(-np.inf), where=missing)
     return logprobs, tail
 
