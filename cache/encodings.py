@@ -44,12 +44,17 @@ catches it).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from longkd.errors import LongkdError
 
 DEFAULT_STEPS = 64  # grid steps per nat: rounding error at most 1/128 nat
 MAX_WIDTH = 32
+_SPREAD = np.uint64(0x0001_0001_0001_0001)  # _ascending_rows16: running sums of 16-bit lanes
+_TOP_LANE = np.uint64(48)
+FEW_PACKED_VALUES = 1024  # unpack_bits: up to this many values, a gather beats the loop over 8
 KIND_FLOAT32 = 0xF4
 KIND_SHUFFLED = {1: 0x81, 2: 0x82, 4: 0x84}  # itemsize -> section kind
 SHUFFLED_ITEMSIZE = {kind: size for size, kind in KIND_SHUFFLED.items()}
@@ -62,6 +67,7 @@ COARSE_BELOW_P = 1e-4
 MAX_COARSE_ERROR = 1 / 8
 SECTION_HEADER = 5  # kind (uint8) + count (uint32)
 DENSE_DICTIONARY_MAX = 1 << 20  # up to this V, a window's dictionary is found with a mask of V
+GRID_TABLE_MAX = 1 << 16  # grid codes below this decode through a lookup table (grid_table)
 POSITIVE_SLACK = 1e-6  # a stored log-prob may exceed 0 by this much (float rounding)
 TAIL_MIN = -2e-3  # the most negative tail rounding can give (float16 log-probs, docs/format.md)
 
@@ -133,6 +139,14 @@ def unpack_bits(data: np.ndarray, count: int, width: int) -> np.ndarray:
         raise LongkdError(f"{data.size} bytes hold no {count} values of {width} bits (need {need})")
     if width == 0 or count == 0:
         return np.zeros(count, np.uint32)
+    if count <= FEW_PACKED_VALUES:  # few values: one 8-byte read per value, no loop
+        padded = np.zeros(need + 8, np.uint8)
+        padded[:need] = data
+        words = np.ndarray((need + 1,), "<u8", buffer=padded, strides=(1,))  # a read at every byte
+        first_bit = np.arange(count, dtype=np.int64) * width
+        values = words[first_bit >> 3] >> (first_bit & 7).astype(np.uint64)
+        values &= np.uint64((1 << width) - 1)
+        return values.astype(np.uint32)
     groups = -(-count // 8)  # 8 values of w bits fill exactly w bytes
     padded = np.zeros(groups * width + 8, np.uint8)  # + 8: room for the last 8-byte read
     padded[:need] = data
@@ -310,20 +324,32 @@ def _segmented_cumsum(increments: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return total - np.repeat(before, counts[nonempty])
 
 
-def shift_rows(values: np.ndarray, row_shift: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def shift_rows(
+    values: np.ndarray, row_shift: np.ndarray, counts: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
     """``values`` (float32[n], ``counts[r]`` for row r) plus ``row_shift[r]`` (float32[R]) in
-    every entry of row r, in float32: a new array."""
+    every entry of row r, in float32: a new array, or ``out`` (float32[n], may be ``values``)."""
+    out = np.empty_like(values) if out is None else out
     if _uniform(counts):
-        return (values.reshape(len(counts), -1) + row_shift[:, None]).reshape(-1)
-    return values + np.repeat(row_shift, counts)
+        np.add(values.reshape(len(counts), -1), row_shift[:, None], out=out.reshape(len(counts), -1))
+    else:
+        np.add(values, np.repeat(row_shift, counts), out=out)
+    return out
 
 
-def apply_shifts(values: np.ndarray, shifts: np.ndarray, counts: np.ndarray, shift_steps: int) -> np.ndarray:
+def apply_shifts(
+    values: np.ndarray,
+    shifts: np.ndarray,
+    counts: np.ndarray,
+    shift_steps: int,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """``values`` (float32[n]) as ``grid-shift`` reads them: row r plus
-    ``float32(shifts[r]) / float32(shift_steps)`` (``shifts`` int[R], signed), in float32."""
+    ``float32(shifts[r]) / float32(shift_steps)`` (``shifts`` int[R], signed), in float32 (a
+    new array, or ``out``)."""
     row_shift = np.asarray(shifts).astype(np.float32)
     np.divide(row_shift, np.float32(shift_steps), out=row_shift)
-    return shift_rows(values, row_shift, np.asarray(counts, np.int64))
+    return shift_rows(values, row_shift, np.asarray(counts, np.int64), out)
 
 
 def row_masses(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -523,17 +549,21 @@ def decode_ids(blob: bytes, counts: np.ndarray, vocab_size: int) -> np.ndarray:
     sections = _Sections(blob, "ids")
     ids = _sorted_gap_rows(sections, "gaps", counts, vocab_size, "an id", "the vocabulary")
     sections.done()
-    return ids
+    return ids.astype(np.int32, copy=False)
 
 
 def _sorted_gap_rows(
     sections: _Sections, name: str, counts: np.ndarray, limit: int, what: str, below: str
 ) -> np.ndarray:
-    """The next section's rows of sorted gaps as int32[sum(counts)] values, each ``< limit``
-    (``what`` names a value and ``below`` what it indexes, for the error, which names the row)."""
+    """The next section's rows of sorted gaps as int32 (uint16 where :func:`_ascending_rows16`
+    applies) [sum(counts)] values, each ``< limit`` (``what`` names a value and ``below`` what
+    it indexes, for the error, which names the row)."""
     gaps, _ = sections.ints(name, int(counts.sum()))
     if _uniform(counts):  # fixed top-K: rows are the rows of an [R, K] array
         k = int(counts[0])
+        ids = _ascending_rows16(gaps.reshape(len(counts), k), limit)
+        if ids is not None:
+            return ids.reshape(-1)
         # int32 cannot overflow when every gap fits 16 bits and K < 2**15
         wide = gaps.dtype.itemsize > 2 or k >= 2**15
         ids = np.cumsum(gaps.reshape(len(counts), k), axis=1, dtype=np.int64 if wide else np.int32)
@@ -551,6 +581,39 @@ def _sorted_gap_rows(
         row = int(np.searchsorted(np.cumsum(counts), bad, side="right"))
         raise sections.fail(_beyond(row, what, int(ids[bad]), below, limit))
     return ids.astype(np.int32, copy=False)
+
+
+def _ascending_rows16(gaps: np.ndarray, limit: int) -> np.ndarray | None:
+    """Rows of sorted gaps (uint8 or uint16[R, K]) as the values they store, uint16[R, K]:
+    ``cumsum(row) + arange(K)`` (each gap after a row's first is stored minus 1), four 16-bit
+    lanes of a uint64 at a time, which is several times faster than ``np.cumsum``.
+
+    A word times ``0x0001000100010001`` holds in lane i the sum of its lanes 0..i, as long as
+    no sum reaches 2**16; the same product on the words' sums gives the running sums of words
+    within groups of four, and a cumsum over the groups the rest (rows are padded with zeros
+    to a multiple of 16). None where this does not apply (the caller then takes
+    ``np.cumsum``): wider gaps, a ``limit`` above 2**16, a big-endian machine, or a row whose
+    values do not all stay below ``limit`` (the caller's check names it).
+    """
+    rows, k = gaps.shape
+    if rows == 0 or k == 0 or gaps.dtype.itemsize > 2 or limit > 1 << 16 or sys.byteorder != "little":
+        return None
+    width = -(-k // 16) * 16
+    lanes = np.zeros((rows, width), np.uint16)
+    lanes[:, :k] = gaps
+    words = lanes.view(np.uint64) * _SPREAD  # [R, width/4]: running sums within each word
+    word_sums = (words >> _TOP_LANE).astype(np.uint16)
+    groups = word_sums.view(np.uint64) * _SPREAD  # [R, width/16]: running sums of words within 4
+    group_sums = groups >> _TOP_LANE
+    groups += (np.cumsum(group_sums, axis=1) - group_sums) * _SPREAD
+    running = groups.view(np.uint16)  # [R, width/4]: each row's running sum of its words
+    totals = running[:, -1]
+    # a row summing to 2**16 or more carried between lanes, and its 16-bit total falls short
+    if int(lanes.sum(dtype=np.uint64)) != int(totals.sum(dtype=np.uint64)) or int(totals.max()) + k > limit:
+        return None
+    words += (running - word_sums).astype(np.uint64) * _SPREAD
+    words += np.arange(width, dtype=np.uint16).view(np.uint64)  # a carry only ever reaches padding
+    return words.view(np.uint16)[:, :k]
 
 
 def _beyond(row: int, what: str, value: int, below: str, limit: int) -> str:
@@ -603,8 +666,11 @@ def decode_dictionary_ids(blob: bytes, counts: np.ndarray, vocab_size: int) -> n
     counts = _check_counts(counts, None, "ids")
     sections = _Sections(blob, "ids")
     gaps, _ = sections.ints("dictionary")
-    dictionary = np.cumsum(gaps, dtype=np.int64)  # < 2**64: at most 2**32 values below 2**32
-    dictionary += np.arange(gaps.size)  # each gap after the first is stored minus 1
+    dictionary = _ascending_rows16(gaps.reshape(1, -1), vocab_size)
+    if dictionary is None:
+        dictionary = np.cumsum(gaps, dtype=np.int64)  # < 2**64: at most 2**32 values below 2**32
+        dictionary += np.arange(gaps.size)  # each gap after the first is stored minus 1
+    dictionary = dictionary.reshape(-1)
     if dictionary.size and dictionary[-1] >= vocab_size:  # ascending: the last is the largest
         raise sections.fail(
             f"a dictionary id decodes to {int(dictionary[-1])}, beyond the vocabulary of {vocab_size}"
@@ -830,6 +896,7 @@ def decode_logprobs(
             raise sections.fail(problem or "zero shift steps")
     total = int(counts.sum())
     nonempty = counts > 0
+    top = None  # the largest grid integer, where known without a pass over the entries
     if layout == "grid-max":
         base, _ = sections.ints("row base", len(counts))
         rel, sentinel = sections.ints("entries", total)
@@ -843,15 +910,24 @@ def decode_logprobs(
     elif layout in ("grid-min", "grid-shift"):
         base, _ = sections.ints("row base", len(counts))
         rel, sentinel = sections.ints("entries", total)
-        missing = rel == sentinel
-        if _uniform(counts):
-            wide = base.size and int(base.max()) >= 2**31  # a valid entry is at most its base
-            grid = base.astype(np.int64 if wide else np.int32)[:, None] - rel.reshape(len(counts), -1)
-            grid = grid.reshape(-1)
+        top = int(base.max()) if base.size else 0  # a valid entry is at most its base
+        if _uniform(counts) and top < 1 << 16 and rel.dtype.itemsize <= 2:  # half the memory traffic
+            rows, base16 = rel.reshape(len(counts), -1), base.astype(np.uint16)[:, None]
+            grid = np.subtract(base16, rows, dtype=np.uint16).reshape(-1)  # wraps where rel > base
+            suspect = (rows > base16).reshape(-1)
         else:
-            grid = np.repeat(base.astype(np.int64), counts) - rel
-        if grid.size and grid.min() < 0:  # an entry above its base, or a -inf's sentinel
-            above = (grid < 0) & ~missing
+            if _uniform(counts):
+                grid = base.astype(np.int64 if top >= 2**31 else np.int32)[:, None] - rel.reshape(
+                    len(counts), -1
+                )
+                grid = grid.reshape(-1)
+            else:
+                grid = np.repeat(base.astype(np.int64), counts) - rel
+            suspect = grid < 0 if grid.size and grid.min() < 0 else None
+        # a -inf's sentinel is rare: find the entries holding it only when one does
+        missing = rel == sentinel if rel.size and int(rel.max()) == sentinel else None
+        if suspect is not None and suspect.any():  # an entry above its base, or a -inf's sentinel
+            above = suspect if missing is None else suspect & ~missing
             if above.any():
                 bad = int(np.argmax(above))
                 row = int(np.searchsorted(np.cumsum(counts), bad, side="right"))
@@ -873,7 +949,6 @@ def decode_logprobs(
     tail = shifts = None
     if layout == "grid-shift":
         shifts, _ = sections.ints("row shifts", len(counts))
-        grid = fine_grid(grid, coarse_from, coarse_factor)
     else:
         tail = sections.float32("tail", len(counts))
     sections.done()
@@ -881,12 +956,34 @@ def decode_logprobs(
         not np.isfinite(tail).all() or (tail.size and (tail.min() < TAIL_MIN or tail.max() > 1.0))
     ):
         raise sections.fail("a row's tail mass is not a probability")
-    logprobs = grid.astype(np.float32)
-    np.divide(logprobs, np.float32(-steps), out=logprobs)
+    coarse = (coarse_from, coarse_factor) if layout == "grid-shift" else (0, 1)
+    if top is not None and top < GRID_TABLE_MAX:  # one lookup per entry; clip: -inf's, below
+        logprobs = np.take(grid_table(steps, *coarse, top), grid, mode="clip")
+    else:
+        logprobs = fine_grid(grid, *coarse).astype(np.float32)
+        np.divide(logprobs, np.float32(-steps), out=logprobs)
     if shifts is not None:
-        logprobs = apply_shifts(logprobs, unzigzag(shifts), counts, shift_steps)
-    np.copyto(logprobs, np.float32(-np.inf), where=missing)
+        apply_shifts(logprobs, unzigzag(shifts), counts, shift_steps, out=logprobs)
+    if missing is not None:
+        np.copyto(logprobs, np.float32(-np.inf), where=missing)
     return logprobs, tail
+
+
+_GRID_TABLES: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def grid_table(steps: int, coarse_from: int, coarse_factor: int, top: int) -> np.ndarray:
+    """float32[>= top + 1]: entry c is the log-prob a stored grid code c decodes to before its
+    row's shift, ``float32(fine_grid(c)) / float32(-steps)``, so that decoding is one lookup
+    per entry. Tables are kept per grid and grown to the next power of two as codes need."""
+    key = (steps, coarse_from, coarse_factor)
+    table = _GRID_TABLES.get(key)
+    if table is None or table.size <= top:
+        size = 1 << max(int(top).bit_length(), 10)
+        table = fine_grid(np.arange(size, dtype=np.int64), coarse_from, coarse_factor).astype(np.float32)
+        np.divide(table, np.float32(-steps), out=table)
+        _GRID_TABLES[key] = table
+    return table
 
 
 def encode_target_logprob(values: np.ndarray, steps: int = DEFAULT_STEPS, packing: str = "bits") -> bytes:

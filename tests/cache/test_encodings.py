@@ -86,7 +86,7 @@ def test_pack_bits_is_lsb_first():
 @pytest.mark.parametrize("width", list(range(0, 33)))
 def test_pack_bits_round_trip(width):
     rng = np.random.default_rng(width)
-    for n in (0, 1, 7, 8, 9, 1000):
+    for n in (0, 1, 7, 8, 9, 1000, enc.FEW_PACKED_VALUES, enc.FEW_PACKED_VALUES + 1, 5000):
         top = (1 << width) - 1
         values = rng.integers(0, top + 1, size=n, dtype=np.uint64) if width else np.zeros(n, np.uint64)
         if n:
@@ -225,6 +225,27 @@ def test_dictionary_ids_decode_with_numpy_alone():
     np.testing.assert_array_equal(dictionary[rows], np.sort(ids.reshape(w, k), axis=1))
 
 
+@pytest.mark.parametrize("k", [1, 16, 40, 50, 64])
+def test_sorted_gaps_decode_as_running_sums_in_every_width(k):
+    """Fixed rows of K sorted gaps decode to ``cumsum(row) + arange(K)`` whether 16-bit lanes
+    apply (values below 2**16, 8- or 16-bit gaps) or not; a row that reaches the vocabulary
+    (or, damaged, sums past 2**16, where 16-bit lanes would wrap) is named, never wrapped."""
+    rng = np.random.default_rng()
+    for vocab in (65536, 40000, 70000):
+        for top, itemsize in ((255, 1), (900, 2), (4000, 2), (65535, 2)):
+            gaps = rng.integers(0, top + 1, (30, k))
+            gaps[rng.random(30) < 0.3] = 0  # rows far below the vocabulary beside large ones
+            want = np.cumsum(gaps, axis=1) + np.arange(k)
+            blob = enc._section_ints(gaps, "bytes")
+            assert blob[0] == enc.KIND_SHUFFLED[itemsize]
+            if want.max() < vocab:
+                np.testing.assert_array_equal(enc.decode_ids(blob, np.full(30, k), vocab), want.reshape(-1))
+            else:
+                row = int(np.argmax(want.max(axis=1) >= vocab))
+                with pytest.raises(LongkdError, match=f"row {row}: an id decodes to {want[row].max()}"):
+                    enc.decode_ids(blob, np.full(30, k), vocab)
+
+
 def test_ids_refuse_bad_rows():
     with pytest.raises(LongkdError, match="repeats within a row"):
         enc.encode_ids(np.array([3, 3]), np.array([2]), 10)
@@ -312,6 +333,27 @@ def test_grid_shift_coarse_zone_rounds_beyond_its_start(packing, factor):
     np.testing.assert_array_equal(
         enc.fine_grid(enc.coarse_codes(on_grid, zone, factor), zone, factor), on_grid
     )
+
+
+@pytest.mark.parametrize("layout", ["grid-min", "grid-shift"])
+def test_grid_table_decodes_the_bits_of_the_arithmetic(layout, monkeypatch):
+    """Decoding through grid_table gives the float32 bits of ``-fine_grid(code) / steps`` plus
+    the shift computed entry by entry (what GRID_TABLE_MAX = 0 forces), fixed and ragged rows."""
+    rng = np.random.default_rng()
+    for ragged in (False, True):
+        _, logprobs, counts = random_rows(rng, 40, 3000, cap=64, ragged=ragged, scale=rng.uniform(1, 8))
+        logprobs[rng.random(logprobs.size) < 0.01] = -np.inf
+        extra = {}
+        if layout == "grid-shift":
+            extra = {"shifts": rng.integers(-999, 999, 40), "coarse_from": 700, "coarse_factor": 8}
+        blob = enc.encode_logprobs(logprobs, counts, layout, 68, "bytes", **extra)
+        table, tail = enc.decode_logprobs(blob, counts)
+        monkeypatch.setattr(enc, "GRID_TABLE_MAX", 0)
+        arithmetic, same_tail = enc.decode_logprobs(blob, counts)
+        monkeypatch.undo()
+        assert table.tobytes() == arithmetic.tobytes()
+        assert (tail is None) == (same_tail is None)
+        assert tail is None or tail.tobytes() == same_tail.tobytes()
 
 
 def test_grid_shift_refuses_a_coarse_zone_a_reader_could_not_trust():
