@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real models saved to temp dirs, and the ``gpu`` marker's skip rule."""
+"""Shared fixtures: tiny real models saved to temp dirs, the ``gpu`` marker's skip rule, and
+the CPU code paths every test leaves as it found them."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import os
 import pytest
 import torch
 
+from longkd.tools.demo import CPU_NUMERICS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# ATen picks its CPU kernels once, at the first call of this: now, from the environment the
+# run started with, not from whatever a test has set by the time torch first needs it.
+torch.backends.cpu.get_cpu_capability()
 # One thread: tiny models gain nothing from more, and a busy 2-core machine loses a lot.
 torch.set_num_threads(1)
 
@@ -20,6 +26,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cpu_code_paths_stay_as_they_were():
+    """Restore the variables that pin CPU code paths (tools/demo.py ``CPU_NUMERICS``) after
+    every test. One left behind by a test (the demo sets them for its child processes) would
+    give later tests' subprocesses, and torch.compile in this process, other kernels than
+    this process's ATen: on an AVX-512 machine, a killed subprocess's training run then no
+    longer equals the in-process one, and a compiled student's loss is NaN."""
+    saved = {name: os.environ.get(name) for name in CPU_NUMERICS}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -174,8 +174,12 @@ def test_cpu_numerics_are_set_before_torch_and_never_override(monkeypatch):
     demo.pin_cpu_numerics()
     assert os.environ["MKL_CBWR"] == "COMPATIBLE"  # the user's value wins
     assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2" and os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+
+
+def test_numerics_records_the_code_paths_in_use():
     record = demo.numerics()
-    assert record["MKL_CBWR"] == "COMPATIBLE" and record["threads"] >= 1 and record["torch"]
+    assert record["threads"] >= 1 and record["torch"] and record["cpu_capability"]
+    assert all(record[name] == os.environ.get(name) for name in demo.CPU_NUMERICS)
 
 
 # ----------------------------------------------------------------------------- the whole demo
