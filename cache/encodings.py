@@ -911,16 +911,14 @@ def decode_logprobs(
         base, _ = sections.ints("row base", len(counts))
         rel, sentinel = sections.ints("entries", total)
         top = int(base.max()) if base.size else 0  # a valid entry is at most its base
-        if _uniform(counts) and top < 1 << 16 and rel.dtype.itemsize <= 2:  # half the memory traffic
-            rows, base16 = rel.reshape(len(counts), -1), base.astype(np.uint16)[:, None]
+        rows = rel.reshape(len(counts), -1) if _uniform(counts) else None
+        if rows is not None and top < 1 << 16 and rel.dtype.itemsize <= 2:  # half the memory traffic
+            base16 = base.astype(np.uint16)[:, None]
             grid = np.subtract(base16, rows, dtype=np.uint16).reshape(-1)  # wraps where rel > base
             suspect = (rows > base16).reshape(-1)
         else:
-            if _uniform(counts):
-                grid = base.astype(np.int64 if top >= 2**31 else np.int32)[:, None] - rel.reshape(
-                    len(counts), -1
-                )
-                grid = grid.reshape(-1)
+            if rows is not None:
+                grid = (base.astype(np.int64 if top >= 2**31 else np.int32)[:, None] - rows).reshape(-1)
             else:
                 grid = np.repeat(base.astype(np.int64), counts) - rel
             suspect = grid < 0 if grid.size and grid.min() < 0 else None
