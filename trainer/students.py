@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,10 +250,14 @@ def _nan_error(student: Student, step: int, what: str) -> LongkdError:
         if steps
         else "no checkpoint was written yet"
     )
-    return LongkdError(
-        f"student {student.name!r}: {what} at step {step}; stopped ({kept}); "
-        "lower the learning rate or check the cache"
-    )
+    advice = "lower the learning rate or check the cache"
+    pinned = os.environ.get("ATEN_CPU_CAPABILITY")
+    if student.cfg.compile and pinned and torch.device(student.device).type == "cpu":
+        advice += (
+            f"; or unset ATEN_CPU_CAPABILITY (now {pinned}) or set compile: false: torch.compile on "
+            "the CPU with it set gave NaN losses on a CPU with AVX-512"
+        )
+    return LongkdError(f"student {student.name!r}: {what} at step {step}; stopped ({kept}); {advice}")
 
 
 def _clip_and_step(student: Student, step_no: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -411,6 +412,19 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(caches, tmp_
         train_step(run.students[0], [batch], total_steps=4, mode="bucket", temperature=1.0, amp=None)
     after = weights(run.students[0].model)
     assert all(torch.equal(before[k], after[k]) for k in before if k != "lm_head.weight")
+
+
+def test_nan_under_compile_with_a_pinned_cpu_capability_names_it(tmp_path, monkeypatch):
+    from longkd.trainer.students import _nan_error
+
+    student = SimpleNamespace(name="s", out_dir=tmp_path, cfg=SimpleNamespace(compile=True), device="cpu")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert "ATEN_CPU_CAPABILITY" not in str(_nan_error(student, 1, "loss is nan"))
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    message = str(_nan_error(student, 1, "loss is nan"))
+    assert "unset ATEN_CPU_CAPABILITY (now avx2) or set compile: false" in message
+    student.cfg.compile = False
+    assert "ATEN_CPU_CAPABILITY" not in str(_nan_error(student, 1, "loss is nan"))
 
 
 def test_activation_checkpointing_and_bf16_autocast(caches, tmp_path):
