@@ -599,8 +599,11 @@ def _ascending_rows16(gaps: np.ndarray, limit: int) -> np.ndarray | None:
     if rows == 0 or k == 0 or gaps.dtype.itemsize > 2 or limit > 1 << 16 or sys.byteorder != "little":
         return None
     width = -(-k // 16) * 16
-    lanes = np.zeros((rows, width), np.uint16)
-    lanes[:, :k] = gaps
+    if width == k:  # no padding: the gaps as they are (read only below)
+        lanes = np.ascontiguousarray(gaps, np.uint16)
+    else:
+        lanes = np.zeros((rows, width), np.uint16)
+        lanes[:, :k] = gaps
     words = lanes.view(np.uint64) * _SPREAD  # [R, width/4]: running sums within each word
     word_sums = (words >> _TOP_LANE).astype(np.uint16)
     groups = word_sums.view(np.uint64) * _SPREAD  # [R, width/16]: running sums of words within 4
